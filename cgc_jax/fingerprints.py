@@ -1,0 +1,45 @@
+"""Stage fingerprints: a hash of the config fields a stage's output depends on.
+
+A stage's output is stale when its recorded fingerprint differs from the current config's; `--mode=all`
+re-runs stale stages. Fields that do not change the output (worker counts, logging) are left out.
+"""
+import hashlib
+import json
+
+_STAGE_FIELDS = {
+    'prepare': ('data',),
+    'pseudo_labels': ('data', 'gmm', 'pseudo_labels'),
+    'train': ('data', 'gmm', 'pseudo_labels', 'model', 'cgc', 'train'),
+}
+_IGNORED = {'num_workers', 'verify_checksums', 'log_every', 'prefetch', 'export_nifti'}
+
+
+def _clean(d):
+  if isinstance(d, dict):
+    return {k: _clean(v) for k, v in sorted(d.items()) if k not in _IGNORED}
+  if isinstance(d, (list, tuple)):
+    return [_clean(v) for v in d]
+  return d
+
+
+def fields(config, stage: str) -> dict:
+  full = config.to_dict()
+  return {k: _clean(full[k]) for k in _STAGE_FIELDS[stage]}
+
+
+def of(config, stage: str) -> str:
+  blob = json.dumps(fields(config, stage), sort_keys=True, default=str)
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def diff(a: dict, b: dict, prefix: str = '') -> list:
+  """Dotted names of the fields that differ between two nested dicts."""
+  out = []
+  for k in sorted(set(a) | set(b)):
+    name = f'{prefix}{k}'
+    va, vb = a.get(k, '<missing>'), b.get(k, '<missing>')
+    if isinstance(va, dict) and isinstance(vb, dict):
+      out += diff(va, vb, name + '.')
+    elif json.dumps(va, default=str) != json.dumps(vb, default=str):
+      out.append(f'{name}: {va!r} -> {vb!r}')
+  return out

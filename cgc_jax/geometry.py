@@ -1,0 +1,177 @@
+"""Grid geometry: canonical (RAS) reorientation, brain-box crop, resampling, and the exact way back.
+
+Forward (prepare): original array -> RAS canonical -> crop to the brain box (+margin) -> resample to the
+target spacing. `to_original` undoes all three for any array on the prepared grid, so pseudo-labels and
+predictions are written on each case's ORIGINAL grid with its original affine. Resampling uses the
+same index map both ways: prepared voxel i sits at cropped-canonical voxel i * scale, with
+scale = target_spacing / native_spacing (voxel centres aligned at index 0).
+"""
+import dataclasses
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+_RAS = nib.orientations.axcodes2ornt(('R', 'A', 'S'))
+
+
+@dataclasses.dataclass
+class Geometry:
+  """JSON-serialisable description of how a prepared case maps to its original grid."""
+  original_shape: tuple
+  original_affine: list  # 4x4
+  ornt: list  # nibabel orientation of the original array (io_orientation), 3x2
+  canonical_shape: tuple
+  crop_start: tuple
+  crop_stop: tuple
+  native_spacing: tuple  # mm, canonical axis order
+  spacing: tuple  # mm of the prepared grid
+  prepared_shape: tuple
+  prepared_affine: list
+
+  def to_json(self):
+    return {k: (np.asarray(v).tolist()) for k, v in dataclasses.asdict(self).items()}
+
+  @classmethod
+  def from_json(cls, d):
+    return cls(**{k: (tuple(v) if k.endswith(('shape', 'start', 'stop', 'spacing')) else v)
+                  for k, v in d.items()})
+
+  @property
+  def scale(self) -> np.ndarray:
+    return np.asarray(self.spacing, np.float64) / np.asarray(self.native_spacing, np.float64)
+
+  def native(self) -> 'Geometry':
+    """The geometry of the cropped canonical grid at native spacing (no resampling)."""
+    crop = tuple(b - a for a, b in zip(self.crop_start, self.crop_stop))
+    return dataclasses.replace(self, spacing=self.native_spacing, prepared_shape=crop)
+
+  @property
+  def resampled(self) -> bool:
+    return not np.allclose(self.scale, 1.0)
+
+
+def to_canonical(array: np.ndarray, affine: np.ndarray):
+  """Reorients `array` ([X, Y, Z, ...]) to RAS. Returns (array, canonical affine, ornt)."""
+  ornt = nib.orientations.io_orientation(affine)
+  out = nib.orientations.apply_orientation(array, ornt)
+  canon_affine = affine @ nib.orientations.inv_ornt_aff(ornt, array.shape[:3])
+  return np.ascontiguousarray(out), canon_affine, ornt
+
+
+def plan(brain: np.ndarray, affine: np.ndarray, original_shape, ornt, canon_affine,
+         margin_mm: float, target_spacing) -> Geometry:
+  """Decides crop box and prepared grid for a canonical brain mask `brain: bool[X, Y, Z]`."""
+  native = np.sqrt((canon_affine[:3, :3] ** 2).sum(0))
+  idx = np.nonzero(brain)
+  margin = np.ceil(margin_mm / native).astype(int)
+  start = np.maximum(np.array([i.min() for i in idx]) - margin, 0)
+  stop = np.minimum(np.array([i.max() + 1 for i in idx]) + margin, brain.shape)
+  spacing = np.asarray(target_spacing, np.float64) if len(target_spacing) else native
+  scale = spacing / native
+  crop = stop - start
+  shape = np.floor((crop - 1) / scale + 1e-6).astype(int) + 1
+  prepared_affine = canon_affine @ _translate(start) @ np.diag(list(scale) + [1.0])
+  return Geometry(tuple(int(s) for s in original_shape), np.asarray(affine).tolist(),
+                  np.asarray(ornt).tolist(), tuple(int(s) for s in brain.shape),
+                  tuple(int(s) for s in start), tuple(int(s) for s in stop),
+                  tuple(float(s) for s in native), tuple(float(s) for s in spacing),
+                  tuple(int(s) for s in shape), prepared_affine.tolist())
+
+
+def _translate(t):
+  m = np.eye(4)
+  m[:3, 3] = t
+  return m
+
+
+def crop_and_resample(array: np.ndarray, geom: Geometry, order: int) -> np.ndarray:
+  """Canonical `array` ([X, Y, Z] or [X, Y, Z, C]) -> prepared grid. order 1 images, 0 masks."""
+  sl = tuple(slice(a, b) for a, b in zip(geom.crop_start, geom.crop_stop))
+  cropped = array[sl]
+  if not geom.resampled:
+    return np.ascontiguousarray(cropped)
+  return _resample(cropped, geom.scale, geom.prepared_shape, order)
+
+
+def _resample(array, scale, out_shape, order):
+  if array.ndim == 4:
+    return np.stack([_resample(array[..., c], scale, out_shape, order)
+                     for c in range(array.shape[-1])], -1)
+  return ndimage.affine_transform(array, np.asarray(scale, np.float64), output_shape=tuple(out_shape),
+                                  order=order, mode='nearest', prefilter=False)
+
+
+def to_original(array: np.ndarray, geom: Geometry, order: int = 0, fill=0) -> np.ndarray:
+  """Maps `array` on the prepared grid ([X', Y', Z']) back to the original grid and voxel order.
+
+  order 0 (nearest) for masks; order 1 for probabilities (threshold afterwards). Voxels outside the
+  crop box get `fill`. The result has `geom.original_shape`; its affine is `geom.original_affine`.
+  """
+  if tuple(array.shape) != tuple(geom.prepared_shape):
+    raise ValueError(f'array shape {array.shape} is not the prepared shape {geom.prepared_shape}')
+  crop_shape = tuple(b - a for a, b in zip(geom.crop_start, geom.crop_stop))
+  if geom.resampled:
+    back = _resample(array, 1.0 / geom.scale, crop_shape, order)
+  else:
+    back = array
+  canon = np.full(geom.canonical_shape, fill, dtype=back.dtype)
+  canon[tuple(slice(a, b) for a, b in zip(geom.crop_start, geom.crop_stop))] = back
+  ornt = np.asarray(geom.ornt)
+  inverse = nib.orientations.ornt_transform(_RAS, ornt)
+  out = nib.orientations.apply_orientation(canon, inverse)
+  assert out.shape == tuple(geom.original_shape), (out.shape, geom.original_shape)
+  return np.ascontiguousarray(out)
+
+
+def prob_to_original_mask(prob: np.ndarray, geom: Geometry, threshold: float = 0.5) -> np.ndarray:
+  """Foreground probability on the prepared grid -> u8 mask on the original grid.
+
+  With resampling the probability is interpolated linearly before thresholding (smoother than
+  nearest-neighbour on the mask); without, this is an exact index map.
+  """
+  prob = np.asarray(prob, np.float32)
+  if geom.resampled:
+    return (to_original(prob, geom, order=1) > threshold).astype(np.uint8)
+  return to_original((prob > threshold).astype(np.uint8), geom, order=0)
+
+
+def brain_mask(images: np.ndarray, data_cfg) -> tuple:
+  """Brain mask of canonical `images: f32[X, Y, Z, C]` -> (bool[X, Y, Z], approximate: bool).
+
+  MRI: nonzero in every channel (skull-stripped input). CT: above the background HU when
+  brain-extracted; otherwise an approximate HU-window mask (largest component, holes filled).
+  """
+  if data_cfg.kind == 'mri':
+    return np.all(images != 0, axis=-1), False
+  ct = images[..., 0]
+  if data_cfg.ct_brain_extracted:
+    return ct > data_cfg.ct_background_below, False
+  lo, hi = data_cfg.ct_approx_brain_window
+  m = ndimage.binary_opening((ct >= lo) & (ct <= hi), iterations=2)
+  lab, n = ndimage.label(m)
+  if n == 0:
+    return m, True
+  sizes = ndimage.sum_labels(m, lab, index=np.arange(1, n + 1))
+  m = lab == (1 + int(np.argmax(sizes)))
+  return ndimage.binary_fill_holes(m), True
+
+
+def normalise(images: np.ndarray, brain: np.ndarray, data_cfg) -> np.ndarray:
+  """MRI: per-channel z-score inside the brain (std 0 guarded); CT: HU window clip, scale to [0, 1].
+
+  Voxels outside the brain are 0 afterwards.
+  """
+  out = np.zeros(images.shape, np.float32)
+  if data_cfg.kind == 'ct':
+    lo, hi = data_cfg.ct_window
+    out = (np.clip(images, lo, hi) - lo) / (hi - lo)
+  else:
+    for c in range(images.shape[-1]):
+      v = images[..., c][brain]
+      mean = float(v.mean()) if v.size else 0.0
+      std = float(v.std()) if v.size else 0.0
+      out[..., c] = (images[..., c] - mean) / (std if std > 1e-8 else 1.0)
+  out[~brain] = 0
+  return out.astype(np.float32)
+
+

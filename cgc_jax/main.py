@@ -1,0 +1,37 @@
+"""cgc_jax entry point: `python -m cgc_jax.main --config=configs/X.py --workdir=DIR [--mode=...]`.
+
+Modes: all (default: every stage whose output is missing or stale), verify, prepare, pseudo_labels,
+train, evaluate, predict. Any config field can be overridden: `--config.train.steps=200`.
+"""
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from cgc_jax import pipeline
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Path to a configs/*.py file.', lock_config=True)
+flags.DEFINE_string('workdir', None, 'Run folder: prepared data, labels, checkpoints, reports.')
+flags.DEFINE_enum('mode', 'all', pipeline.MODES, 'Stage(s) to run.')
+flags.DEFINE_bool('verbose', False, 'Show Python tracebacks for data and stage errors.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  try:
+    pipeline.run(FLAGS.config, FLAGS.workdir, FLAGS.mode)
+  except pipeline.USER_ERRORS as e:
+    if FLAGS.verbose:
+      raise
+    logging.error('%s', e)
+    print(f'cgc_jax: error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,177 @@
+"""Seeded phantoms on real anatomy: the MNI ICBM152 2009 template shipped in nilearn's wheel.
+
+Per subject: a random smooth deformation of the template's grey/white-matter/CSF probability maps,
+then either a BraTS-like glioma (necrotic core 1, enhancing rim 4, irregular oedema 2) in 4 MRI
+modalities, or 0-3 small CQ500-like haemorrhages (55-85 HU) in CT. Tissue intensities are jittered
+per subject; a bias field, partial-volume blur and noise are added, so a Gaussian mixture makes
+realistic errors (non-bright necrosis, grey matter / oedema overlap at the bias field's bright end).
+Written as NIfTI in the brats layout (MRI) or cq500 layout (CT) and read back by readers.py.
+"""
+import json
+import os
+
+from absl import logging
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from cgc_jax import store as store_lib
+
+# Mean intensity per tissue (csf, gm, wm, oedema, enhancing, necrosis), relative units.
+_MRI_MEANS = {
+    'flair': (0.15, 0.58, 0.45, 0.88, 0.80, 0.55),
+    't1': (0.20, 0.55, 0.80, 0.45, 0.52, 0.25),
+    't1ce': (0.20, 0.55, 0.80, 0.47, 1.05, 0.25),
+    't2': (1.00, 0.62, 0.42, 0.85, 0.70, 0.95),
+}
+_CT_MEANS = (8.0, 40.0, 30.0)  # HU of csf, gm, wm; blood drawn per bleed in 55-85 HU
+_CT_NOISE_HU = 5.0
+
+
+def reader_config(config):
+  """A data config that reads the generated phantoms with the brats / cq500 readers."""
+  d = config.data.copy_and_resolve_references()
+  with d.unlocked():
+    if config.data.phantoms.kind == 'ct':
+      d.layout, d.kind, d.modalities = 'cq500', 'ct', ('ct',)
+      d.filenames = dict(d.filenames, ct='{case}_ct.nii.gz')
+      d.label, d.label_values = '{case}_label.nii.gz', (0, 1)
+    else:
+      d.layout, d.kind = 'brats', 'mri'
+      d.label, d.label_values = '{case}_seg.nii.gz', (0, 1, 2, 4)
+  return d
+
+
+def ensure(config, root: str) -> str:
+  """Generates the phantoms into `root` unless already there for the same settings."""
+  p = config.data.phantoms
+  settings = json.dumps(p.to_dict(), sort_keys=True)
+  marker = os.path.join(root, 'phantoms.json')
+  if os.path.exists(marker):
+    with open(marker) as f:
+      if f.read() == settings:
+        return root
+  os.makedirs(root, exist_ok=True)
+  logging.info('phantoms: generating %d %s subjects into %s', p.num_subjects, p.kind, root)
+  anatomy = _anatomy()
+  for i in range(p.num_subjects):
+    case_id = f'phantom_{p.kind}_{i:03d}'
+    lesion_free = i >= p.num_subjects - p.lesion_free
+    rng = np.random.default_rng([p.seed, i])
+    vols, label, affine = subject(anatomy, rng, p, lesion_free)
+    d = os.path.join(root, case_id)
+    os.makedirs(d, exist_ok=True)
+    for name, v in vols.items():
+      _save(v, affine, os.path.join(d, f'{case_id}_{name}.nii.gz'))
+    _save(label, affine, os.path.join(d, f'{case_id}_{"label" if p.kind == "ct" else "seg"}.nii.gz'))
+  store_lib.atomic_write_text(marker, settings)
+  return root
+
+
+def _save(v, affine, path):
+  tmp = path[:-7] + '.tmp.nii.gz'
+  nib.save(nib.Nifti1Image(v, affine), tmp)
+  os.replace(tmp, path)
+
+
+def _anatomy():
+  from nilearn import datasets  # pylint: disable=g-import-not-at-top
+  t1 = datasets.load_mni152_template(resolution=2)
+  gm = np.asarray(datasets.load_mni152_gm_template(resolution=2).get_fdata(), np.float32)
+  wm = np.asarray(datasets.load_mni152_wm_template(resolution=2).get_fdata(), np.float32)
+  mask = np.asarray(datasets.load_mni152_brain_mask(resolution=2).get_fdata(), np.float32) > 0
+  gm, wm = np.clip(gm, 0, 1), np.clip(wm, 0, 1)
+  csf = np.where(mask, np.clip(1.0 - gm - wm, 0, 1), 0).astype(np.float32)
+  return {'gm': gm * mask, 'wm': wm * mask, 'csf': csf, 'mask': mask.astype(np.float32),
+          'affine': t1.affine}
+
+
+def _smooth_noise(rng, shape, coarse=6):
+  """Smooth random field in [-1, 1]-ish: coarse Gaussian noise upsampled with cubic splines."""
+  small = rng.standard_normal([max(2, s // coarse) for s in shape]).astype(np.float32)
+  field = ndimage.zoom(small, [s / c for s, c in zip(shape, small.shape)], order=3)
+  return field[:shape[0], :shape[1], :shape[2]]
+
+
+def _deform(anatomy, rng, amplitude_vox):
+  shape = anatomy['mask'].shape
+  grid = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing='ij')
+  coords = [g + amplitude_vox * _smooth_noise(rng, shape, 12) for g in grid]
+  return {k: ndimage.map_coordinates(anatomy[k], coords, order=1, mode='constant')
+          for k in ('gm', 'wm', 'csf', 'mask')}
+
+
+def _tumour(rng, tissue, shape):
+  """Fractions (oedema, enhancing, necrosis) of an irregular glioma, or zeros if it misses the brain."""
+  wm_idx = np.argwhere(tissue['wm'] > 0.6)
+  centre = wm_idx[rng.integers(len(wm_idx))].astype(np.float32)
+  radii = rng.uniform(5, 11, 3).astype(np.float32)  # voxels (2 mm) of the oedema
+  grid = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing='ij')
+  d = np.sqrt(sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii)))
+  d = d * (1.0 + 0.25 * _smooth_noise(rng, shape, 5))
+  core = rng.uniform(0.35, 0.6)
+  oed = np.clip((1.0 - d) * 3 + 0.5, 0, 1)  # soft edge: partial volume
+  act = np.clip((core - d) * 6 + 0.5, 0, 1)
+  nec = np.clip((core * rng.uniform(0.4, 0.75) - d) * 6 + 0.5, 0, 1)
+  brain = tissue['mask'] > 0.5
+  return oed * brain, act * brain, nec * brain
+
+
+def subject(anatomy, rng, p, lesion_free):
+  """One phantom subject -> ({modality: f32 or i16 volume}, u8 label, affine)."""
+  tissue = _deform(anatomy, rng, p.deform_mm / 2.0)
+  shape = tissue['mask'].shape
+  brain = tissue['mask'] > 0.5
+  frac = [tissue['csf'], tissue['gm'], tissue['wm']]
+  if p.kind == 'ct':
+    blood = np.zeros(shape, np.float32)
+    n = 0 if lesion_free else int(rng.integers(1, 4))
+    bleeds = []
+    for _ in range(n):
+      _, act, _ = _tumour(rng, tissue, shape)
+      small = ndimage.zoom(act, 1.0, order=0)
+      blood = np.maximum(blood, small * (rng.uniform(0.25, 0.5)))
+      bleeds.append(rng.uniform(55, 85))
+    blood = np.clip(blood / max(blood.max(), 1e-6), 0, 1) if n else blood
+    label = (blood > 0.5).astype(np.uint8)
+    rest = 1.0 - blood
+    hu_blood = float(np.mean(bleeds)) if bleeds else 70.0
+    means = [m + rng.normal(0, 1.5) for m in _CT_MEANS]
+    ct = sum(f * rest * m for f, m in zip(frac, means)) + blood * hu_blood
+    ct = ndimage.gaussian_filter(ct, p.blur) + rng.normal(0, _CT_NOISE_HU, shape)
+    ct = np.where(brain, ct, -1024.0)
+    vols = {'ct': np.round(ct).astype(np.int16)}
+  else:
+    if lesion_free:
+      oed = act = nec = np.zeros(shape, np.float32)
+    else:
+      oed, act, nec = _tumour(rng, tissue, shape)
+    act = np.minimum(act, oed)
+    nec = np.minimum(nec, act)
+    parts = [oed - act, act - nec, nec]  # exclusive oedema, enhancing, necrosis fractions
+    rest = 1.0 - oed
+    label = np.zeros(shape, np.uint8)
+    label[(oed > 0.5) & brain] = 2
+    label[(act > 0.5) & brain] = 4
+    label[(nec > 0.5) & brain] = 1
+    bias = np.exp(p.bias * _smooth_noise(rng, shape, 20))
+    vols = {}
+    for name, means in _MRI_MEANS.items():
+      m = np.asarray(means) * rng.uniform(0.93, 1.07, 6)
+      v = sum(f * rest * m[i] for i, f in enumerate(frac)) + sum(
+          f * m[3 + i] for i, f in enumerate(parts))
+      v = ndimage.gaussian_filter(v.astype(np.float32), p.blur) * bias
+      v = v + rng.normal(0, p.noise * m[2], shape)
+      v = np.where(brain, np.maximum(v, 1e-3), 0.0) * 1000.0
+      vols[name] = v.astype(np.float32)
+  affine = np.asarray(anatomy['affine'], np.float64)
+  spacing = np.asarray(p.spacing, np.float64)
+  if not np.allclose(spacing, 2.0):
+    zoom = 2.0 / spacing
+    vols = {k: ndimage.zoom(v, zoom, order=1).astype(v.dtype) for k, v in vols.items()}
+    if p.kind != 'ct':
+      for k in vols:
+        vols[k] = np.where(ndimage.zoom(brain.astype(np.uint8), zoom, order=0) > 0, vols[k], 0)
+    label = ndimage.zoom(label, zoom, order=0)
+    affine = affine @ np.diag(list(spacing / 2.0) + [1.0])
+  return vols, label, affine

@@ -1,0 +1,129 @@
+"""The prepare stage: verify, reorient, brain-mask, crop, resample, normalise, write shards.
+
+Each case is loaded once; verification (readers.load_case) runs on the loaded arrays before anything
+of the case is written, so a bad case writes nothing while good cases in the same run are kept.
+
+Prepared shard arrays (prepared grid = RAS, brain box, target spacing):
+  image: f16[X, Y, Z, C]  normalised (MRI z-score in brain; CT window scaled to [0, 1]); 0 outside
+  brain: u8[X, Y, Z]
+  label: u8[X, Y, Z] (if ground truth)            for training-free analysis only
+  label_native: u8[Xc, Yc, Zc] (if ground truth)  cropped canonical grid at native spacing: maps
+                                                  back to the original GT exactly (evaluation)
+"""
+import os
+
+from absl import logging
+import numpy as np
+
+from cgc_jax import fingerprints
+from cgc_jax import geometry
+from cgc_jax import parallel
+from cgc_jax import readers
+from cgc_jax import store as store_lib
+
+
+class StageError(Exception):
+  """A stage could not finish; the message lists every failed case and why."""
+
+
+def prepared_store(config, workdir) -> store_lib.Store:
+  return store_lib.Store(os.path.join(workdir, 'prepared'), fingerprints.of(config, 'prepare'))
+
+
+def case_files(config, workdir, root=None) -> list:
+  """The dataset's cases; layout=phantoms generates them first (once) into WORKDIR/phantoms."""
+  data = config.data
+  if data.layout == 'phantoms':
+    from cgc_jax import phantoms  # pylint: disable=g-import-not-at-top
+    root = phantoms.ensure(config, os.path.join(workdir, 'phantoms'))
+    layout_cfg = phantoms.reader_config(config)
+    return readers.discover(layout_cfg, root)
+  return readers.discover(data, root)
+
+
+def reader_config(config):
+  if config.data.layout == 'phantoms':
+    from cgc_jax import phantoms  # pylint: disable=g-import-not-at-top
+    return phantoms.reader_config(config)
+  return config.data
+
+
+def prepare_case(files: readers.CaseFiles, data_cfg, store_root: str, fingerprint: str,
+                 write: bool = True) -> dict:
+  """Loads, verifies and preprocesses one case; writes its shard unless write=False."""
+  lc = readers.load_case(files, data_cfg)
+  canon, canon_affine, ornt = geometry.to_canonical(lc.images, lc.affine)
+  brain, approximate = geometry.brain_mask(canon, data_cfg)
+  if not brain.any():
+    raise readers.DataError(f'{files.images[data_cfg.modalities[0]]}: empty brain mask')
+  if not write:
+    return {'warnings': [str(w) for w in lc.warnings]}
+  geom = geometry.plan(brain, lc.affine, lc.images.shape[:3], ornt, canon_affine,
+                       data_cfg.crop_margin_mm, tuple(data_cfg.target_spacing))
+  brain_p = geometry.crop_and_resample(brain.astype(np.uint8), geom, order=0)
+  image = geometry.crop_and_resample(canon, geom, order=1)
+  image = geometry.normalise(image, brain_p > 0, data_cfg).astype(data_cfg.store_dtype)
+  arrays = {'image': image, 'brain': brain_p}
+  if lc.label is not None:
+    label_c, _, _ = geometry.to_canonical(lc.label, lc.affine)
+    arrays['label'] = geometry.crop_and_resample(label_c, geom, order=0)
+    arrays['label_native'] = geometry.crop_and_resample(
+        label_c, geometry.Geometry(**{**geom.__dict__, 'spacing': geom.native_spacing}), order=0)
+    if int(label_c.sum()) != int(arrays['label_native'].sum()):
+      logging.warning('%s: %d lesion voxels lie outside the brain box', files.case_id,
+                      int(label_c.sum()) - int(arrays['label_native'].sum()))
+  meta = {'geometry': geom.to_json(), 'modalities': list(data_cfg.modalities),
+          'files': {'images': files.images, 'label': files.label},
+          'approximate_brain': approximate, 'has_label': lc.label is not None,
+          'warnings': [str(w) for w in lc.warnings],
+          'header': {'qform_code': int(lc.header['qform_code']),
+                     'sform_code': int(lc.header['sform_code'])}}
+  store_lib.Store(store_root, fingerprint).write(files.case_id, arrays, meta)
+  return {'warnings': meta['warnings'], 'approximate_brain': approximate,
+          'mb': sum(a.nbytes for a in arrays.values()) / 1e6}
+
+
+def _report_failures(results: dict, what: str):
+  failures = [r for r in results.values() if isinstance(r, parallel.CaseFailure)]
+  for cid, r in results.items():
+    if not isinstance(r, parallel.CaseFailure):
+      for w in r.get('warnings', []):
+        logging.warning('%s: %s', cid, w)
+      if r.get('approximate_brain'):
+        logging.warning('%s: brain mask is APPROXIMATE (HU window, largest component): the CT was '
+                        'not brain-extracted', cid)
+  if failures:
+    lines = []
+    for f in failures:
+      lines.append(f.message if f.expected else f'{f.case_id}: {f.message}\n{f.tb}')
+    raise StageError(f'{what}: {len(failures)} of {len(results)} cases failed:\n' + '\n'.join(lines))
+
+
+def verify(config, workdir, root=None):
+  """--mode=verify: checks every case, writes nothing, raises StageError listing every problem."""
+  data_cfg = reader_config(config)
+  files = case_files(config, workdir, root)
+  jobs = [(f.case_id, (f, data_cfg, '', '', False)) for f in files]
+  results = parallel.map_cases(prepare_case, jobs, config.data.num_workers, 'verify',
+                               expected_types=(readers.DataError,))
+  _report_failures(results, 'verify')
+  logging.info('verify: %d cases OK', len(files))
+  return [f.case_id for f in files]
+
+
+def run(config, workdir, root=None, store=None) -> list:
+  """The prepare stage. Returns the prepared case ids (complete shards)."""
+  data_cfg = reader_config(config)
+  files = case_files(config, workdir, root)
+  store = store or prepared_store(config, workdir)
+  store.clean_partial()
+  todo = [f for f in files if not store.is_complete(f.case_id)]
+  logging.info('prepare: %d cases, %d already prepared, %d to do', len(files),
+               len(files) - len(todo), len(todo))
+  jobs = [(f.case_id, (f, data_cfg, store.root, store.fingerprint)) for f in todo]
+  results = parallel.map_cases(prepare_case, jobs, config.data.num_workers, 'prepare',
+                               expected_types=(readers.DataError,))
+  done = [f.case_id for f in files if store.is_complete(f.case_id)]
+  store.write_manifest(done)
+  _report_failures(results, 'prepare')
+  return done

@@ -1,0 +1,156 @@
+"""The pseudo_labels stage: P (u8) and its posterior per case, from the configured source.
+
+Sources (config.pseudo_labels.source): gmm (default), threshold (lesion-channel z-score > k),
+nifti (masks of another method, on each case's original grid), ground_truth (upper bound).
+Shard arrays (prepared grid): p: u8[X, Y, Z]; posterior: f16[X, Y, Z]. Each shard's meta holds the
+per-case report (also written to pseudo_labels/reports/<case>.json).
+"""
+import json
+import os
+
+from absl import logging
+import nibabel as nib
+import numpy as np
+
+from cgc_jax import fingerprints
+from cgc_jax import geometry
+from cgc_jax import gmm
+from cgc_jax import metrics
+from cgc_jax import parallel
+from cgc_jax import prepare
+from cgc_jax import readers
+from cgc_jax import store as store_lib
+
+
+def pl_store(config, workdir) -> store_lib.Store:
+  return store_lib.Store(os.path.join(workdir, 'pseudo_labels'),
+                         fingerprints.of(config, 'pseudo_labels'))
+
+
+def _from_nifti(path, geom: geometry.Geometry):
+  if not os.path.exists(path):
+    raise readers.DataError(f'{path}: no mask for this case in pseudo_labels.nifti_dir')
+  problems = []
+  v = readers._load_volume(path, problems)  # pylint: disable=protected-access
+  if v is None:
+    raise readers.DataError('\n'.join(str(p) for p in problems))
+  data, affine, _, _ = v
+  if data.shape != tuple(geom.original_shape):
+    raise readers.DataError(f'{path}: shape {data.shape} is not the case\'s {geom.original_shape}')
+  if not np.allclose(affine, np.asarray(geom.original_affine), atol=1e-3):
+    raise readers.DataError(f'{path}: affine differs from the case\'s original affine')
+  canon, _, _ = geometry.to_canonical((data > 0).astype(np.uint8), affine)
+  return geometry.crop_and_resample(canon, geom, order=0).astype(np.float32)
+
+
+def case_pseudo_label(case_id, config, prep_root, prep_fp, out_root, out_fp):
+  """Computes and writes one case's P shard; returns its report."""
+  prep = store_lib.Store(prep_root, prep_fp)
+  meta = prep.meta(case_id)
+  geom = geometry.Geometry.from_json(meta['geometry'])
+  image = np.asarray(prep.read(case_id, 'image', config.data.verify_checksums), np.float32)
+  brain = np.asarray(prep.read(case_id, 'brain', config.data.verify_checksums)) > 0
+  mods = meta['modalities']
+  src = config.pseudo_labels.source
+  g = config.gmm
+  if src == 'gmm':
+    missing = [c for c in list(g.channels) + [g.lesion_channel] if c not in mods]
+    if missing:
+      raise ValueError(f'gmm channels {missing} are not among the prepared modalities {mods}')
+    chans = [mods.index(c) for c in g.channels]
+    hu = None
+    if config.data.kind == 'ct':
+      lo, hi = config.data.ct_window
+      hu = (lo, hi - lo)
+    post, p, report = gmm.pseudo_label(image, brain, chans, list(g.channels).index(g.lesion_channel),
+                                       g, case_id, hu_scale=hu)
+  elif src == 'threshold':
+    post = ((image[..., mods.index(g.lesion_channel)] > config.pseudo_labels.threshold_z) & brain)
+    post = post.astype(np.float32)
+    p = gmm.remove_small(post > 0.5, g.min_component_voxels).astype(np.uint8)
+    report = {'status': 'ok', 'lesion_fraction': float(p.sum() / max(brain.sum(), 1))}
+  elif src == 'nifti':
+    post = _from_nifti(os.path.join(config.pseudo_labels.nifti_dir, f'{case_id}.nii.gz'), geom)
+    p = (post > 0.5).astype(np.uint8)
+    report = {'status': 'ok', 'lesion_fraction': float(p.sum() / max(brain.sum(), 1))}
+  elif src == 'ground_truth':
+    if not meta['has_label']:
+      raise readers.DataError(f'{case_id}: pseudo_labels.source=ground_truth but the case has no label')
+    post = np.asarray(prep.read(case_id, 'label'), np.float32)
+    p = (post > 0.5).astype(np.uint8)
+    report = {'status': 'ok', 'lesion_fraction': float(p.sum() / max(brain.sum(), 1))}
+  else:
+    raise ValueError(f'unknown pseudo_labels.source {src!r} (gmm | threshold | nifti | ground_truth)')
+  report['source'] = src
+  out = store_lib.Store(out_root, out_fp)
+  if config.pseudo_labels.export_nifti:
+    export_nifti(post, geom, meta, os.path.join(out_root, 'nifti', f'{case_id}.nii.gz'),
+                 threshold=0.5 if src != 'gmm' else g.threshold)
+  if meta['has_label']:
+    ref = geometry.to_original(np.asarray(prep.read(case_id, 'label_native')), geom.native())
+    pred = geometry.prob_to_original_mask(post, geom, 0.5 if src != 'gmm' else g.threshold)
+    report['metrics'] = metrics.all_metrics(pred, ref, _original_spacing(geom))
+  os.makedirs(os.path.join(out_root, 'reports'), exist_ok=True)
+  store_lib.atomic_write_json(os.path.join(out_root, 'reports', f'{case_id}.json'), report)
+  out.write(case_id, {'p': p.astype(np.uint8), 'posterior': post.astype(np.float16)},
+            {'report': report})
+  return report
+
+
+def _original_spacing(geom):
+  a = np.asarray(geom.original_affine)
+  return np.sqrt((a[:3, :3] ** 2).sum(0))
+
+
+def export_nifti(prob, geom, prep_meta, path, threshold=0.5):
+  """Writes a u8 mask on the case's ORIGINAL grid and affine, atomically."""
+  mask = geometry.prob_to_original_mask(prob, geom, threshold)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  img = nib.Nifti1Image(mask, np.asarray(geom.original_affine))
+  hdr = prep_meta.get('header', {})
+  img.set_qform(np.asarray(geom.original_affine), code=max(hdr.get('qform_code', 1), 1))
+  img.set_sform(np.asarray(geom.original_affine), code=max(hdr.get('sform_code', 1), 1))
+  tmp = path[:-7] + f'.tmp-{os.getpid()}.nii.gz'
+  nib.save(img, tmp)
+  os.replace(tmp, path)
+
+
+def run(config, workdir) -> list:
+  """The pseudo_labels stage over all prepared cases; logs the "GMM w/ threshold" row."""
+  prep = prepare.prepared_store(config, workdir)
+  cases = prep.complete_cases()
+  if not cases:
+    raise prepare.StageError(f'{prep.root}: no prepared cases: run --mode=prepare first')
+  out = pl_store(config, workdir)
+  out.clean_partial()
+  todo = [c for c in cases if not out.is_complete(c)]
+  logging.info('pseudo_labels (%s): %d cases, %d done, %d to do', config.pseudo_labels.source,
+               len(cases), len(cases) - len(todo), len(todo))
+  jobs = [(c, (c, config, prep.root, prep.fingerprint, out.root, out.fingerprint)) for c in todo]
+  results = parallel.map_cases(case_pseudo_label, jobs, config.data.num_workers, 'pseudo_labels',
+                               expected_types=(readers.DataError, gmm.GMMError))
+  done = [c for c in cases if out.is_complete(c)]
+  out.write_manifest(done)
+  prepare._report_failures(results, 'pseudo_labels')  # pylint: disable=protected-access
+  rows = []
+  for c in done:
+    r = out.meta(c)['report']
+    if 'metrics' in r:
+      rows.append(dict(case=c, **r['metrics']))
+      logging.info('P %s: dice %.4f sens %.4f assd %.2f mm', c, r['metrics']['dice'],
+                   r['metrics']['sensitivity'], r['metrics']['assd'])
+  if rows:
+    s = metrics.summarise(rows)
+    logging.info('P (%s) vs ground truth over %d cases: Dice %.4f +- %.4f, sensitivity %.4f +- %.4f, '
+                 'ASSD %.2f +- %.2f mm', config.pseudo_labels.source, len(rows), s['dice']['mean'],
+                 s['dice']['std'], s['sensitivity']['mean'], s['sensitivity']['std'],
+                 s['assd']['mean'], s['assd']['std'])
+    store_lib.atomic_write_json(os.path.join(out.root, 'summary.json'), {'rows': rows, 'summary': s})
+  return done
+
+
+def load_reports(config, workdir) -> dict:
+  out = pl_store(config, workdir)
+  return {c: out.meta(c)['report'] for c in out.complete_cases()}
+
+

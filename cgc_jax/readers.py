@@ -1,0 +1,199 @@
+"""Case discovery and NIfTI loading for the brats, folder and cq500 layouts.
+
+A layout only decides where a case's files are; loading and checking are shared. Array contract of a
+loaded case: `images: f32[X, Y, Z, C]` in the files' own voxel order (C = len(data.modalities), in that
+order), `label: u8[X, Y, Z]` or None, `affine: f64[4, 4]` of the first modality, `spacing: (3,) mm`.
+Nothing is reoriented here (see geometry.py).
+"""
+import dataclasses
+import glob
+import os
+from typing import Optional
+
+import nibabel as nib
+import numpy as np
+
+
+@dataclasses.dataclass
+class CaseFiles:
+  """Where one case's files are. `missing` lists configured files that do not exist."""
+  case_id: str
+  images: dict  # modality -> path
+  label: Optional[str]
+  missing: list = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class Problem:
+  """One problem found in one file; severity 'error' stops the case, 'warning' is logged."""
+  path: str
+  message: str
+  severity: str = 'error'
+
+  def __str__(self):
+    return f'{self.severity.upper()}: {self.path}: {self.message}'
+
+
+class DataError(Exception):
+  """Bad input data; the message lists every problem with its file."""
+
+
+def _case_dirs(root: str, layout: str) -> list:
+  if not root:
+    raise DataError('config.data.root is empty: give --config.data.root=/path/to/cases')
+  if not os.path.isdir(root):
+    raise DataError(f'{root}: data root does not exist or is not a folder')
+  dirs = []
+  for sub in ('HGG', 'LGG') if layout == 'brats' else ():
+    if os.path.isdir(os.path.join(root, sub)):
+      dirs += [d for d in sorted(glob.glob(os.path.join(root, sub, '*'))) if os.path.isdir(d)]
+  flat = [d for d in sorted(glob.glob(os.path.join(root, '*')))
+          if os.path.isdir(d) and os.path.basename(d) not in ('HGG', 'LGG')]
+  dirs += flat
+  if not dirs:
+    raise DataError(f'{root}: no case folders found for layout {layout!r}')
+  return dirs
+
+
+def discover(data_cfg, root: Optional[str] = None) -> list:
+  """Lists the cases under `root` (default data_cfg.root) as CaseFiles, sorted by case id."""
+  layout = data_cfg.layout
+  root = root or data_cfg.root
+  if layout not in ('brats', 'folder', 'cq500'):
+    raise DataError(f'unknown config.data.layout {layout!r} (brats | folder | cq500 | phantoms)')
+  cases = []
+  seen = {}
+  for d in _case_dirs(root, layout):
+    case_id = os.path.basename(d.rstrip('/'))
+    if case_id in seen:
+      raise DataError(f'{d}: case id {case_id!r} also at {seen[case_id]}')
+    seen[case_id] = d
+    images, missing = {}, []
+    for m in data_cfg.modalities:
+      if m not in data_cfg.filenames:
+        raise DataError(f'config.data.filenames has no entry for modality {m!r}')
+      path = os.path.join(d, data_cfg.filenames[m].format(case=case_id))
+      images[m] = path
+      if not os.path.exists(path):
+        missing.append(path)
+    label = None
+    if data_cfg.label:
+      label = os.path.join(d, data_cfg.label.format(case=case_id))
+      if not os.path.exists(label):
+        label = None  # labels are optional: evaluation-only
+    cases.append(CaseFiles(case_id, images, label, missing))
+  return cases
+
+
+def _load_volume(path: str, problems: list):
+  """Loads one NIfTI as float32 3D + (affine, spacing, header); problems appended, None on failure."""
+  try:
+    img = nib.load(path)
+  except Exception as e:  # nibabel raises many types for garbage headers
+    problems.append(Problem(path, f'not a readable NIfTI file ({type(e).__name__}: {e})'))
+    return None
+  shape = img.shape
+  if len(shape) == 4 and shape[3] == 1:
+    pass
+  elif len(shape) != 3:
+    problems.append(Problem(path, f'expected a 3D volume, got shape {shape}'))
+    return None
+  if min(shape[:3]) < 1:
+    problems.append(Problem(path, f'zero-size volume, shape {shape}'))
+    return None
+  try:
+    data = np.asarray(img.dataobj, dtype=np.float32)
+  except Exception as e:  # truncated gzip: EOFError, zlib.error, OSError, ValueError
+    problems.append(Problem(path, f'corrupt or truncated data ({type(e).__name__}: {e})'))
+    return None
+  data = data.reshape(shape[:3])
+  affine = np.asarray(img.affine, dtype=np.float64)
+  spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
+  if not np.all(np.isfinite(affine)) or np.any(spacing < 1e-6):
+    problems.append(Problem(path, f'degenerate affine (voxel sizes {spacing.tolist()})'))
+    return None
+  return data, affine, spacing, img.header
+
+
+@dataclasses.dataclass
+class LoadedCase:
+  case_id: str
+  images: np.ndarray  # f32[X, Y, Z, C]
+  label: Optional[np.ndarray]  # u8[X, Y, Z], 1 = lesion
+  affine: np.ndarray  # f64[4, 4]
+  spacing: np.ndarray  # f64[3]
+  header: object  # nibabel header of the first modality (written back with predictions)
+  files: CaseFiles
+  warnings: list
+
+
+def load_case(files: CaseFiles, data_cfg) -> LoadedCase:
+  """Loads and verifies one case. Raises DataError listing EVERY problem found (each with its file)."""
+  problems = [Problem(p, 'missing file (configured modality)') for p in files.missing]
+  vols = {}
+  for m, path in files.images.items():
+    if path in files.missing:
+      continue
+    v = _load_volume(path, problems)
+    if v is not None:
+      vols[m] = v
+  label = None
+  if files.label:
+    label = _load_volume(files.label, problems)
+
+  ref = next(iter(vols.values()), None)
+  if ref is not None:
+    ref_path = files.images[next(iter(vols))]
+    for m, (data, affine, spacing, _) in list(vols.items()) + ([('label', label)] if label else []):
+      path = files.label if m == 'label' else files.images[m]
+      if data.shape != ref[0].shape:
+        problems.append(Problem(path, f'shape {data.shape} differs from {ref[0].shape} of {ref_path}'))
+        continue
+      if not np.allclose(spacing, ref[2], atol=data_cfg.affine_tolerance):
+        problems.append(Problem(path, f'voxel spacing {np.round(spacing, 4).tolist()} differs from '
+                                f'{np.round(ref[2], 4).tolist()} of {ref_path}'))
+      elif not np.allclose(affine, ref[1], atol=data_cfg.affine_tolerance):
+        problems.append(Problem(path, f'affine differs from that of {ref_path}',
+                                'error' if data_cfg.strict_geometry else 'warning'))
+  for m, (data, *_ ) in vols.items():
+    path = files.images[m]
+    bad = ~np.isfinite(data)
+    if bad.any():
+      problems.append(Problem(path, f'{int(bad.sum())} NaN or Inf voxels'))
+      continue
+    lo, hi = float(data.min()), float(data.max())
+    if lo == hi:
+      problems.append(Problem(path, f'constant image (every voxel = {lo:g}): failed brain extraction '
+                              'or an empty export?'))
+      continue
+    if data_cfg.kind == 'ct':
+      inside = data[data > data_cfg.ct_background_below]
+      med = float(np.median(inside)) if inside.size else float('nan')
+      if lo >= 0 or not -100 <= med <= 150:
+        problems.append(Problem(path, f'intensities do not look like Hounsfield units (min {lo:g}, '
+                                f'median of non-background {med:g}): rescale slope/intercept lost?',
+                                'warning'))
+  if label is not None:
+    lab = label[0]
+    if not np.all(np.isfinite(lab)):
+      problems.append(Problem(files.label, f'{int((~np.isfinite(lab)).sum())} NaN or Inf voxels'))
+    else:
+      values = np.unique(lab)
+      bad_values = sorted(set(values.tolist()) - set(float(v) for v in data_cfg.label_values))
+      if bad_values:
+        problems.append(Problem(files.label, f'label values {bad_values[:10]} not in the allowed set '
+                                f'{list(data_cfg.label_values)}'))
+
+  errors = [p for p in problems if p.severity == 'error']
+  if not errors and vols:
+    images = np.stack([vols[m][0] for m in data_cfg.modalities], axis=-1)
+    if data_cfg.kind == 'mri' and not np.all(images != 0, axis=-1).any():
+      errors.append(Problem(files.images[data_cfg.modalities[0]],
+                            'empty brain mask: no voxel is nonzero in every channel'))
+  if errors:
+    raise DataError('\n'.join(str(p) for p in problems))
+  return LoadedCase(
+      case_id=files.case_id, images=images,
+      label=None if label is None else (label[0] > 0).astype(np.uint8),
+      affine=ref[1], spacing=ref[2], header=ref[3], files=files,
+      warnings=[p for p in problems if p.severity == 'warning'])

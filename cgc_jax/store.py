@@ -1,0 +1,143 @@
+"""On-disk sharded arrays: one shard (folder) per case, `.npy` arrays, crc32 checksums, manifest last.
+
+Layout of a store folder (e.g. WORKDIR/prepared):
+
+    cases/<case_id>/<name>.npy    arrays, read with mmap (a training crop reads ~only the crop)
+    cases/<case_id>/meta.json     written LAST: array names, shapes, dtypes, crc32, plus stage metadata
+    manifest.json                 list of complete cases + the stage fingerprint (written at stage end)
+
+A shard is written into `cases/.tmp-<case_id>-<pid>/` and renamed into place once its meta.json is
+written, so a killed writer leaves only a `.tmp-*` folder, which is never read and is removed on the
+next run. A shard counts as complete only when `cases/<case_id>/meta.json` exists and its
+fingerprint matches; checksums are verified when a shard is opened (once per process).
+"""
+import json
+import os
+import shutil
+import zlib
+from typing import Optional
+
+import numpy as np
+
+
+def crc32_file(path: str, chunk: int = 1 << 22) -> int:
+  crc = 0
+  with open(path, 'rb') as f:
+    while True:
+      b = f.read(chunk)
+      if not b:
+        return crc
+      crc = zlib.crc32(b, crc)
+
+
+class CorruptShardError(Exception):
+  """A shard's array does not match its recorded checksum or shape."""
+
+
+def atomic_write_text(path: str, text: str):
+  tmp = f'{path}.tmp-{os.getpid()}'
+  with open(tmp, 'w') as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def atomic_write_json(path: str, obj):
+  atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True))
+
+
+class Store:
+  """A folder of per-case shards. `fingerprint` identifies the config that produced them."""
+
+  def __init__(self, root: str, fingerprint: str = ''):
+    self.root = root
+    self.fingerprint = fingerprint
+    self._verified = set()
+
+  def case_dir(self, case_id: str) -> str:
+    return os.path.join(self.root, 'cases', case_id)
+
+  def is_complete(self, case_id: str) -> bool:
+    meta = self.meta(case_id, missing_ok=True)
+    return meta is not None and meta.get('fingerprint') == self.fingerprint
+
+  def meta(self, case_id: str, missing_ok: bool = False) -> Optional[dict]:
+    path = os.path.join(self.case_dir(case_id), 'meta.json')
+    if not os.path.exists(path):
+      if missing_ok:
+        return None
+      raise FileNotFoundError(f'{path}: shard missing or incomplete (run the stage that writes it)')
+    with open(path) as f:
+      return json.load(f)
+
+  def clean_partial(self):
+    """Removes `.tmp-*` shards left by killed writers."""
+    d = os.path.join(self.root, 'cases')
+    if os.path.isdir(d):
+      for name in os.listdir(d):
+        if name.startswith('.tmp-'):
+          shutil.rmtree(os.path.join(d, name), ignore_errors=True)
+
+  def write(self, case_id: str, arrays: dict, meta: dict):
+    """Writes one shard atomically: arrays, then meta.json, then a rename into place."""
+    cases = os.path.join(self.root, 'cases')
+    os.makedirs(cases, exist_ok=True)
+    tmp = os.path.join(cases, f'.tmp-{case_id}-{os.getpid()}')
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    entries = {}
+    for name, arr in arrays.items():
+      arr = np.ascontiguousarray(arr)
+      path = os.path.join(tmp, f'{name}.npy')
+      np.save(path, arr)
+      entries[name] = {'shape': list(arr.shape), 'dtype': str(arr.dtype), 'crc32': crc32_file(path)}
+    full = dict(meta, case_id=case_id, arrays=entries, fingerprint=self.fingerprint)
+    atomic_write_json(os.path.join(tmp, 'meta.json'), full)
+    final = self.case_dir(case_id)
+    if os.path.exists(final):  # stale shard (other fingerprint): replace it
+      old = f'{tmp}.old'
+      os.replace(final, old)
+      os.replace(tmp, final)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.replace(tmp, final)
+
+  def read(self, case_id: str, name: str, verify: bool = True, mmap: bool = True) -> np.ndarray:
+    """Returns array `name` of a complete shard (memory-mapped); checksum checked on first read."""
+    meta = self.meta(case_id)
+    if name not in meta['arrays']:
+      raise KeyError(f'{self.case_dir(case_id)}: no array {name!r} (has {sorted(meta["arrays"])})')
+    entry = meta['arrays'][name]
+    path = os.path.join(self.case_dir(case_id), f'{name}.npy')
+    key = (case_id, name)
+    if verify and key not in self._verified:
+      crc = crc32_file(path)
+      if crc != entry['crc32']:
+        raise CorruptShardError(f'{path}: checksum mismatch (crc32 {crc} != recorded '
+                                f'{entry["crc32"]}): the file was modified or damaged; delete the '
+                                'case folder and re-run the stage')
+      self._verified.add(key)
+    arr = np.load(path, mmap_mode='r' if mmap else None)
+    if list(arr.shape) != entry['shape'] or str(arr.dtype) != entry['dtype']:
+      raise CorruptShardError(f'{path}: shape/dtype {arr.shape}/{arr.dtype} != recorded '
+                              f'{entry["shape"]}/{entry["dtype"]}')
+    return arr
+
+  def write_manifest(self, case_ids: list, extra: Optional[dict] = None):
+    os.makedirs(self.root, exist_ok=True)
+    atomic_write_json(os.path.join(self.root, 'manifest.json'),
+                      dict(extra or {}, fingerprint=self.fingerprint, cases=sorted(case_ids)))
+
+  def manifest(self) -> Optional[dict]:
+    path = os.path.join(self.root, 'manifest.json')
+    if not os.path.exists(path):
+      return None
+    with open(path) as f:
+      return json.load(f)
+
+  def complete_cases(self) -> list:
+    m = self.manifest()
+    if m is None or m.get('fingerprint') != self.fingerprint:
+      return []
+    return [c for c in m['cases'] if self.is_complete(c)]

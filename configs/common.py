@@ -1,0 +1,127 @@
+"""Shared defaults for every cgc_jax config: each number used by the code lives here or in a config.
+
+Configs import `base_config()` and override what differs. Any field can be overridden on the command
+line: `--config.train.steps=200`.
+"""
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  # ---------------------------------------------------------------- data (prepare stage)
+  c.data = d = ml_collections.ConfigDict()
+  d.layout = 'brats'  # brats | folder | cq500 | phantoms (generated into WORKDIR/phantoms, brats layout)
+  d.root = ''  # dataset root (not used by layout=phantoms)
+  d.modalities = ('flair', 't1', 't1ce', 't2')  # channel order; any subset the layout provides
+  # Filenames per modality for the folder and cq500 layouts ('{case}' is the case id).
+  d.filenames = ml_collections.ConfigDict(
+      {'flair': '{case}_flair.nii.gz', 't1': '{case}_t1.nii.gz', 't1ce': '{case}_t1ce.nii.gz',
+       't2': '{case}_t2.nii.gz', 'ct': '{case}_ct.nii.gz'})
+  d.label = '{case}_seg.nii.gz'  # label filename; '' = no labels
+  d.label_values = (0, 1, 2, 4)  # allowed label values; lesion = label > 0
+  d.kind = 'mri'  # mri | ct: decides brain mask and normalisation
+  d.target_spacing = (2.0, 2.0, 2.0)  # mm, or () to keep the native spacing
+  d.crop_margin_mm = 6.0  # margin around the brain bounding box
+  d.store_dtype = 'float16'  # dtype of prepared images on disk
+  d.strict_geometry = False  # affine mismatch between channels: warning (False) or error (True)
+  d.affine_tolerance = 1e-3  # max abs difference between affines counted as "equal"
+  d.num_workers = 2  # CPU worker processes for offline stages (0 or 1 = in-process)
+  d.verify_checksums = True  # check every array's crc32 when a case is opened
+  # CT only.
+  d.ct_window = (0.0, 100.0)  # HU window clipped to, then scaled to [0, 1]
+  d.ct_brain_extracted = True  # False: approximate HU-window brain mask (flagged in the log)
+  d.ct_background_below = -500.0  # brain-extracted CT: voxels below this HU are background
+  d.ct_approx_brain_window = (-20.0, 100.0)  # HU window for the approximate brain mask
+
+  # Phantom generator (layout=phantoms).
+  d.phantoms = p = ml_collections.ConfigDict()
+  p.num_subjects = 10  # subjects written
+  p.lesion_free = 1  # how many of them have no lesion
+  p.seed = 0  # generator seed
+  p.kind = 'mri'  # mri (BraTS-like, 4 modalities, labels 1/2/4) | ct (CQ500-like, HU)
+  p.spacing = (2.0, 2.0, 2.0)  # written voxel size in mm (template is 2 mm)
+  p.noise = 0.06  # Gaussian noise sigma, relative to white-matter intensity (MRI)
+  p.bias = 0.15  # multiplicative bias field amplitude
+  p.blur = 0.7  # partial-volume blur sigma, voxels
+  p.deform_mm = 4.0  # random smooth deformation amplitude
+
+  # ---------------------------------------------------------------- GMM pseudo-labels
+  c.gmm = g = ml_collections.ConfigDict()
+  g.k = 4  # mixture components (MRI: CSF, GM, WM, lesion)
+  g.channels = ('flair', 't1')  # channels the mixture sees (subset of data.modalities)
+  g.subsample = 60000  # brain voxels the mixture is fitted on
+  g.seed = 0  # subsample and initialisation seed (per case: folded with the case id)
+  g.threshold = 0.5  # P = lesion posterior > threshold
+  g.lesion_channel = 'flair'  # lesion-bright channel
+  g.rule = 'max_mean'  # max_mean: highest mean in lesion_channel | hu_range: mean inside g.hu_range
+  g.hu_range = (50.0, 90.0)  # hu_range rule: lesion components have their HU mean in this range
+  g.min_component_voxels = 0  # drop connected components of P smaller than this (0 = keep all)
+  g.reg_covar = 1e-4  # covariance regulariser; raised x10 on singular covariance
+  g.max_iter = 200  # EM iterations
+  g.tol = 1e-4  # EM convergence tolerance
+  g.retries = 3  # re-seeded retries on non-convergence / singular covariance
+
+  c.pseudo_labels = pl = ml_collections.ConfigDict()
+  pl.source = 'gmm'  # gmm | threshold | nifti | ground_truth
+  pl.nifti_dir = ''  # source=nifti: folder of <case>.nii.gz masks on each case's original grid
+  pl.threshold_z = 2.0  # source=threshold: lesion-channel z-score above this is lesion
+  pl.export_nifti = True  # write P on each case's original grid to pseudo_labels/nifti/
+
+  # ---------------------------------------------------------------- model
+  c.model = m = ml_collections.ConfigDict()
+  m.base = 8  # U-Net width of level 0; level i has base * 2**i channels
+  m.levels = 4  # resolution levels (levels - 1 poolings)
+  m.norm = 'instance'  # instance | group (batch-independent: no cross-device statistics)
+  m.groups = 8  # group norm groups
+  m.dtype = 'float32'  # compute dtype (bfloat16 on accelerators); parameters stay float32
+  m.coarse_hidden = 64  # coarse-grained classifier hidden width
+  m.proj_hidden = 128  # projection head hidden width
+  m.proj_dim = 128  # projection output d (L2-normalised)
+
+  # ---------------------------------------------------------------- CGC module
+  c.cgc = k = ml_collections.ConfigDict()
+  k.coarse = True  # global granularity (coarse-grained discrimination)
+  k.fine = True  # local granularity (fine-grained contrastive)
+  k.lambda_coarse = 0.1  # weight of the coarse loss
+  k.lambda_fine = 0.1  # weight of the fine loss
+  k.patch = (6, 6, 2)  # mini-patch size z in bottleneck cells
+  k.tau = 0.2  # SupCon temperature
+  k.cell_threshold = 0.5  # a bottleneck cell is lesion when its P fraction >= this
+  k.normal_in_brain = True  # normal cells must be inside the brain (else padding counts as normal)
+
+  # ---------------------------------------------------------------- training
+  c.train = t = ml_collections.ConfigDict()
+  t.seed = 0
+  t.steps = 100  # total optimiser steps
+  t.batch_size = 2  # GLOBAL batch (crops per step over all devices)
+  t.crop = (96, 96, 64)  # training crop (voxels); divisible by 2**(levels-1)
+  t.fg_fraction = 1.0 / 3.0  # fraction of crops centred on a P-lesion voxel
+  t.flip = True  # random flips along each axis
+  t.intensity_scale = 0.1  # per-channel multiplicative jitter (+-)
+  t.intensity_shift = 0.1  # per-channel additive jitter (+-, z-score units)
+  t.loss_region = 'brain'  # brain: cross-entropy inside the brain mask only | all
+  t.lr = 1e-3  # peak learning rate
+  t.warmup_steps = 10
+  t.end_lr_fraction = 0.05  # cosine decays to lr * this
+  t.weight_decay = 1e-4
+  t.grad_clip = 1.0  # global-norm clip
+  t.log_every = 5  # steps between progress lines / JSONL rows
+  t.checkpoint_every = 25  # steps between async orbax saves
+  t.keep_checkpoints = 3  # checkpoints kept
+  t.prefetch = 2  # batches prepared ahead by host threads
+  t.num_workers = 2  # host threads making crops
+
+  # ---------------------------------------------------------------- evaluation / prediction
+  c.eval = e = ml_collections.ConfigDict()
+  e.step = -1  # checkpoint step to restore (-1 = latest)
+  e.window = ()  # sliding window; () = train.crop
+  e.overlap = 0.5  # window overlap fraction
+  e.sigma_scale = 0.125  # Gaussian importance sigma = window * this
+  e.tta_flip = False  # average over the 8 axis-flip combinations
+  e.batch_size = 2  # windows per device call (rounded up to the device count)
+  e.every_steps = 0  # >0: Dice of the network against ground truth every N training steps (analysis only)
+  e.pictures = True  # PNG overlays
+  e.input_root = ''  # predict mode: folder of new scans (layout as data.layout)
+
+  return c

@@ -1,0 +1,29 @@
+"""Demo on embedded phantoms: the whole pipeline in a few minutes on 2 CPU cores.
+
+    python -m cgc_jax.main --config=configs/demo.py --workdir=runs/demo
+
+Generates 10 BraTS-like phantoms (MNI152 anatomy shipped by nilearn, 1 lesion-free) at 2 mm, prepares
+them at 3 mm, fits the GMM (mean Dice ~0.6-0.75 on phantoms), trains the CGC U-Net for 60 steps
+(~3 min on 2 cores) and writes eval/summary.md with the GMM and network rows side by side.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # pylint: disable=g-import-not-at-top
+
+
+def get_config():
+  c = common.base_config()
+  c.data.layout = 'phantoms'
+  c.data.modalities = ('flair', 't1', 't1ce', 't2')
+  c.data.target_spacing = (3.0, 3.0, 3.0)
+  c.gmm.channels = ('flair', 't1', 't1ce', 't2')
+  c.model.base = 8
+  c.train.steps = 60
+  c.train.batch_size = 2
+  c.train.crop = (48, 64, 48)
+  c.train.checkpoint_every = 20
+  c.train.log_every = 5
+  c.cgc.patch = (3, 3, 2)  # bottleneck is 6x8x6 cells at this crop
+  return c
