@@ -4,6 +4,7 @@ import time
 
 from absl import logging
 
+from cgc_jax import checkpoint
 from cgc_jax import parallel
 from cgc_jax import prepare
 from cgc_jax import pseudo_labels
@@ -18,7 +19,7 @@ class WorkdirError(Exception):
 
 
 USER_ERRORS = (readers.DataError, prepare.StageError, parallel.CaseFailure, WorkdirError,
-               store_lib.CorruptShardError)
+               store_lib.CorruptShardError, checkpoint.IncompatibleCheckpointError)
 
 
 def _check_workdir(workdir: str):
@@ -44,7 +45,15 @@ def run(config, workdir: str, mode: str = 'all'):
     pseudo_labels.run(config, workdir)
   if mode in ('all', 'train'):
     from cgc_jax import train  # pylint: disable=g-import-not-at-top
-    train.train_and_evaluate(config, workdir)
+    try:
+      periodic = None
+      if config.eval.every_steps:
+        from cgc_jax import distributed, evaluate  # pylint: disable=g-import-not-at-top
+        periodic = evaluate.dice_during_training(config, workdir, distributed.mesh())
+      train.train_and_evaluate(config, workdir, periodic)
+    except train.Preempted as e:
+      logging.warning('%s', e)
+      return
   if mode in ('all', 'evaluate'):
     from cgc_jax import evaluate  # pylint: disable=g-import-not-at-top
     evaluate.evaluate(config, workdir)

@@ -33,6 +33,8 @@ def prepared_store(config, workdir) -> store_lib.Store:
 def case_files(config, workdir, root=None) -> list:
   """The dataset's cases; layout=phantoms generates them first (once) into WORKDIR/phantoms."""
   data = config.data
+  if data.layout == 'phantoms' and root:
+    return readers.discover(reader_config(config), root)
   if data.layout == 'phantoms':
     from cgc_jax import phantoms  # pylint: disable=g-import-not-at-top
     root = phantoms.ensure(config, os.path.join(workdir, 'phantoms'))

@@ -1,0 +1,116 @@
+"""Losses of the cross-granularity contrastive (CGC) method, as pure jnp functions.
+
+Notation: B crops; F: f32[B, x, y, z, D] the U-Net bottleneck; P pooled to F's grid gives each cell's
+lesion fraction; a cell is lesion when fraction >= cell_threshold, normal when not lesion (and, with
+normal_in_brain, mostly inside the brain). All reductions are over the GLOBAL batch: under jit with a
+sharded batch, XLA gathers what each loss needs, so every device's vectors are negatives for all.
+"""
+import jax
+import jax.numpy as jnp
+
+
+def seg_loss(logits, p, weight):
+  """Voxel cross-entropy against P.
+
+  logits: f32[B, X, Y, Z, 2]; p: f32[B, X, Y, Z] in {0, 1}; weight: f32[B, X, Y, Z] (1 where the loss
+  counts, e.g. the brain). Returns sum(weight * CE) / max(sum(weight), 1).
+  """
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  ce = -(p * logp[..., 1] + (1.0 - p) * logp[..., 0])
+  return jnp.sum(weight * ce) / jnp.maximum(jnp.sum(weight), 1.0)
+
+
+def cell_fraction(mask, grid_shape):
+  """Average-pools mask: f32[B, X, Y, Z] to f32[B, x, y, z] (X = x * s)."""
+  b = mask.shape[0]
+  x, y, z = grid_shape
+  sx, sy, sz = mask.shape[1] // x, mask.shape[2] // y, mask.shape[3] // z
+  return mask.reshape(b, x, sx, y, sy, z, sz).mean(axis=(2, 4, 6))
+
+
+def cell_masks(p, brain, grid_shape, cell_threshold, normal_in_brain):
+  """(lesion, normal) bool[B, x, y, z] on the bottleneck grid."""
+  frac = cell_fraction(p, grid_shape)
+  lesion = frac >= cell_threshold
+  normal = ~lesion
+  if normal_in_brain:
+    normal = normal & (cell_fraction(brain, grid_shape) >= 0.5)
+  return lesion, normal
+
+
+def masked_mean(feats, mask):
+  """feats: f32[..., N, D], mask: bool[..., N] -> (mean f32[..., D], count f32[...]); 0 when empty."""
+  m = mask.astype(feats.dtype)
+  count = m.sum(-1)
+  mean = jnp.einsum('...nd,...n->...d', feats, m) / jnp.maximum(count, 1.0)[..., None]
+  return mean, count
+
+
+def region_vectors(feats, lesion, normal):
+  """Coarse granularity: per crop, mean F over lesion cells and over normal cells.
+
+  feats f32[B, x, y, z, D]; lesion, normal bool[B, x, y, z] ->
+  vecs f32[B, 2, D] (index 0 normal, 1 lesion), labels i32[B, 2], valid bool[B, 2].
+  """
+  b, d = feats.shape[0], feats.shape[-1]
+  f = feats.reshape(b, -1, d)
+  masks = jnp.stack([normal.reshape(b, -1), lesion.reshape(b, -1)], axis=1)  # [B, 2, N]
+  vecs, count = masked_mean(f[:, None], masks)
+  labels = jnp.broadcast_to(jnp.arange(2, dtype=jnp.int32), (b, 2))
+  return vecs, labels, count > 0
+
+
+def coarse_loss(class_logits, labels, valid):
+  """Mean cross-entropy over valid region vectors. class_logits f32[..., 2]; 0 if none valid."""
+  logp = jax.nn.log_softmax(class_logits, axis=-1)
+  nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+  v = valid.astype(nll.dtype)
+  return jnp.sum(nll * v) / jnp.maximum(v.sum(), 1.0)
+
+
+def patch_vectors(feats, lesion, normal, patch):
+  """Fine granularity: per mini-patch of `patch` cells, mean F over its lesion and its normal cells.
+
+  A grid that `patch` does not divide is padded; padded cells belong to neither class.
+  Returns vecs f32[B * M * 2, D], labels i32[B * M * 2] (0 normal, 1 lesion), valid bool[B * M * 2],
+  M = number of mini-patches per crop.
+  """
+  b, x, y, z, d = feats.shape
+  px, py, pz = patch
+  pad = [(0, 0)] + [(0, (-n) % q) for n, q in zip((x, y, z), patch)]
+  feats = jnp.pad(feats, pad + [(0, 0)])
+  lesion = jnp.pad(lesion, pad)
+  normal = jnp.pad(normal, pad)
+  gx, gy, gz = feats.shape[1] // px, feats.shape[2] // py, feats.shape[3] // pz
+
+  def blocks(a):  # [B, X, Y, Z, ...] -> [B, M, px*py*pz, ...]
+    rest = a.shape[4:]
+    a = a.reshape((b, gx, px, gy, py, gz, pz) + rest)
+    a = a.transpose((0, 1, 3, 5, 2, 4, 6) + tuple(range(7, 7 + len(rest))))
+    return a.reshape((b, gx * gy * gz, px * py * pz) + rest)
+
+  f = blocks(feats)
+  masks = jnp.stack([blocks(normal), blocks(lesion)], axis=2)  # [B, M, 2, K]
+  vecs, count = masked_mean(f[:, :, None], masks)  # [B, M, 2, D]
+  labels = jnp.broadcast_to(jnp.arange(2, dtype=jnp.int32), count.shape)
+  return vecs.reshape(-1, d), labels.reshape(-1), (count > 0).reshape(-1)
+
+
+def supcon_loss(z, labels, valid, tau):
+  """Supervised contrastive loss (Khosla et al. 2020, L_out) over all N vectors.
+
+  z: f32[N, d] L2-normalised; labels: i32[N]; valid: bool[N]. For each valid anchor i with at least
+  one positive: -mean_{p in P(i)} log(exp(z_i.z_p / tau) / sum_{a != i, valid} exp(z_i.z_a / tau)).
+  Averaged over such anchors; 0 when there are none (no positive pairs in the batch).
+  """
+  n = z.shape[0]
+  sim = (z @ z.T) / tau
+  not_self = ~jnp.eye(n, dtype=bool)
+  pair = valid[:, None] & valid[None, :] & not_self
+  masked = jnp.where(pair, sim, -1e9)
+  log_prob = sim - jax.nn.logsumexp(masked, axis=1, keepdims=True)
+  pos = pair & (labels[:, None] == labels[None, :])
+  npos = pos.sum(1)
+  mean_pos = jnp.sum(jnp.where(pos, log_prob, 0.0), axis=1) / jnp.maximum(npos, 1)
+  anchor = valid & (npos > 0)
+  return -jnp.sum(jnp.where(anchor, mean_pos, 0.0)) / jnp.maximum(anchor.sum(), 1)

@@ -1,0 +1,75 @@
+"""orbax checkpoints of the train state plus a JSON record (config fields, data-iterator state).
+
+A checkpoint at step s holds the state AFTER s optimiser steps; the data iterator resumes at batch s.
+Saves are asynchronous (orbax writes in a background thread after copying arrays to host), so the
+donated state can be reused at once. If the newest checkpoint cannot be read, restore falls back to
+the previous one with a warning naming both steps.
+"""
+import os
+
+from absl import logging
+import orbax.checkpoint as ocp
+
+from cgc_jax import fingerprints
+
+
+class IncompatibleCheckpointError(Exception):
+  """The workdir's checkpoints were made with a different config."""
+
+
+class Checkpointer:
+
+  def __init__(self, directory: str, keep: int, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                             create=True))
+
+  def latest_step(self):
+    return self.manager.latest_step()
+
+  def all_steps(self):
+    return sorted(self.manager.all_steps())
+
+  def save(self, step: int, state, record: dict):
+    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                    record=ocp.args.JsonSave(record)), force=True)
+
+  def restore(self, abstract_state, step=None):
+    """Restores (state, record, step) at `step` (default newest, falling back to older ones)."""
+    steps = [step] if step is not None else list(reversed(self.all_steps()))
+    if not steps:
+      raise FileNotFoundError(f'{self.directory}: no checkpoint')
+    errors = []
+    for s in steps:
+      try:
+        r = self.manager.restore(s, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), record=ocp.args.JsonRestore()))
+      except Exception as e:  # pylint: disable=broad-except
+        if step is not None:
+          raise
+        errors.append((s, e))
+        logging.warning('checkpoint at step %d is unreadable (%s: %s); trying an older one', s,
+                        type(e).__name__, str(e)[:200])
+        continue
+      if errors:
+        logging.warning('restored step %d instead of the newest step %d, which is unreadable', s,
+                        errors[0][0])
+      return r.state, r.record, s
+    raise FileNotFoundError(f'{self.directory}: no readable checkpoint ({errors[-1][1]})')
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.close()
+
+
+def check_compatible(record: dict, config, directory: str):
+  """Raises IncompatibleCheckpointError listing the differing fields."""
+  diffs = fingerprints.diff(record.get('fields', {}), fingerprints.fields(config, 'train'))
+  if diffs:
+    raise IncompatibleCheckpointError(
+        f'{directory}: checkpoints were written with a different config; differing fields:\n  ' +
+        '\n  '.join(diffs) + '\nUse a new --workdir, or the original config, to continue.')

@@ -1,0 +1,122 @@
+"""Training crops from the prepared and pseudo-label shards.
+
+The batch of global step s is a pure function of (train.seed, s): slot j of the global batch draws
+sample g = s * B + j from an epoch-wise seeded permutation of the cases, and its crop position,
+foreground choice, flips and intensity jitter from `default_rng([seed, s, j])`. So the iterator's
+whole state is the next step number (saved in every checkpoint), resume is exact, and the batch does
+not depend on how many processes or threads build it. Each process builds only its own slots
+[process_index * B_local, (process_index + 1) * B_local). Crops read the memory-mapped shards, so a
+crop reads about the crop only. Host threads build the next `prefetch` batches ahead.
+
+Example contract (one slot): image f32[X, Y, Z, C], p f32[X, Y, Z] (P in {0, 1}),
+brain f32[X, Y, Z]; (X, Y, Z) = train.crop. Cases smaller than the crop are zero-padded (brain 0).
+"""
+import collections
+import concurrent.futures as cf
+
+import numpy as np
+
+from cgc_jax import store as store_lib
+
+_MAX_FG_COORDS = 50000  # lesion voxel coordinates cached per case for foreground sampling
+
+
+class CropSampler:
+  """Deterministic random crops; see module docstring."""
+
+  def __init__(self, prep: store_lib.Store, labels: store_lib.Store, case_ids: list, train_cfg,
+               verify: bool = True, process_index: int = 0, process_count: int = 1):
+    if not case_ids:
+      raise ValueError('no training cases')
+    if train_cfg.batch_size % process_count:
+      raise ValueError(f'train.batch_size {train_cfg.batch_size} is not divisible by the '
+                       f'{process_count} processes')
+    self.cfg = train_cfg
+    self.case_ids = sorted(case_ids)
+    self.crop = tuple(int(c) for c in train_cfg.crop)
+    self.local_batch_size = train_cfg.batch_size // process_count
+    self.first_slot = process_index * self.local_batch_size
+    self.images, self.p, self.brain, self.fg = [], [], [], []
+    for cid in self.case_ids:
+      self.images.append(prep.read(cid, 'image', verify))
+      self.brain.append(prep.read(cid, 'brain', verify))
+      p = labels.read(cid, 'p', verify)
+      self.p.append(p)
+      coords = np.argwhere(np.asarray(p) > 0)
+      if len(coords) > _MAX_FG_COORDS:
+        rng = np.random.default_rng([train_cfg.seed, len(coords)])
+        coords = coords[np.sort(rng.choice(len(coords), _MAX_FG_COORDS, replace=False))]
+      self.fg.append(coords.astype(np.int32))
+    self._perm_cache = {}
+
+  def _case_of(self, g: int) -> int:
+    n = len(self.case_ids)
+    epoch = g // n
+    perm = self._perm_cache.get(epoch)
+    if perm is None:  # benign race between threads: the value is deterministic
+      perm = np.random.default_rng([self.cfg.seed, 1, epoch]).permutation(n)
+      self._perm_cache = {epoch: perm}
+    return int(perm[g % n])
+
+  def example(self, step: int, slot: int) -> dict:
+    cfg = self.cfg
+    ci = self._case_of(step * cfg.batch_size + slot)
+    rng = np.random.default_rng([cfg.seed, 2, step, slot])
+    image, p, brain, fg = self.images[ci], self.p[ci], self.brain[ci], self.fg[ci]
+    shape = image.shape[:3]
+    lo = [min(0, s - c) for s, c in zip(shape, self.crop)]
+    hi = [max(0, s - c) for s, c in zip(shape, self.crop)]
+    use_fg = rng.random() < cfg.fg_fraction and len(fg) > 0
+    if use_fg:
+      centre = fg[rng.integers(len(fg))]
+      start = [int(np.clip(c - k // 2, a, b)) for c, k, a, b in zip(centre, self.crop, lo, hi)]
+    else:
+      start = [int(rng.integers(a, b + 1)) for a, b in zip(lo, hi)]
+    src = tuple(slice(max(s, 0), min(s + k, n)) for s, k, n in zip(start, self.crop, shape))
+    dst = tuple(slice(sl.start - s, sl.stop - s) for sl, s in zip(src, start))
+    out_img = np.zeros(self.crop + (image.shape[-1],), np.float32)
+    out_p = np.zeros(self.crop, np.float32)
+    out_b = np.zeros(self.crop, np.float32)
+    out_img[dst] = image[src]
+    out_p[dst] = p[src]
+    out_b[dst] = brain[src]
+    flips = rng.random(3) < 0.5
+    c = out_img.shape[-1]
+    scale = 1.0 + rng.uniform(-cfg.intensity_scale, cfg.intensity_scale, c).astype(np.float32)
+    shift = rng.uniform(-cfg.intensity_shift, cfg.intensity_shift, c).astype(np.float32)
+    out_img = np.where(out_b[..., None] > 0, out_img * scale + shift, 0.0).astype(np.float32)
+    if cfg.flip:
+      axes = tuple(int(a) for a in np.nonzero(flips)[0])
+      if axes:
+        out_img = np.flip(out_img, axes)
+        out_p = np.flip(out_p, axes)
+        out_b = np.flip(out_b, axes)
+    return {'image': np.ascontiguousarray(out_img), 'p': np.ascontiguousarray(out_p),
+            'brain': np.ascontiguousarray(out_b)}
+
+  def local_batch(self, step: int) -> dict:
+    """This process's slots of the global batch of `step`, stacked: image f32[B_local, ...]."""
+    exs = [self.example(step, self.first_slot + j) for j in range(self.local_batch_size)]
+    return {k: np.stack([e[k] for e in exs]) for k in exs[0]}
+
+  def case_ids_of(self, step: int) -> list:
+    """Case ids in the global batch of `step` (for error messages)."""
+    return [self.case_ids[self._case_of(step * self.cfg.batch_size + j)]
+            for j in range(self.cfg.batch_size)]
+
+  def iterate(self, start_step: int, end_step: int):
+    """Yields (step, local_batch) for start_step <= step < end_step, prefetching with threads."""
+    workers = max(1, self.cfg.num_workers)
+    depth = max(1, self.cfg.prefetch)
+    with cf.ThreadPoolExecutor(workers) as ex:
+      queue = collections.deque()
+      nxt = start_step
+      while nxt < end_step and len(queue) < depth:
+        queue.append((nxt, ex.submit(self.local_batch, nxt)))
+        nxt += 1
+      while queue:
+        step, fut = queue.popleft()
+        if nxt < end_step:
+          queue.append((nxt, ex.submit(self.local_batch, nxt)))
+          nxt += 1
+        yield step, fut.result()

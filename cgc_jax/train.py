@@ -1,0 +1,235 @@
+"""The train stage: one pure jitted CGC step on a device mesh, orbax checkpoints, exact resume.
+
+`train_step(state, batch, rng) -> (state, metrics)` is written once for any mesh: the batch is sharded
+along the mesh's `data` axis, the state is replicated and donated, and the CGC losses reduce over the
+global batch (XLA inserts the collectives).
+"""
+import functools
+import json
+import math
+import os
+import signal
+import time
+from typing import Any
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from cgc_jax import cgc
+from cgc_jax import checkpoint
+from cgc_jax import distributed
+from cgc_jax import fingerprints
+from cgc_jax import input_pipeline
+from cgc_jax import prepare
+from cgc_jax import pseudo_labels
+from cgc_jax import unet
+
+
+class Preempted(Exception):
+  """SIGTERM arrived: the state was saved at the current step."""
+
+
+class NonFiniteError(Exception):
+  """A loss became NaN/Inf; the last good checkpoint is kept."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # i32[]
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # u32[2] raw key data
+
+
+def make_optimizer(tcfg):
+  sched = optax.warmup_cosine_decay_schedule(0.0, tcfg.lr, tcfg.warmup_steps,
+                                             max(tcfg.steps, tcfg.warmup_steps + 1),
+                                             end_value=tcfg.lr * tcfg.end_lr_fraction)
+  return optax.chain(optax.clip_by_global_norm(tcfg.grad_clip),
+                     optax.adamw(sched, weight_decay=tcfg.weight_decay)), sched
+
+
+def init_params(config, rng, num_channels: int):
+  net, coarse, proj = unet.build(config.model)
+  crop = tuple(config.train.crop)
+  k1, k2, k3 = jax.random.split(rng, 3)
+  x = jnp.zeros((1,) + crop + (num_channels,), jnp.float32)
+  feat_dim = config.model.base * 2**(config.model.levels - 1)
+  v = jnp.zeros((1, feat_dim), jnp.float32)
+  return {'unet': net.init(k1, x)['params'], 'coarse': coarse.init(k2, v)['params'],
+          'proj': proj.init(k3, v)['params']}
+
+
+def create_state(config, mesh, num_channels: int, tx) -> TrainState:
+  """Initialises the replicated state directly on the mesh (no host copy)."""
+  def init(key):
+    params = init_params(config, key, num_channels)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=jax.random.key_data(key))
+  key = jax.random.key(config.train.seed)
+  return jax.jit(init, out_shardings=distributed.replicated(mesh))(key)
+
+
+def loss_fn(params, batch, config):
+  """Total CGC loss and its components for one global batch.
+
+  batch: image f32[B, X, Y, Z, C], p f32[B, X, Y, Z], brain f32[B, X, Y, Z].
+  """
+  net, coarse_head, proj_head = unet.build(config.model)
+  logits, feats = net.apply({'params': params['unet']}, batch['image'])
+  weight = batch['brain'] if config.train.loss_region == 'brain' else jnp.ones_like(batch['p'])
+  l_seg = cgc.seg_loss(logits, batch['p'], weight)
+  k = config.cgc
+  lesion, normal = cgc.cell_masks(batch['p'], batch['brain'], feats.shape[1:4], k.cell_threshold,
+                                  k.normal_in_brain)
+  metrics = {'seg': l_seg, 'lesion_cells': lesion.mean()}
+  total = l_seg
+  if k.coarse:
+    vecs, labels, valid = cgc.region_vectors(feats, lesion, normal)
+    logits_c = coarse_head.apply({'params': params['coarse']}, vecs)
+    l_coarse = cgc.coarse_loss(logits_c, labels, valid)
+    total = total + k.lambda_coarse * l_coarse
+    metrics['coarse'] = l_coarse
+  if k.fine:
+    vecs, labels, valid = cgc.patch_vectors(feats, lesion, normal, tuple(k.patch))
+    z = proj_head.apply({'params': params['proj']}, vecs)
+    l_fine = cgc.supcon_loss(z, labels, valid, k.tau)
+    total = total + k.lambda_fine * l_fine
+    metrics['fine'] = l_fine
+  metrics['loss'] = total
+  return total, metrics
+
+
+def train_step(state: TrainState, batch, rng, *, config, tx):
+  """One optimiser step. Pure: (state, batch, rng) -> (new state, metrics). rng: reserved."""
+  del rng  # the model is deterministic; augmentation happens on the host
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  (_, metrics), grads = grad_fn(state.params, batch, config)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics['grad_norm'] = optax.global_norm(grads)
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def make_train_step(config, mesh, tx):
+  repl, data = distributed.replicated(mesh), distributed.data_sharding(mesh)
+  return jax.jit(functools.partial(train_step, config=config, tx=tx),
+                 in_shardings=(repl, data, repl), out_shardings=(repl, repl), donate_argnums=0)
+
+
+def _record(config, step, sampler):
+  return {'fields': fingerprints.fields(config, 'train'), 'data_step': int(step),
+          'cases': sampler.case_ids, 'config': json.loads(config.to_json_best_effort())}
+
+
+class _Sigterm:
+  def __init__(self):
+    self.hit = False
+    self.prev = None
+
+  def __enter__(self):
+    try:
+      self.prev = signal.signal(signal.SIGTERM, self._on)
+    except ValueError:  # not the main thread
+      self.prev = None
+    return self
+
+  def _on(self, *_):
+    self.hit = True
+
+  def __exit__(self, *_):
+    if self.prev is not None:
+      signal.signal(signal.SIGTERM, self.prev)
+
+
+def _metrics_log(workdir, start):
+  """Opens train/metrics.jsonl for append, dropping rows past `start` (they will be redone)."""
+  path = os.path.join(workdir, 'train', 'metrics.jsonl')
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  if os.path.exists(path):
+    with open(path) as f:
+      rows = [line for line in f if line.strip() and json.loads(line).get('step', 0) <= start]
+    with open(path, 'w') as f:
+      f.writelines(rows)
+  return open(path, 'a')
+
+
+def train_and_evaluate(config, workdir: str, periodic_eval=None) -> TrainState:
+  """Trains to config.train.steps, resuming from the newest checkpoint. Returns the final state."""
+  distributed.initialize()
+  mesh = distributed.mesh()
+  tcfg = config.train
+  if tcfg.batch_size % jax.device_count():
+    raise prepare.StageError(f'train.batch_size {tcfg.batch_size} is not divisible by the '
+                             f'{jax.device_count()} devices')
+  prep = prepare.prepared_store(config, workdir)
+  labels = pseudo_labels.pl_store(config, workdir)
+  cases = [c for c in labels.complete_cases() if prep.is_complete(c)]
+  if not cases:
+    raise prepare.StageError(f'{labels.root}: no pseudo-labels: run --mode=pseudo_labels first')
+  sampler = input_pipeline.CropSampler(prep, labels, cases, tcfg, config.data.verify_checksums,
+                                       jax.process_index(), jax.process_count())
+  num_channels = sampler.images[0].shape[-1]
+  tx, sched = make_optimizer(tcfg)
+  state = create_state(config, mesh, num_channels, tx)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), tcfg.keep_checkpoints)
+  start = 0
+  if ckpt.latest_step() is not None:
+    state, record, start = ckpt.restore(state)
+    checkpoint.check_compatible(record, config, ckpt.directory)
+    logging.info('train: resumed from step %d', start)
+  if start >= tcfg.steps:
+    logging.info('train: already finished (%d steps); nothing to do', start)
+    ckpt.close()
+    return state
+  step_fn = make_train_step(config, mesh, tx)
+  data = distributed.data_sharding(mesh)
+  base_key = jax.random.key(tcfg.seed + 1)
+  voxels = tcfg.batch_size * math.prod(tcfg.crop)
+  log = _metrics_log(workdir, start) if distributed.is_main() else None
+  t0, t_last, s_last = time.time(), time.time(), start
+  logging.info('train: %d cases, steps %d -> %d, global batch %d of %s on %d devices', len(cases),
+               start, tcfg.steps, tcfg.batch_size, tuple(tcfg.crop), jax.device_count())
+  with _Sigterm() as term:
+    for step, local in sampler.iterate(start, tcfg.steps):
+      batch = distributed.global_batch(local, data)
+      state, metrics = step_fn(state, batch, jax.random.fold_in(base_key, step))
+      m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      done = step + 1
+      bad = [k for k, v in m.items() if not math.isfinite(v)]
+      if bad:
+        ckpt.wait()
+        raise NonFiniteError(f'step {done}: non-finite {bad} (values {m}); batch cases '
+                             f'{sampler.case_ids_of(step)}; last good checkpoint: step '
+                             f'{ckpt.latest_step()}')
+      if done % tcfg.log_every == 0 or done == tcfg.steps:
+        now = time.time()
+        rate = (done - s_last) / max(now - t_last, 1e-9)
+        t_last, s_last = now, done
+        m['lr'] = float(sched(done - 1))
+        if log:
+          log.write(json.dumps(dict(step=done, time=now - t0, **m)) + '\n')
+          log.flush()
+        logging.info('train step %d/%d: loss %.4f (seg %.4f%s%s) | %.2f steps/s, %.2e voxels/s, '
+                     'ETA %.0fs', done, tcfg.steps, m['loss'], m['seg'],
+                     f', coarse {m["coarse"]:.4f}' if 'coarse' in m else '',
+                     f', fine {m["fine"]:.4f}' if 'fine' in m else '', rate, rate * voxels,
+                     (tcfg.steps - done) / max(rate, 1e-9))
+      if done % tcfg.checkpoint_every == 0 or done == tcfg.steps or term.hit:
+        ckpt.save(done, state, _record(config, done, sampler))
+      if periodic_eval is not None and config.eval.every_steps and done % config.eval.every_steps == 0:
+        periodic_eval(state.params, done)
+      if term.hit:
+        ckpt.wait()
+        ckpt.close()
+        raise Preempted(f'SIGTERM: saved step {done}; re-run the same command to continue')
+  ckpt.wait()
+  ckpt.close()
+  if log:
+    log.close()
+  logging.info('train: finished %d steps in %.1fs', tcfg.steps, time.time() - t0)
+  return state
