@@ -20,6 +20,20 @@ def seg_loss(logits, p, weight):
   return jnp.sum(weight * ce) / jnp.maximum(jnp.sum(weight), 1.0)
 
 
+def soft_dice_loss(logits, p, weight, smooth: float = 1.0):
+  """1 - soft Dice of the lesion probability against P, per crop, averaged over the batch.
+
+  Same contract as seg_loss. Balances the rare lesion class against the brain background (the
+  nnU-Net default adds it to cross-entropy); crops without lesion or prediction give ~0.
+  """
+  prob = jax.nn.softmax(logits, axis=-1)[..., 1] * weight
+  tgt = p * weight
+  axes = tuple(range(1, p.ndim))
+  inter = jnp.sum(prob * tgt, axes)
+  denom = jnp.sum(prob, axes) + jnp.sum(tgt, axes)
+  return jnp.mean(1.0 - (2.0 * inter + smooth) / (denom + smooth))
+
+
 def cell_fraction(mask, grid_shape):
   """Average-pools mask: f32[B, X, Y, Z] to f32[B, x, y, z] (X = x * s)."""
   b = mask.shape[0]

@@ -100,6 +100,14 @@ def evaluate(config, workdir: str):
   nch = prep.meta(cases[0])['arrays']['image']['shape'][-1]
   params, step = restore_params(config, workdir, mesh, nch)
   out_dir = os.path.join(workdir, 'eval')
+  fp = fingerprints.of(config, 'evaluate')
+  done = _load_json(os.path.join(out_dir, 'summary.json'))
+  if done and done.get('fingerprint') == fp and done.get('checkpoint_step') == step and \
+     sorted(c['case'] for c in done.get('cases', [])) == sorted(
+         c for c in cases if prep.meta(c)['has_label']):
+    logging.info('evaluate: up to date for checkpoint step %d (%s)', step, out_dir)
+    print(summary_markdown(done['summary'], done['seconds'], step))
+    return done['summary']
   predictor = sliding_window.Predictor(config, mesh)
   preds = predict_cases(config, prep, cases, params, predictor, os.path.join(out_dir, 'predictions'))
   rows = {'GMM w/ threshold (P)' if config.pseudo_labels.source == 'gmm'
@@ -131,7 +139,7 @@ def evaluate(config, workdir: str):
   summaries = {k: metrics.summarise(v) for k, v in rows.items() if v}
   seconds = time.time() - t0
   if distributed.is_main():
-    _write_reports(out_dir, per_case, summaries, seconds, step)
+    _write_reports(out_dir, per_case, summaries, seconds, step, fp)
     if config.eval.pictures:
       from cgc_jax import overlays  # pylint: disable=g-import-not-at-top
       overlays.write_all(out_dir, prep, cases, {c: v[0] for c, v in preds.items()}, p_masks,
@@ -142,7 +150,14 @@ def evaluate(config, workdir: str):
   return summaries
 
 
-def _write_reports(out_dir, per_case, summaries, seconds, step):
+def _load_json(path):
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _write_reports(out_dir, per_case, summaries, seconds, step, fp):
   os.makedirs(out_dir, exist_ok=True)
   buf = io.StringIO()
   keys = sorted({k for r in per_case for k in r} - {'case'})
@@ -152,6 +167,7 @@ def _write_reports(out_dir, per_case, summaries, seconds, step):
   store_lib.atomic_write_text(os.path.join(out_dir, 'cases.csv'), buf.getvalue())
   store_lib.atomic_write_json(os.path.join(out_dir, 'summary.json'),
                               {'summary': summaries, 'seconds': seconds, 'checkpoint_step': step,
+                               'fingerprint': fp,
                                'conventions': CONVENTIONS, 'cases': per_case})
   store_lib.atomic_write_text(os.path.join(out_dir, 'summary.md'),
                               summary_markdown(summaries, seconds, step))

@@ -10,8 +10,11 @@ _STAGE_FIELDS = {
     'prepare': ('data',),
     'pseudo_labels': ('data', 'gmm', 'pseudo_labels'),
     'train': ('data', 'gmm', 'pseudo_labels', 'model', 'cgc', 'train'),
+    'evaluate': ('data', 'gmm', 'pseudo_labels', 'model', 'cgc', 'train', 'eval'),
 }
-_IGNORED = {'num_workers', 'verify_checksums', 'log_every', 'prefetch', 'export_nifti'}
+_IGNORED = {'num_workers', 'verify_checksums', 'log_every', 'prefetch', 'export_nifti',
+            'every_steps', 'input_root', 'pictures',
+            'conv_impl'}  # conv_impl: same arithmetic, only speed differs
 
 
 def _clean(d):

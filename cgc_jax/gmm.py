@@ -23,9 +23,13 @@ def case_seed(seed: int, case_id: str) -> np.random.SeedSequence:
   return np.random.SeedSequence([int(seed), zlib.crc32(case_id.encode())])
 
 
-def initial_params(x: np.ndarray, k: int, seed: int, reg_covar: float) -> dict:
-  """k-means (one init, fixed seed) on `x: f32[N, D]` -> weights/means/precisions for EM."""
-  km = cluster.KMeans(n_clusters=k, n_init=1, random_state=seed).fit(x)
+def initial_params(x: np.ndarray, k: int, seed: int, reg_covar: float, n_init: int = 5) -> dict:
+  """k-means (best of n_init, fixed seed) on `x: f32[N, D]` -> weights/means/precisions for EM.
+
+  Several k-means starts matter: k-means++ seeding rarely picks a small lesion cluster, and a single
+  start then splits a large tissue class instead; the lowest-inertia start isolates the lesion.
+  """
+  km = cluster.KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(x)
   resp = np.eye(k)[km.labels_]
   nk = resp.sum(0) + 10 * np.finfo(np.float64).eps
   means = resp.T @ x / nk[:, None]
@@ -47,7 +51,8 @@ def fit(x: np.ndarray, k: int, seed: int, gcfg, init=None):
   for attempt in range(gcfg.retries + 1):
     s = seed + 7919 * attempt
     try:
-      p = init if (init is not None and attempt == 0) else initial_params(x, k, s, reg)
+      p = init if (init is not None and attempt == 0) else initial_params(x, k, s, reg,
+                                                                           gcfg.kmeans_inits)
       gm = mixture.GaussianMixture(k, covariance_type='full', reg_covar=reg, max_iter=gcfg.max_iter,
                                    tol=gcfg.tol, random_state=s, **p)
       with warnings.catch_warnings():
@@ -55,7 +60,7 @@ def fit(x: np.ndarray, k: int, seed: int, gcfg, init=None):
         gm.fit(x)
     except (ValueError, np.linalg.LinAlgError) as e:
       info['attempts'].append({'seed': s, 'reg_covar': reg, 'error': str(e)[:200]})
-      reg *= 10.0
+      reg = max(reg * 10.0, 1e-6)
       continue
     info['attempts'].append({'seed': s, 'reg_covar': reg, 'converged': bool(gm.converged_),
                              'iterations': int(gm.n_iter_)})
@@ -63,7 +68,7 @@ def fit(x: np.ndarray, k: int, seed: int, gcfg, init=None):
       info.update(seed=s, reg_covar=reg, converged=True, iterations=int(gm.n_iter_))
       return gm, info
   raise GMMError(f'mixture did not converge after {gcfg.retries + 1} attempts '
-                 f'({info["attempts"]}); try more gmm.max_iter or a larger gmm.tol')
+                 f'({info["attempts"]}); try a larger gmm.max_iter, gmm.tol or gmm.reg_covar')
 
 
 def lesion_components(means: np.ndarray, gcfg, lesion_col: int, hu_scale=None) -> list:
@@ -113,7 +118,7 @@ def pseudo_label(image: np.ndarray, brain: np.ndarray, channels: list, lesion_ch
   if k < 2:
     report.update(status='constant_features', lesion_fraction=0.0, seconds=time.time() - t0)
     return post, post.astype(np.uint8), report
-  init = initial_params(sub, k, seed, gcfg.reg_covar)
+  init = initial_params(sub, k, seed, gcfg.reg_covar, gcfg.kmeans_inits)
   gm, info = fit(x_all if full_fit else sub, k, seed, gcfg, init=init)
   comps = lesion_components(gm.means_, gcfg, lesion_channel, hu_scale)
   resp = gm.predict_proba(x_all)

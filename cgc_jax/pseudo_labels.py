@@ -82,6 +82,7 @@ def case_pseudo_label(case_id, config, prep_root, prep_fp, out_root, out_fp):
   else:
     raise ValueError(f'unknown pseudo_labels.source {src!r} (gmm | threshold | nifti | ground_truth)')
   report['source'] = src
+  post = post.astype(np.float16).astype(np.float32)  # what is stored: export and score that
   out = store_lib.Store(out_root, out_fp)
   if config.pseudo_labels.export_nifti:
     export_nifti(post, geom, meta, os.path.join(out_root, 'nifti', f'{case_id}.nii.gz'),

@@ -83,6 +83,9 @@ def loss_fn(params, batch, config):
   logits, feats = net.apply({'params': params['unet']}, batch['image'])
   weight = batch['brain'] if config.train.loss_region == 'brain' else jnp.ones_like(batch['p'])
   l_seg = cgc.seg_loss(logits, batch['p'], weight)
+  if config.train.dice_weight:
+    l_dice = cgc.soft_dice_loss(logits, batch['p'], weight)
+    l_seg = l_seg + config.train.dice_weight * l_dice
   k = config.cgc
   lesion, normal = cgc.cell_masks(batch['p'], batch['brain'], feats.shape[1:4], k.cell_threshold,
                                   k.normal_in_brain)
@@ -111,7 +114,7 @@ def train_step(state: TrainState, batch, rng, *, config, tx):
   (_, metrics), grads = grad_fn(state.params, batch, config)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics['grad_norm'] = optax.global_norm(grads)
+  metrics['grad_norm'] = optax.tree.norm(grads)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -194,42 +197,42 @@ def train_and_evaluate(config, workdir: str, periodic_eval=None) -> TrainState:
   t0, t_last, s_last = time.time(), time.time(), start
   logging.info('train: %d cases, steps %d -> %d, global batch %d of %s on %d devices', len(cases),
                start, tcfg.steps, tcfg.batch_size, tuple(tcfg.crop), jax.device_count())
-  with _Sigterm() as term:
-    for step, local in sampler.iterate(start, tcfg.steps):
-      batch = distributed.global_batch(local, data)
-      state, metrics = step_fn(state, batch, jax.random.fold_in(base_key, step))
-      m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      done = step + 1
-      bad = [k for k, v in m.items() if not math.isfinite(v)]
-      if bad:
-        ckpt.wait()
-        raise NonFiniteError(f'step {done}: non-finite {bad} (values {m}); batch cases '
-                             f'{sampler.case_ids_of(step)}; last good checkpoint: step '
-                             f'{ckpt.latest_step()}')
-      if done % tcfg.log_every == 0 or done == tcfg.steps:
-        now = time.time()
-        rate = (done - s_last) / max(now - t_last, 1e-9)
-        t_last, s_last = now, done
-        m['lr'] = float(sched(done - 1))
-        if log:
-          log.write(json.dumps(dict(step=done, time=now - t0, **m)) + '\n')
-          log.flush()
-        logging.info('train step %d/%d: loss %.4f (seg %.4f%s%s) | %.2f steps/s, %.2e voxels/s, '
-                     'ETA %.0fs', done, tcfg.steps, m['loss'], m['seg'],
-                     f', coarse {m["coarse"]:.4f}' if 'coarse' in m else '',
-                     f', fine {m["fine"]:.4f}' if 'fine' in m else '', rate, rate * voxels,
-                     (tcfg.steps - done) / max(rate, 1e-9))
-      if done % tcfg.checkpoint_every == 0 or done == tcfg.steps or term.hit:
-        ckpt.save(done, state, _record(config, done, sampler))
-      if periodic_eval is not None and config.eval.every_steps and done % config.eval.every_steps == 0:
-        periodic_eval(state.params, done)
-      if term.hit:
-        ckpt.wait()
-        ckpt.close()
-        raise Preempted(f'SIGTERM: saved step {done}; re-run the same command to continue')
-  ckpt.wait()
-  ckpt.close()
-  if log:
-    log.close()
+  try:
+    with _Sigterm() as term:
+      for step, local in sampler.iterate(start, tcfg.steps):
+        batch = distributed.global_batch(local, data)
+        state, metrics = step_fn(state, batch, jax.random.fold_in(base_key, step))
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        done = step + 1
+        bad = [k for k, v in m.items() if not math.isfinite(v)]
+        if bad:
+          ckpt.wait()
+          raise NonFiniteError(f'step {done}: non-finite {bad} (values {m}); batch cases '
+                               f'{sampler.case_ids_of(step)}; last good checkpoint: step '
+                               f'{ckpt.latest_step()}')
+        if done % tcfg.log_every == 0 or done == tcfg.steps:
+          now = time.time()
+          rate = (done - s_last) / max(now - t_last, 1e-9)
+          t_last, s_last = now, done
+          m['lr'] = float(sched(done - 1))
+          if log:
+            log.write(json.dumps(dict(step=done, time=now - t0, **m)) + '\n')
+            log.flush()
+          logging.info('train step %d/%d: loss %.4f (seg %.4f%s%s) | %.2f steps/s, %.2e voxels/s, '
+                       'ETA %.0fs', done, tcfg.steps, m['loss'], m['seg'],
+                       f', coarse {m["coarse"]:.4f}' if 'coarse' in m else '',
+                       f', fine {m["fine"]:.4f}' if 'fine' in m else '', rate, rate * voxels,
+                       (tcfg.steps - done) / max(rate, 1e-9))
+        if done % tcfg.checkpoint_every == 0 or done == tcfg.steps or term.hit:
+          ckpt.save(done, state, _record(config, done, sampler))
+        if periodic_eval is not None and config.eval.every_steps and done % config.eval.every_steps == 0:
+          periodic_eval(state.params, done)
+        if term.hit:
+          raise Preempted(f'SIGTERM: saved step {done}; re-run the same command to continue')
+  finally:  # whatever ends the loop, saves already started are committed
+    ckpt.wait()
+    ckpt.close()
+    if log:
+      log.close()
   logging.info('train: finished %d steps in %.1fs', tcfg.steps, time.time() - t0)
   return state

@@ -24,9 +24,9 @@ def get_config():
   c.data.target_spacing = (2.0, 2.0, 2.0)
   c.gmm.channels = ('flair', 't1')
   c.model.base = 8
-  c.train.steps = 60
+  c.train.steps = 120
   c.train.batch_size = 2
   c.train.crop = (80, 96, 72)  # ~whole brain at 2 mm
-  c.train.checkpoint_every = 20
+  c.train.checkpoint_every = 40
   c.cgc.patch = (4, 4, 3)  # bottleneck is 10x12x9 cells
   return c

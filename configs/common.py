@@ -57,6 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
   g.rule = 'max_mean'  # max_mean: highest mean in lesion_channel | hu_range: mean inside g.hu_range
   g.hu_range = (50.0, 90.0)  # hu_range rule: lesion components have their HU mean in this range
   g.min_component_voxels = 0  # drop connected components of P smaller than this (0 = keep all)
+  g.kmeans_inits = 5  # k-means starts for the EM initialisation (best inertia kept)
   g.reg_covar = 1e-4  # covariance regulariser; raised x10 on singular covariance
   g.max_iter = 200  # EM iterations
   g.tol = 1e-4  # EM convergence tolerance
@@ -74,6 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.levels = 4  # resolution levels (levels - 1 poolings)
   m.norm = 'instance'  # instance | group (batch-independent: no cross-device statistics)
   m.groups = 8  # group norm groups
+  m.conv_impl = 'auto'  # 3x3x3 conv: auto (sum2d on CPU, native elsewhere) | sum2d | native
   m.dtype = 'float32'  # compute dtype (bfloat16 on accelerators); parameters stay float32
   m.coarse_hidden = 64  # coarse-grained classifier hidden width
   m.proj_hidden = 128  # projection head hidden width
@@ -101,7 +103,8 @@ def base_config() -> ml_collections.ConfigDict:
   t.intensity_scale = 0.1  # per-channel multiplicative jitter (+-)
   t.intensity_shift = 0.1  # per-channel additive jitter (+-, z-score units)
   t.loss_region = 'brain'  # brain: cross-entropy inside the brain mask only | all
-  t.lr = 1e-3  # peak learning rate
+  t.dice_weight = 1.0  # soft-Dice term added to the cross-entropy on P (0 = the paper's CE only)
+  t.lr = 3e-3  # peak learning rate (AdamW)
   t.warmup_steps = 10
   t.end_lr_fraction = 0.05  # cosine decays to lr * this
   t.weight_decay = 1e-4

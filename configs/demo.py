@@ -20,10 +20,10 @@ def get_config():
   c.data.target_spacing = (3.0, 3.0, 3.0)
   c.gmm.channels = ('flair', 't1', 't1ce', 't2')
   c.model.base = 8
-  c.train.steps = 60
+  c.train.steps = 120
   c.train.batch_size = 2
   c.train.crop = (48, 64, 48)
-  c.train.checkpoint_every = 20
+  c.train.checkpoint_every = 40
   c.train.log_every = 5
   c.cgc.patch = (3, 3, 2)  # bottleneck is 6x8x6 cells at this crop
   return c

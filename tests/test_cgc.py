@@ -1,0 +1,135 @@
+"""CGC losses against plain NumPy references (1e-5), and their edge cases."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cgc_jax import cgc
+
+
+def _np_log_softmax(x):
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_seg_loss_matches_numpy():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, 4, 4, 4, 2)).astype(np.float32)
+  p = (rng.random((2, 4, 4, 4)) > 0.7).astype(np.float32)
+  w = (rng.random((2, 4, 4, 4)) > 0.3).astype(np.float32)
+  lp = _np_log_softmax(logits.astype(np.float64))
+  ce = -(p * lp[..., 1] + (1 - p) * lp[..., 0])
+  want = (w * ce).sum() / w.sum()
+  assert float(cgc.seg_loss(logits, p, w)) == pytest.approx(want, abs=1e-5)
+  prob = np.exp(lp[..., 1]) * w
+  inter = (prob * p * w).sum((1, 2, 3))
+  den = prob.sum((1, 2, 3)) + (p * w).sum((1, 2, 3))
+  want_d = np.mean(1 - (2 * inter + 1) / (den + 1))
+  assert float(cgc.soft_dice_loss(logits, p, w)) == pytest.approx(want_d, abs=1e-5)
+
+
+def _np_region(feats, lesion, normal):
+  b, d = feats.shape[0], feats.shape[-1]
+  vecs, labels, valid = [], [], []
+  for i in range(b):
+    f = feats[i].reshape(-1, d)
+    for lab, m in ((0, normal[i].ravel()), (1, lesion[i].ravel())):
+      vecs.append(f[m].mean(0) if m.any() else np.zeros(d))
+      labels.append(lab)
+      valid.append(m.any())
+  return np.array(vecs), np.array(labels), np.array(valid)
+
+
+def _np_coarse(logits, labels, valid):
+  lp = _np_log_softmax(logits)
+  nll = -lp[np.arange(len(labels)), labels]
+  return nll[valid].mean() if valid.any() else 0.0
+
+
+def test_coarse_matches_numpy_including_lesion_free_crop():
+  rng = np.random.default_rng(1)
+  feats = rng.normal(size=(3, 4, 4, 2, 5))
+  p = np.zeros((3, 16, 16, 8), np.float32)
+  p[0, :8, :8] = 1  # lesion in crop 0
+  p[1, 4:, :, :4] = 1
+  # crop 2: no lesion cell at all -> contributes its normal vector only
+  brain = np.ones_like(p)
+  brain[:, :, :, 6:] = 0
+  lesion, normal = cgc.cell_masks(jnp.asarray(p), jnp.asarray(brain), (4, 4, 2), 0.5, True)
+  vecs, labels, valid = cgc.region_vectors(jnp.asarray(feats, jnp.float32), lesion, normal)
+  v_np, l_np, ok_np = _np_region(feats, np.asarray(lesion), np.asarray(normal))
+  np.testing.assert_allclose(np.asarray(vecs).reshape(-1, 5)[ok_np], v_np[ok_np], atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(valid).ravel(), ok_np)
+  assert not bool(valid[2, 1]) and bool(valid[2, 0])
+  w = rng.normal(size=(5, 2))
+  logits = np.asarray(vecs).reshape(-1, 5) @ w
+  got = cgc.coarse_loss(jnp.asarray(logits, jnp.float32), labels.reshape(-1), valid.reshape(-1))
+  assert float(got) == pytest.approx(_np_coarse(logits, l_np, ok_np), abs=1e-5)
+
+
+def _np_supcon(z, labels, valid, tau):
+  n = len(z)
+  sim = z @ z.T / tau
+  losses = []
+  for i in range(n):
+    if not valid[i]:
+      continue
+    others = [a for a in range(n) if a != i and valid[a]]
+    pos = [a for a in others if labels[a] == labels[i]]
+    if not pos:
+      continue
+    denom = np.log(np.sum(np.exp(sim[i, others])))
+    losses.append(-np.mean([sim[i, p] - denom for p in pos]))
+  return np.mean(losses) if losses else 0.0
+
+
+def test_supcon_matches_numpy():
+  rng = np.random.default_rng(2)
+  for n, tau in [(10, 0.2), (17, 0.07), (6, 0.9)]:
+    z = rng.normal(size=(n, 8))
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    labels = rng.integers(0, 2, n)
+    valid = rng.random(n) > 0.2
+    got = cgc.supcon_loss(jnp.asarray(z, jnp.float32), jnp.asarray(labels), jnp.asarray(valid), tau)
+    assert float(got) == pytest.approx(_np_supcon(z, labels, valid, tau), abs=1e-5)
+
+
+def test_patch_vectors_match_numpy_with_partial_patches():
+  rng = np.random.default_rng(3)
+  feats = rng.normal(size=(2, 5, 4, 3, 6)).astype(np.float32)  # 5x4x3 grid, patch 2x2x2: partial
+  lesion = rng.random((2, 5, 4, 3)) > 0.6
+  normal = ~lesion & (rng.random((2, 5, 4, 3)) > 0.2)
+  vecs, labels, valid = cgc.patch_vectors(jnp.asarray(feats), jnp.asarray(lesion),
+                                          jnp.asarray(normal), (2, 2, 2))
+  want = []
+  for b in range(2):
+    for i in range(0, 5, 2):
+      for j in range(0, 4, 2):
+        for k in range(0, 3, 2):
+          sl = (b, slice(i, i + 2), slice(j, j + 2), slice(k, k + 2))
+          for lab, m in ((0, normal[sl]), (1, lesion[sl])):
+            f = feats[sl].reshape(-1, 6)[m.ravel()]
+            want.append((f.mean(0) if len(f) else np.zeros(6), lab, len(f) > 0))
+  np.testing.assert_array_equal(np.asarray(labels), [w[1] for w in want])
+  np.testing.assert_array_equal(np.asarray(valid), [w[2] for w in want])
+  np.testing.assert_allclose(np.asarray(vecs), np.stack([w[0] for w in want]), atol=1e-5)
+
+
+def test_edge_cases_are_finite_with_finite_gradients():
+  z = jnp.ones((4, 8)) / np.sqrt(8)
+  # no positive pairs: every label distinct among valid vectors
+  assert float(cgc.supcon_loss(z, jnp.array([0, 1, 0, 1]), jnp.array([True, True, False, False]),
+                               0.2)) == 0.0
+  # nothing valid at all
+  assert float(cgc.supcon_loss(z, jnp.zeros(4, int), jnp.zeros(4, bool), 0.2)) == 0.0
+  assert float(cgc.coarse_loss(jnp.zeros((3, 2)), jnp.zeros(3, int), jnp.zeros(3, bool))) == 0.0
+  # a mini-patch with one class only, and a lesion-free batch: gradients stay finite
+  feats = jnp.asarray(np.random.default_rng(4).normal(size=(1, 2, 2, 2, 4)), jnp.float32)
+
+  def f(feats):
+    lesion = jnp.zeros((1, 2, 2, 2), bool)
+    vecs, labels, valid = cgc.patch_vectors(feats, lesion, ~lesion, (2, 2, 2))
+    vecs = vecs * jax.lax.rsqrt(jnp.maximum(jnp.sum(vecs * vecs, -1, keepdims=True), 1e-12))
+    return cgc.supcon_loss(vecs, labels, valid, 0.2)
+  g = jax.grad(f)(feats)
+  assert np.all(np.isfinite(np.asarray(g)))

@@ -1,0 +1,154 @@
+"""GMM pseudo-labels: accuracy on a known mixture, degenerate inputs, determinism across workers."""
+import numpy as np
+import pytest
+
+from cgc_jax import gmm
+from cgc_jax import pseudo_labels
+
+from conftest import tiny_config
+
+
+def _gcfg(**kw):
+  c = tiny_config().gmm
+  for k, v in kw.items():
+    c[k] = v
+  return c
+
+
+def _two_tissue_volume(rng, lesion=True, shape=(30, 30, 30)):
+  img = np.zeros(shape + (2,), np.float32)
+  brain = np.zeros(shape, bool)
+  brain[2:-2, 2:-2, 2:-2] = True
+  tissue = rng.integers(0, 3, shape)
+  means = np.array([[-1.0, 1.0], [0.0, 0.0], [1.0, -0.5]])
+  img[...] = means[tissue] + rng.normal(0, 0.15, shape + (2,))
+  gt = np.zeros(shape, bool)
+  if lesion:
+    gt[10:16, 10:16, 10:16] = True
+    img[gt] = [3.0, -1.0] + rng.normal(0, 0.15, (gt.sum(), 2))
+  img[~brain] = 0
+  return img, brain, gt & brain
+
+
+def test_recovers_a_bright_lesion():
+  img, brain, gt = _two_tissue_volume(np.random.default_rng(0))
+  post, p, rep = gmm.pseudo_label(img, brain, [0, 1], 0, _gcfg(k=4), 'case_a')
+  assert rep['status'] == 'ok' and rep['converged']
+  assert 2 * (p.astype(bool) & gt).sum() / (p.sum() + gt.sum()) > 0.98
+  assert post.dtype == np.float32 and p.dtype == np.uint8
+  # deterministic for a seed and case id
+  post2, _, _ = gmm.pseudo_label(img, brain, [0, 1], 0, _gcfg(k=4), 'case_a')
+  np.testing.assert_array_equal(post, post2)
+
+
+def test_subsample_fit_agrees_with_full_fit():
+  img, brain, _ = _two_tissue_volume(np.random.default_rng(1), shape=(40, 40, 40))
+  cfg = _gcfg(k=4, subsample=5000)
+  _, p_sub, _ = gmm.pseudo_label(img, brain, [0, 1], 0, cfg, 'c')
+  _, p_full, _ = gmm.pseudo_label(img, brain, [0, 1], 0, cfg, 'c', full_fit=True)
+  inter = (p_sub & p_full).sum()
+  assert 2 * inter / (p_sub.sum() + p_full.sum()) > 0.99
+
+
+def test_singular_covariance_raises_regulariser_and_retries():
+  # every sample identical in channel 1 and 3 distinct values in channel 0: covariance singular
+  x = np.zeros((600, 2), np.float32)
+  x[:, 0] = np.repeat([0.0, 1.0, 2.0], 200)
+  gm, info = gmm.fit(x, 3, 0, _gcfg(reg_covar=0.0, retries=3))
+  assert info['converged']
+  assert info['reg_covar'] > 0.0 and 'error' in info['attempts'][0]
+
+
+def test_no_convergence_is_a_clear_error_naming_the_case():
+  img, brain, _ = _two_tissue_volume(np.random.default_rng(2))
+  with pytest.raises(gmm.GMMError, match='did not converge after 2 attempts'):
+    gmm.pseudo_label(img, brain, [0, 1], 0, _gcfg(max_iter=1, tol=1e-12, retries=1), 'case_x')
+  # the stage wraps it with the case id (parallel.CaseFailure); here the raw message suffices
+
+
+def test_fewer_distinct_intensities_than_k():
+  img = np.zeros((10, 10, 10, 1), np.float32)
+  img[..., 0] = np.random.default_rng(3).integers(0, 2, (10, 10, 10))
+  brain = np.ones((10, 10, 10), bool)
+  _, p, rep = gmm.pseudo_label(img, brain, [0], 0, _gcfg(k=4), 'c')
+  assert 'K lowered 4 -> 2' in rep['k_reduced']
+  np.testing.assert_array_equal(p.astype(bool), img[..., 0] == 1)
+
+
+def test_constant_features_and_tiny_brain_give_empty_p():
+  img = np.ones((8, 8, 8, 1), np.float32)
+  brain = np.ones((8, 8, 8), bool)
+  _, p, rep = gmm.pseudo_label(img, brain, [0], 0, _gcfg(), 'c')
+  assert rep['status'] == 'constant_features' and p.sum() == 0
+  brain = np.zeros((8, 8, 8), bool)
+  brain[0, 0, :5] = True
+  _, p, rep = gmm.pseudo_label(img, brain, [0], 0, _gcfg(), 'c')
+  assert rep['status'] == 'brain_too_small' and p.sum() == 0
+
+
+def test_lesion_free_case_is_recorded_not_an_error():
+  img, brain, _ = _two_tissue_volume(np.random.default_rng(4), lesion=False)
+  _, p, rep = gmm.pseudo_label(img, brain, [0, 1], 0, _gcfg(k=3, rule='hu_range', hu_range=(2.5, 9)),
+                               'c')
+  assert rep['status'] == 'ok' and rep['lesion_components'] == [] and p.sum() == 0
+
+
+def test_min_component_size():
+  m = np.zeros((10, 10, 10), bool)
+  m[0, 0, 0] = True
+  m[5:8, 5:8, 5:8] = True
+  out = gmm.remove_small(m, 5)
+  assert out.sum() == 27 and not out[0, 0, 0]
+
+
+def test_workers_do_not_change_p(tmp_path, tiny_workdir):
+  import shutil  # pylint: disable=g-import-not-at-top
+  out = {}
+  for workers in (1, 2):
+    wd = tmp_path / f'w{workers}'
+    wd.mkdir()
+    shutil.copytree(f'{tiny_workdir}/prepared', wd / 'prepared')
+    shutil.copytree(f'{tiny_workdir}/phantoms', wd / 'phantoms')
+    c = tiny_config(**{'data.num_workers': workers})
+    cases = pseudo_labels.run(c, str(wd))
+    s = pseudo_labels.pl_store(c, str(wd))
+    out[workers] = {k: (np.asarray(s.read(k, 'p')), np.asarray(s.read(k, 'posterior'))) for k in cases}
+  assert out[1].keys() == out[2].keys() and len(out[1]) == 3
+  for k in out[1]:
+    np.testing.assert_array_equal(out[1][k][0], out[2][k][0])
+    np.testing.assert_array_equal(out[1][k][1], out[2][k][1])
+
+
+def test_other_sources(tmp_path, tiny_workdir):
+  import shutil  # pylint: disable=g-import-not-at-top
+  from cgc_jax import prepare  # pylint: disable=g-import-not-at-top
+  wd = tmp_path / 'w'
+  wd.mkdir()
+  shutil.copytree(f'{tiny_workdir}/prepared', wd / 'prepared')
+  shutil.copytree(f'{tiny_workdir}/phantoms', wd / 'phantoms')
+  # ground truth: P equals the prepared label; its NIfTI export equals the original label exactly
+  # where no resampling is involved (native grid) -> check through the metrics: Dice 1 on the
+  # original grid is not expected at 4 mm, so check the prepared grid instead.
+  c = tiny_config(**{'pseudo_labels.source': 'ground_truth'})
+  cases = pseudo_labels.run(c, str(wd))
+  s = pseudo_labels.pl_store(c, str(wd))
+  prep = prepare.prepared_store(c, str(wd))
+  for k in cases:
+    np.testing.assert_array_equal(np.asarray(s.read(k, 'p')), np.asarray(prep.read(k, 'label')))
+  # nifti: re-import the ground-truth export, matched by case id, geometry checked
+  nifti_dir = wd / 'pseudo_labels' / 'nifti'
+  c2 = tiny_config(**{'pseudo_labels.source': 'nifti', 'pseudo_labels.nifti_dir': str(nifti_dir)})
+  wd2 = tmp_path / 'w2'
+  shutil.copytree(wd / 'prepared', wd2 / 'prepared')
+  shutil.copytree(nifti_dir, wd2 / 'masks')
+  c2.pseudo_labels.nifti_dir = str(wd2 / 'masks')
+  pseudo_labels.run(c2, str(wd2))
+  s2 = pseudo_labels.pl_store(c2, str(wd2))
+  for k in cases:
+    a, b = np.asarray(s2.read(k, 'p')), np.asarray(s.read(k, 'p'))
+    assert 2 * (a & b).sum() / max(a.sum() + b.sum(), 1) > 0.9 or a.sum() + b.sum() == 0
+  # threshold source runs and gives a binary P
+  c3 = tiny_config(**{'pseudo_labels.source': 'threshold'})
+  wd3 = tmp_path / 'w3'
+  shutil.copytree(wd / 'prepared', wd3 / 'prepared')
+  pseudo_labels.run(c3, str(wd3))

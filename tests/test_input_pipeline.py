@@ -1,0 +1,56 @@
+import numpy as np
+
+from cgc_jax import input_pipeline
+from cgc_jax import prepare
+from cgc_jax import pseudo_labels
+
+from conftest import tiny_config
+
+
+def _sampler(wd, cfg, pi=0, pc=1):
+  prep = prepare.prepared_store(cfg, wd)
+  pl = pseudo_labels.pl_store(cfg, wd)
+  return input_pipeline.CropSampler(prep, pl, pl.complete_cases(), cfg.train, True, pi, pc)
+
+
+def test_deterministic_and_process_sharded(tiny_workdir):
+  cfg = tiny_config()
+  a = _sampler(tiny_workdir, cfg).local_batch(5)
+  b = _sampler(tiny_workdir, cfg).local_batch(5)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k])
+  assert a['image'].shape == (8, 16, 16, 16, 4) and a['p'].shape == (8, 16, 16, 16)
+  # two processes' local batches are the halves of the one-process global batch
+  halves = [_sampler(tiny_workdir, cfg, i, 2).local_batch(5) for i in range(2)]
+  for k in a:
+    np.testing.assert_array_equal(np.concatenate([h[k] for h in halves]), a[k])
+  # another step differs
+  assert not np.array_equal(_sampler(tiny_workdir, cfg).local_batch(6)['image'], a['image'])
+
+
+def test_iterator_resumes_exactly(tiny_workdir):
+  cfg = tiny_config()
+  s = _sampler(tiny_workdir, cfg)
+  full = list(s.iterate(0, 5))
+  resumed = list(_sampler(tiny_workdir, cfg).iterate(3, 5))
+  assert [x[0] for x in resumed] == [3, 4]
+  for (_, x), (_, y) in zip(full[3:], resumed):
+    np.testing.assert_array_equal(x['image'], y['image'])
+
+
+def test_padding_and_foreground_sampling(tiny_workdir):
+  cfg = tiny_config(**{'train.crop': (64, 64, 64), 'train.fg_fraction': 1.0, 'train.batch_size': 4,
+                       'train.flip': False, 'train.intensity_scale': 0.0,
+                       'train.intensity_shift': 0.0})
+  s = _sampler(tiny_workdir, cfg)
+  b = s.local_batch(0)
+  assert b['image'].shape[1:4] == (64, 64, 64)  # cases are smaller: zero-padded
+  assert np.all(b['image'][b['brain'] == 0] == 0)
+  lesion_cases = [i for i, fg in enumerate(s.fg) if len(fg)]
+  assert lesion_cases
+  for step in range(3):
+    for j, cid in enumerate(s.case_ids_of(step)):
+      if len(s.fg[s.case_ids.index(cid)]):
+        assert s.local_batch(step)['p'][j].sum() > 0  # fg_fraction 1: every lesion case shows P
+  cfg0 = tiny_config(**{'train.fg_fraction': 0.0})
+  assert _sampler(tiny_workdir, cfg0).local_batch(0)['p'].shape == (8, 16, 16, 16)

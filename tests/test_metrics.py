@@ -1,0 +1,73 @@
+import numpy as np
+import pytest
+
+from cgc_jax import metrics
+
+
+def _surface_ref(m):
+  """Surface voxels by definition: in the mask with a 6-neighbour outside it (or off the array)."""
+  p = np.pad(m, 1)
+  inner = p[1:-1, 1:-1, 1:-1]
+  nb = [p[2:, 1:-1, 1:-1], p[:-2, 1:-1, 1:-1], p[1:-1, 2:, 1:-1], p[1:-1, :-2, 1:-1],
+        p[1:-1, 1:-1, 2:], p[1:-1, 1:-1, :-2]]
+  return inner & ~np.logical_and.reduce(nb)
+
+
+def _assd_bruteforce(a, b, spacing):
+  sa = np.argwhere(_surface_ref(a)) * spacing
+  sb = np.argwhere(_surface_ref(b)) * spacing
+  d = np.sqrt(((sa[:, None] - sb[None]) ** 2).sum(-1))
+  ab, ba = d.min(1), d.min(0)
+  return (ab.mean() + ba.mean()) / 2, np.percentile(np.hstack([ab, ba]), 95)
+
+
+def test_dice_and_sensitivity_hand_computed():
+  ref = np.zeros((4, 4, 4), bool)
+  ref[0, 0, :4] = True  # 4 voxels
+  pred = np.zeros_like(ref)
+  pred[0, 0, 2:4] = True  # 2 voxels, both in ref
+  pred[3, 3, 3] = True  # 1 false positive
+  assert metrics.dice(pred, ref) == pytest.approx(2 * 2 / (3 + 4))
+  assert metrics.sensitivity(pred, ref) == pytest.approx(2 / 4)
+
+
+def test_assd_two_voxels_anisotropic():
+  a = np.zeros((3, 3, 6), bool)
+  b = np.zeros_like(a)
+  a[1, 1, 0] = True
+  b[1, 1, 3] = True
+  # one surface voxel each, 3 voxels apart along an axis of 2.5 mm spacing
+  assert metrics.assd(a, b, (1.0, 1.0, 2.5)) == pytest.approx(7.5)
+  assert metrics.hd95(a, b, (1.0, 1.0, 2.5)) == pytest.approx(7.5)
+
+
+def test_assd_shifted_cube_hand_computed():
+  a = np.zeros((8, 8, 8), bool)
+  a[2:5, 2:5, 2:5] = True
+  b = np.roll(a, 1, axis=0)
+  # 3x3x3 cube: 26 surface voxels. Shifted by one voxel (2 mm) along x: the 9 voxels of a's x=2
+  # face are 2 mm from b's surface; a's surface voxel (4, 3, 3) is b's centre, 1 mm (one y step)
+  # from b's surface; the other 16 lie on b's surface. a->b = (9 * 2 + 1) / 26; b->a the same.
+  assert metrics.assd(a, b, (2.0, 1.0, 1.0)) == pytest.approx(19.0 / 26)
+
+
+def test_assd_matches_bruteforce_on_random_blobs():
+  rng = np.random.default_rng(0)
+  for spacing in [(1.0, 1.0, 1.0), (0.8, 1.3, 3.0)]:
+    a = rng.random((12, 10, 9)) > 0.6
+    b = rng.random((12, 10, 9)) > 0.5
+    want_assd, want_hd = _assd_bruteforce(a, b, np.asarray(spacing))
+    assert metrics.assd(a, b, spacing) == pytest.approx(want_assd, rel=1e-9)
+    assert metrics.hd95(a, b, spacing) == pytest.approx(want_hd, rel=1e-9)
+
+
+def test_empty_conventions():
+  e = np.zeros((4, 4, 4), bool)
+  m = e.copy()
+  m[1, 1, 1] = True
+  assert metrics.dice(e, e) == 1.0 and metrics.assd(e, e) == 0.0 and metrics.hd95(e, e) == 0.0
+  assert metrics.dice(e, m) == 0.0 and np.isnan(metrics.assd(e, m)) and np.isnan(metrics.assd(m, e))
+  s = metrics.summarise([metrics.all_metrics(e, m, (1, 1, 1)), metrics.all_metrics(m, m, (1, 1, 1))])
+  assert s['assd']['nan_cases'] == 1 and s['empty_pred_cases'] == 1
+  assert s['dice']['mean'] == pytest.approx(0.5)
+  assert s['assd']['mean'] == 0.0  # NaN excluded from the mean, counted above

@@ -1,0 +1,51 @@
+"""End to end on tiny phantoms: prepare -> pseudo_labels -> train -> evaluate -> predict."""
+import json
+import os
+import time
+
+import nibabel as nib
+import numpy as np
+
+from cgc_jax import pipeline
+
+from conftest import tiny_config
+
+
+def test_all_stages_end_to_end_then_skip_then_predict(tmp_path):
+  wd = str(tmp_path / 'wd')
+  cfg = tiny_config(**{'eval.pictures': True})
+  pipeline.run(cfg, wd, 'all')
+  with open(os.path.join(wd, 'eval', 'summary.json')) as f:
+    summary = json.load(f)
+  assert set(summary['summary']) == {'GMM w/ threshold (P)', 'CGC network'}
+  assert summary['checkpoint_step'] == cfg.train.steps
+  md = open(os.path.join(wd, 'eval', 'summary.md')).read()
+  assert '| GMM w/ threshold (P) | 3 |' in md and '| CGC network | 3 |' in md
+  assert os.path.exists(os.path.join(wd, 'eval', 'pictures', 'dice.png'))
+  assert len([p for p in os.listdir(os.path.join(wd, 'eval', 'pictures'))]) == 4
+  # every prediction has the shape and affine of its input scan
+  for case in sorted(os.listdir(os.path.join(wd, 'phantoms'))):
+    if not case.startswith('phantom_'):
+      continue
+    src = nib.load(os.path.join(wd, 'phantoms', case, f'{case}_flair.nii.gz'))
+    for out in (os.path.join(wd, 'eval', 'predictions', f'{case}.nii.gz'),
+                os.path.join(wd, 'pseudo_labels', 'nifti', f'{case}.nii.gz')):
+      pred = nib.load(out)
+      assert pred.shape == src.shape and pred.get_data_dtype() == np.uint8
+      np.testing.assert_allclose(pred.affine, src.affine)
+  # the GMM row equals the stage's own P metrics
+  with open(os.path.join(wd, 'pseudo_labels', 'summary.json')) as f:
+    p_summary = json.load(f)['summary']
+  assert abs(p_summary['dice']['mean'] - summary['summary']['GMM w/ threshold (P)']['dice']['mean']) < 1e-9
+  # a second `all` finds everything done and current
+  t0 = time.time()
+  pipeline.run(cfg, wd, 'all')
+  assert time.time() - t0 < 60
+  # predict: new scans (here the phantom folder) -> masks on their own grids, no labels needed
+  cfg.eval.input_root = os.path.join(wd, 'phantoms')
+  pipeline.run(cfg, wd, 'predict')
+  masks = sorted(os.listdir(os.path.join(wd, 'predict', 'masks')))
+  assert len(masks) == 3
+  a = nib.load(os.path.join(wd, 'predict', 'masks', masks[0])).get_fdata()
+  b = nib.load(os.path.join(wd, 'eval', 'predictions', masks[0])).get_fdata()
+  np.testing.assert_array_equal(a, b)

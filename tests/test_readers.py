@@ -1,0 +1,167 @@
+"""Readers and verification: every problem named with its file, nothing written."""
+import gzip
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+from ml_collections import ConfigDict
+import pytest
+
+from cgc_jax import prepare
+from cgc_jax import readers
+
+from conftest import ROOT
+
+
+def _save(arr, path, affine=None):
+  nib.save(nib.Nifti1Image(arr, np.eye(4) if affine is None else affine), path)
+
+
+def _good_case(root, name, shape=(20, 22, 18), seed=0):
+  rng = np.random.default_rng(seed)
+  d = os.path.join(root, name)
+  os.makedirs(d)
+  brain = np.zeros(shape, bool)
+  brain[3:-3, 3:-3, 3:-3] = True
+  for m in ('FLAIR', 'T1'):
+    _save(np.where(brain, rng.random(shape) + 1, 0).astype(np.float32), os.path.join(d, f'{m}.nii.gz'))
+  lab = np.zeros(shape, np.uint8)
+  lab[8:12, 8:12, 8:12] = 1
+  _save(lab, os.path.join(d, 'GT_W.nii.gz'))
+  return d
+
+
+def folder_config(root):
+  import brats_sample  # pylint: disable=g-import-not-at-top
+  c = brats_sample.get_config()
+  c.data.root = str(root)
+  c.data.num_workers = 1
+  c.data.target_spacing = ()
+  return c
+
+
+def _broken_dataset(root):
+  """One good case and one case per problem; returns {problem keyword: file}."""
+  _good_case(root, 'good')
+  expect = {}
+  d = _good_case(root, 'missing')
+  os.remove(os.path.join(d, 'T1.nii.gz'))
+  expect['missing file'] = os.path.join(d, 'T1.nii.gz')
+  d = _good_case(root, 'shape')
+  _save(np.ones((20, 22, 17), np.float32), os.path.join(d, 'T1.nii.gz'))
+  expect['differs from'] = os.path.join(d, 'T1.nii.gz')
+  d = _good_case(root, 'nan')
+  v = nib.load(os.path.join(d, 'FLAIR.nii.gz')).get_fdata().astype(np.float32)
+  v[5, 5, 5:8] = np.nan
+  _save(v, os.path.join(d, 'FLAIR.nii.gz'))
+  expect['3 NaN or Inf'] = os.path.join(d, 'FLAIR.nii.gz')
+  d = _good_case(root, 'truncated')
+  p = os.path.join(d, 'FLAIR.nii.gz')
+  raw = open(p, 'rb').read()
+  open(p, 'wb').write(raw[:len(raw) // 2])
+  expect['corrupt or truncated'] = p
+  d = _good_case(root, 'constant')
+  _save(np.full((20, 22, 18), 7.0, np.float32), os.path.join(d, 'T1.nii.gz'))
+  expect['constant image'] = os.path.join(d, 'T1.nii.gz')
+  d = _good_case(root, 'label3')
+  lab = np.zeros((20, 22, 18), np.uint8)
+  lab[5, 5, 5] = 3
+  _save(lab, os.path.join(d, 'GT_W.nii.gz'))
+  expect['label values [3.0]'] = os.path.join(d, 'GT_W.nii.gz')
+  d = _good_case(root, 'fourd')
+  _save(np.ones((20, 22, 18, 2), np.float32), os.path.join(d, 'FLAIR.nii.gz'))
+  expect['expected a 3D volume'] = os.path.join(d, 'FLAIR.nii.gz')
+  return expect
+
+
+def test_verify_names_every_problem_and_writes_nothing(tmp_path):
+  data = tmp_path / 'data'
+  expect = _broken_dataset(str(data))
+  wd = tmp_path / 'wd'
+  with pytest.raises(prepare.StageError) as e:
+    prepare.verify(folder_config(data), str(wd))
+  msg = str(e.value)
+  for keyword, path in expect.items():
+    assert any(keyword in line and path in line for line in msg.splitlines()), (keyword, msg)
+  assert '7 of 8 cases failed' in msg
+  assert not wd.exists()
+
+
+def test_main_verify_exit_code_and_no_traceback(tmp_path):
+  data = tmp_path / 'data'
+  _broken_dataset(str(data))
+  wd = tmp_path / 'wd'
+  r = subprocess.run([sys.executable, '-m', 'cgc_jax.main', '--config=configs/brats_sample.py',
+                      f'--config.data.root={data}', f'--workdir={wd}', '--mode=verify',
+                      '--config.data.num_workers=2'], cwd=ROOT, capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert 'Traceback' not in r.stderr
+  assert 'constant image' in r.stderr and 'truncated' in r.stderr
+  assert not wd.exists()
+
+
+def test_prepare_keeps_good_cases_and_writes_nothing_for_bad(tmp_path):
+  data = tmp_path / 'data'
+  _broken_dataset(str(data))
+  wd = tmp_path / 'wd'
+  c = folder_config(data)
+  with pytest.raises(prepare.StageError):
+    prepare.run(c, str(wd))
+  assert sorted(os.listdir(wd / 'prepared' / 'cases')) == ['good']
+  assert prepare.prepared_store(c, str(wd)).complete_cases() == ['good']
+
+
+def test_brats_layout_hgg_lgg_and_flat(tmp_path):
+  for sub, case in [('HGG', 'Brats18_A_1'), ('LGG', 'Brats18_B_1'), ('', 'Brats18_C_1')]:
+    d = tmp_path / sub / case
+    d.mkdir(parents=True)
+    for m in ('t1', 't1ce', 't2', 'flair'):
+      _save(np.ones((4, 4, 4), np.float32), str(d / f'{case}_{m}.nii.gz'))
+    _save(np.zeros((4, 4, 4), np.uint8), str(d / f'{case}_seg.nii.gz'))
+  import brats  # pylint: disable=g-import-not-at-top
+  c = brats.get_config()
+  c.data.root = str(tmp_path)
+  c.data.modalities = ('flair', 't1')  # any subset
+  cases = readers.discover(c.data)
+  assert [x.case_id for x in cases] == ['Brats18_A_1', 'Brats18_B_1', 'Brats18_C_1']
+  assert cases[0].images['flair'].endswith('HGG/Brats18_A_1/Brats18_A_1_flair.nii.gz')
+  assert all(x.label and not x.missing for x in cases)
+
+
+def test_ct_warnings_and_approximate_mask(tmp_path):
+  d = tmp_path / 'c1'
+  d.mkdir()
+  shape = (30, 30, 20)
+  g = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing='ij'), -1)
+  head = np.sqrt((((g - [15, 15, 10]) / [12, 12, 8]) ** 2).sum(-1)) < 1
+  ct = np.where(head, 35.0, -1000.0).astype(np.float32)
+  ct[np.sqrt((((g - [15, 15, 10]) / [13, 13, 9]) ** 2).sum(-1)) < 1 & ~head] = 900  # skull
+  _save(ct, str(d / 'c1_ct.nii.gz'))
+  import cq500  # pylint: disable=g-import-not-at-top
+  c = cq500.get_config()
+  c.data.root = str(tmp_path)
+  c.data.ct_brain_extracted = False
+  files = readers.discover(c.data)
+  lc = readers.load_case(files[0], c.data)
+  assert lc.warnings == []
+  from cgc_jax import geometry  # pylint: disable=g-import-not-at-top
+  brain, approx = geometry.brain_mask(lc.images, c.data)
+  assert approx and abs(int(brain.sum()) - int(head.sum())) < 0.1 * head.sum()
+  # intensities that are not HU (e.g. 0..255 PNG-like export) draw a warning
+  _save((ct > 0).astype(np.float32) * 200 + 1, str(d / 'c1_ct.nii.gz'))
+  lc = readers.load_case(readers.discover(c.data)[0], c.data)
+  assert any('Hounsfield' in w.message for w in lc.warnings)
+
+
+def test_gz_magic_only_is_an_error(tmp_path):
+  d = tmp_path / 'x'
+  d.mkdir()
+  with gzip.open(d / 'FLAIR.nii.gz', 'wb') as f:
+    f.write(b'not a nifti header')
+  _save(np.ones((4, 4, 4), np.float32), str(d / 'T1.nii.gz'))
+  c = folder_config(tmp_path)
+  with pytest.raises(readers.DataError, match='not a readable NIfTI'):
+    readers.load_case(readers.discover(c.data)[0], c.data)

@@ -1,0 +1,125 @@
+"""Data parallelism, exact resume, preemption, and config checks of the train stage."""
+import functools
+import os
+import shutil
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from cgc_jax import checkpoint
+from cgc_jax import distributed
+from cgc_jax import input_pipeline
+from cgc_jax import prepare
+from cgc_jax import pseudo_labels
+from cgc_jax import train
+
+from conftest import tiny_config
+
+
+def _batch(wd, cfg, step=0):
+  prep = prepare.prepared_store(cfg, wd)
+  pl = pseudo_labels.pl_store(cfg, wd)
+  s = input_pipeline.CropSampler(prep, pl, pl.complete_cases(), cfg.train)
+  return s.local_batch(step)
+
+
+def _one_step(cfg, devices, batch):
+  mesh = Mesh(np.asarray(devices), ('data',))
+  tx, _ = train.make_optimizer(cfg.train)
+  state = train.create_state(cfg, mesh, batch['image'].shape[-1], tx)
+  step = train.make_train_step(cfg, mesh, tx)
+  gb = distributed.global_batch(batch, distributed.data_sharding(mesh))
+  state, metrics = step(state, gb, jax.random.key(0))
+  return jax.device_get(state.params), jax.device_get(metrics)
+
+
+def test_one_device_equals_eight_devices(tiny_workdir):
+  assert jax.device_count() == 8
+  cfg = tiny_config()
+  batch = _batch(tiny_workdir, cfg)
+  assert batch['p'].sum() > 0
+  p1, m1 = _one_step(cfg, jax.devices()[:1], batch)
+  p8, m8 = _one_step(cfg, jax.devices(), batch)
+  for k in ('loss', 'seg', 'coarse', 'fine'):
+    assert float(m1[k]) == pytest.approx(float(m8[k]), abs=1e-5), k
+  assert float(m1['fine']) > 0  # the global-batch contrastive loss is really exercised
+  flat1, flat8 = jax.tree.leaves(p1), jax.tree.leaves(p8)
+  for a, b in zip(flat1, flat8):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_loss_depends_on_other_devices_vectors(tiny_workdir):
+  """The fine loss over 8 crops differs from the mean of per-crop losses: negatives cross devices."""
+  cfg = tiny_config()
+  batch = _batch(tiny_workdir, cfg)
+  tx, _ = train.make_optimizer(cfg.train)
+  mesh = Mesh(np.asarray(jax.devices()[:1]), ('data',))
+  state = train.create_state(cfg, mesh, 4, tx)
+  f = jax.jit(functools.partial(train.loss_fn, config=cfg))
+  _, full = f(state.params, {k: jnp.asarray(v) for k, v in batch.items()})
+  parts = [f(state.params, {k: jnp.asarray(v[i:i + 1]) for k, v in batch.items()})[1]
+           for i in range(8)]
+  assert abs(float(full['fine']) - np.mean([float(p['fine']) for p in parts])) > 1e-4
+
+
+def _copy_inputs(src, dst):
+  os.makedirs(dst, exist_ok=True)
+  for d in ('phantoms', 'prepared', 'pseudo_labels'):
+    shutil.copytree(os.path.join(src, d), os.path.join(dst, d))
+
+
+class _Interrupt(Exception):
+  pass
+
+
+def test_exact_resume_sigterm_finished_and_incompatible(tiny_workdir, tmp_path):
+  cfg = tiny_config()
+  ref_wd, wd = str(tmp_path / 'ref'), str(tmp_path / 'run')
+  _copy_inputs(tiny_workdir, ref_wd)
+  _copy_inputs(tiny_workdir, wd)
+  ref = jax.device_get(train.train_and_evaluate(cfg, ref_wd).params)
+
+  cfg_eval = tiny_config(**{'eval.every_steps': 1})
+
+  def crash_at_4(params, step):  # a kill after the step-3 checkpoint, before step 6
+    if step == 4:
+      raise _Interrupt()
+  with pytest.raises(_Interrupt):
+    train.train_and_evaluate(cfg_eval, wd, crash_at_4)
+  ck = checkpoint.Checkpointer(os.path.join(wd, 'checkpoints'), 3)
+  assert ck.latest_step() == 3
+  ck.close()
+
+  def sigterm_at_5(params, step):
+    if step == 5:
+      os.kill(os.getpid(), signal.SIGTERM)
+  with pytest.raises(train.Preempted, match='saved step 5'):
+    train.train_and_evaluate(cfg_eval, wd, sigterm_at_5)
+  final = jax.device_get(train.train_and_evaluate(cfg, wd).params)
+  for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(final)):
+    np.testing.assert_array_equal(a, b)
+  # finished: nothing to do, same parameters back
+  again = jax.device_get(train.train_and_evaluate(cfg, wd).params)
+  for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(again)):
+    np.testing.assert_array_equal(a, b)
+  # metrics log has one row per step, none duplicated by the restarts
+  with open(os.path.join(wd, 'train', 'metrics.jsonl')) as f:
+    steps = [int(line.split('"step": ')[1].split(',')[0]) for line in f]
+  assert steps == [1, 2, 3, 4, 5, 6]
+  # an incompatible config names the differing fields
+  bad = tiny_config(**{'cgc.tau': 0.5, 'train.lr': 0.01})
+  with pytest.raises(checkpoint.IncompatibleCheckpointError) as e:
+    train.train_and_evaluate(bad, wd)
+  assert 'cgc.tau: 0.2 -> 0.5' in str(e.value) and 'train.lr' in str(e.value)
+
+
+def test_non_finite_loss_stops_with_step_and_cases(tiny_workdir, tmp_path):
+  cfg = tiny_config(**{'train.lr': 1e30, 'train.grad_clip': 1e30, 'train.warmup_steps': 0})
+  wd = str(tmp_path / 'nan')
+  _copy_inputs(tiny_workdir, wd)
+  with pytest.raises(train.NonFiniteError, match=r'step \d+: non-finite .*batch cases \[.phantom'):
+    train.train_and_evaluate(cfg, wd)

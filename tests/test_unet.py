@@ -1,0 +1,60 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cgc_jax import unet
+
+
+def test_sum2d_conv_equals_native_conv_and_gradients():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 6, 5, 7, 3)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(3, 3, 3, 3, 4)), jnp.float32)
+  a = unet.conv3x3x3(x, k, 'native')
+  b = unet.conv3x3x3(x, k, 'sum2d')
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
+  loss = lambda impl: lambda x, k: jnp.sum(jnp.sin(unet.conv3x3x3(x, k, impl)))
+  ga = jax.grad(loss('native'), (0, 1))(x, k)
+  gb = jax.grad(loss('sum2d'), (0, 1))(x, k)
+  for u, v in zip(ga, gb):
+    np.testing.assert_allclose(np.asarray(u), np.asarray(v), atol=1e-4)
+
+
+def test_upconv_is_a_stride2_transposed_conv():
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(1, 3, 4, 2, 3)), jnp.float32)
+  up = unet.UpConv(5)
+  v = up.init(jax.random.key(0), x)
+  y = np.asarray(up.apply(v, x))
+  k = np.asarray(v['params']['kernel'])
+  # each input voxel writes its own 2x2x2 block: y[2x+i, 2y+j, 2z+l] = x[x, y, z] @ k[i, j, l]
+  want = np.einsum('bxyzc,ijlcf->bxiyjzlf', np.asarray(x), k).reshape(1, 6, 8, 4, 5)
+  np.testing.assert_allclose(y, want, atol=1e-5)
+
+
+def test_unet_shapes_and_dtypes():
+  net = unet.UNet3D(base=4, levels=4, dtype=jnp.bfloat16, conv_impl='sum2d')
+  x = jnp.zeros((2, 16, 24, 8, 2))
+  v = jax.eval_shape(net.init, jax.random.key(0), x)  # shapes only: bf16 compute is slow on CPU
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(v))  # float32 parameters
+  logits, feats = jax.eval_shape(net.apply, v, x)
+  assert logits.shape == (2, 16, 24, 8, 2) and logits.dtype == jnp.float32
+  assert feats.shape == (2, 2, 3, 1, 32)
+
+
+def test_projection_head_is_unit_norm_and_zero_safe():
+  head = unet.MLPHead(8, 4, normalize=True)
+  v = head.init(jax.random.key(0), jnp.ones((3, 5)))
+  out = head.apply(v, jnp.asarray(np.random.default_rng(2).normal(size=(3, 5)), jnp.float32))
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(out), axis=1), 1.0, atol=1e-5)
+  g = jax.grad(lambda p: head.apply(p, jnp.zeros((2, 5))).sum())(v)
+  assert all(np.all(np.isfinite(np.asarray(a))) for a in jax.tree.leaves(g))
+
+
+def test_instance_and_group_norm_are_batch_independent():
+  for norm in ('instance', 'group'):
+    net = unet.UNet3D(base=4, levels=2, norm=norm, conv_impl='sum2d')
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 8, 8, 8, 1)), jnp.float32)
+    v = net.init(jax.random.key(0), x)
+    both, _ = net.apply(v, x)
+    one, _ = net.apply(v, x[1:])
+    np.testing.assert_allclose(np.asarray(both[1:]), np.asarray(one), atol=1e-5)
