@@ -1,0 +1,241 @@
+"""Benchmarks that print tables: `python -m cgc_jax.benchmark --what=W --config=configs/X.py ...`.
+
+  --what=prepare    prepare s/case and MB/s with 1 and 2 workers beside plain NIfTI loading (floor)
+  --what=gmm        this stage's GMM s/case beside scikit-learn fitted on ALL brain voxels (same K,
+                    same initialisation) and the Dice agreement of the two P maps (needs a workdir
+                    after --mode=prepare)
+  --what=train      s/step, XLA FLOPs and GFLOP/s of the train step, of its convolutions alone, a
+                    matmul peak, peak host memory; bf16 MFU on GPU
+  --what=inference  sliding-window time and voxels/s on one volume (default 240x240x155), +- flip TTA
+
+Figures depend on the machine: compare ratios from one run.
+"""
+import os
+import resource
+import shutil
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import nibabel as nib
+import numpy as np
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'configs/*.py file', lock_config=False)
+flags.DEFINE_enum('what', 'train', ['prepare', 'gmm', 'train', 'inference'], 'benchmark')
+flags.DEFINE_string('workdir', '', 'workdir (gmm: a prepared one; others: scratch, default temp)')
+flags.DEFINE_integer('steps', 3, 'timed train steps (after one warm-up step)')
+flags.DEFINE_integer('batch', 0, 'train: global batch override (0 = config)')
+flags.DEFINE_string('volume', '240,240,155', 'inference: volume shape')
+flags.DEFINE_bool('tta', True, 'inference: also time flip TTA')
+flags.DEFINE_integer('max_cases', 0, 'prepare/gmm: at most this many cases (0 = all)')
+
+# Peak dense bf16 FLOP/s by device kind (vendor figures), for MFU.
+_PEAK_BF16 = {'H200': 989e12, 'H100': 989e12, 'A100': 312e12, 'TPU v4': 275e12, 'TPU v5': 459e12}
+
+
+def _table(title, header, rows):
+  print(f'\n{title}')
+  print('| ' + ' | '.join(header) + ' |')
+  print('|' + '---|' * len(header))
+  for r in rows:
+    print('| ' + ' | '.join(f'{v:.4g}' if isinstance(v, float) else str(v) for v in r) + ' |')
+
+
+def _peak_rss_gb():
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def bench_prepare(config):
+  from cgc_jax import prepare  # pylint: disable=g-import-not-at-top
+  files = prepare.case_files(config, FLAGS.workdir or tempfile.mkdtemp())
+  if FLAGS.max_cases:
+    files = files[:FLAGS.max_cases]
+  t0 = time.time()
+  nbytes = 0
+  for f in files:
+    for p in list(f.images.values()) + ([f.label] if f.label else []):
+      nbytes += np.asarray(nib.load(p).dataobj, np.float32).nbytes
+  floor = time.time() - t0
+  rows = [('load NIfTI only (floor)', 1, floor / len(files), nbytes / 1e6 / floor, 1.0)]
+  for workers in (1, 2):
+    wd = tempfile.mkdtemp(prefix='cgc_bench_prep_')
+    config.data.num_workers = workers
+    t0 = time.time()
+    prepare.run(config, wd)
+    dt = time.time() - t0
+    rows.append(("prepare", workers, dt / len(files), nbytes / 1e6 / dt, dt / floor))
+    shutil.rmtree(wd, ignore_errors=True)
+  _table(f'prepare: {len(files)} cases, {nbytes / 1e6:.0f} MB decoded',
+         ['what', 'workers', 's/case', 'MB/s', 'x floor'], rows)
+
+
+def bench_gmm(config):
+  from cgc_jax import gmm, prepare, metrics  # pylint: disable=g-import-not-at-top
+  prep = prepare.prepared_store(config, FLAGS.workdir)
+  cases = prep.complete_cases()[:FLAGS.max_cases or None]
+  if not cases:
+    raise app.UsageError(f'no prepared cases in {FLAGS.workdir}: run --mode=prepare first')
+  g = config.gmm
+  rows = []
+  for c in cases:
+    meta = prep.meta(c)
+    mods = meta['modalities']
+    image = np.asarray(prep.read(c, 'image'), np.float32)
+    brain = np.asarray(prep.read(c, 'brain')) > 0
+    chans = [mods.index(m) for m in g.channels]
+    li = list(g.channels).index(g.lesion_channel)
+    t0 = time.time()
+    _, p_sub, _ = gmm.pseudo_label(image, brain, chans, li, g, c)
+    t_sub = time.time() - t0
+    t0 = time.time()
+    _, p_full, _ = gmm.pseudo_label(image, brain, chans, li, g, c, full_fit=True)
+    t_full = time.time() - t0
+    rows.append((c, int(brain.sum()), t_sub, t_full, t_full / t_sub, metrics.dice(p_sub, p_full)))
+  rows.append(('mean', '', float(np.mean([r[2] for r in rows])), float(np.mean([r[3] for r in rows])),
+               float(np.mean([r[4] for r in rows])), float(np.mean([r[5] for r in rows]))))
+  _table(f'gmm: K={g.k}, subsample {g.subsample}, channels {tuple(g.channels)}',
+         ['case', 'brain voxels', 's (ours)', 's (sklearn, all voxels)', 'speed-up', 'Dice agreement'],
+         rows)
+
+
+def _cost_flops(compiled):
+  ca = compiled.cost_analysis()
+  ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+  return float(ca.get('flops', float('nan')))
+
+
+def _time(fn, *args, n=3):
+  jax.block_until_ready(fn(*args))
+  t0 = time.time()
+  for _ in range(n):
+    jax.block_until_ready(fn(*args))
+  return (time.time() - t0) / n
+
+
+def _conv_shapes(config, batch):
+  """(x shape, cin, cout) of every 3x3x3 conv of the U-Net for one step."""
+  m = config.model
+  crop = np.asarray(config.train.crop)
+  shapes, cin = [], config_channels(config)
+  for i in range(m.levels):
+    s = tuple(int(v) for v in crop // 2**i)
+    c = m.base * 2**i
+    shapes += [((batch,) + s, cin, c), ((batch,) + s, c, c)]
+    cin = c
+  for i in reversed(range(m.levels - 1)):
+    s = tuple(int(v) for v in crop // 2**i)
+    c = m.base * 2**i
+    shapes += [((batch,) + s, 2 * c, c), ((batch,) + s, c, c)]
+  return shapes
+
+
+def config_channels(config):
+  return len(config.data.modalities)
+
+
+def bench_train(config):
+  from cgc_jax import distributed, train, unet  # pylint: disable=g-import-not-at-top
+  mesh = distributed.mesh()
+  if FLAGS.batch:
+    config.train.batch_size = FLAGS.batch
+  b = config.train.batch_size
+  nch = config_channels(config)
+  crop = tuple(config.train.crop)
+  tx, _ = train.make_optimizer(config.train)
+  state = train.create_state(config, mesh, nch, tx)
+  rng = np.random.default_rng(0)
+  p = np.zeros((b,) + crop, np.float32)
+  p[:, crop[0] // 4: crop[0] // 2, crop[1] // 4: crop[1] // 2] = 1
+  batch = {'image': rng.normal(size=(b,) + crop + (nch,)).astype(np.float32), 'p': p,
+           'brain': np.ones((b,) + crop, np.float32)}
+  batch = distributed.global_batch(batch, distributed.data_sharding(mesh))
+  step = train.make_train_step(config, mesh, tx)
+  key = jax.random.key(0)
+  compiled = step.lower(state, batch, key).compile()
+  flops = _cost_flops(compiled)
+  state, _ = step(state, batch, key)  # warm-up
+  jax.block_until_ready(state)
+  t0 = time.time()
+  for _ in range(FLAGS.steps):
+    state, m = step(state, batch, key)
+  jax.block_until_ready(m)
+  dt = (time.time() - t0) / FLAGS.steps
+  # convolutions alone, forward + backward, same shapes and dtype and implementation
+  dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[config.model.dtype]
+  impl = unet.resolve_conv_impl(config.model.conv_impl)
+  shapes = _conv_shapes(config, b)
+  xs = [jnp.asarray(rng.normal(size=s + (ci,)), dtype) for s, ci, _ in shapes]
+  ks = [jnp.asarray(rng.normal(size=(3, 3, 3, ci, co)) * 0.01, dtype) for _, ci, co in shapes]
+
+  def convs(xs, ks):
+    return sum(jnp.sum(unet.conv3x3x3(x, k, impl).astype(jnp.float32)) for x, k in zip(xs, ks))
+  conv_fn = jax.jit(jax.grad(convs, argnums=(0, 1)))
+  conv_flops = _cost_flops(conv_fn.lower(xs, ks).compile())
+  conv_dt = _time(conv_fn, xs, ks, n=max(1, FLAGS.steps))
+  n = 4096 if jax.default_backend() != 'cpu' else 2048
+  a = jnp.asarray(rng.normal(size=(n, n)), dtype)
+  mm = jax.jit(lambda a: a @ a)
+  mm_dt = _time(mm, a, n=5)
+  mm_rate = 2 * n**3 / mm_dt
+  rows = [('train step', dt, flops / 1e9, flops / dt / 1e9, b * np.prod(crop) / dt),
+          ('convolutions alone (fwd+bwd)', conv_dt, conv_flops / 1e9, conv_flops / conv_dt / 1e9, ''),
+          (f'matmul {n}x{n} ({config.model.dtype})', mm_dt, 2 * n**3 / 1e9, mm_rate / 1e9, '')]
+  _table(f'train: {crop} x {nch} ch, base {config.model.base}, global batch {b}, '
+         f'{jax.device_count()} x {jax.devices()[0].device_kind}, conv {impl}, {config.model.dtype}',
+         ['what', 's', 'GFLOP', 'GFLOP/s', 'voxels/s'], rows)
+  print(f'\nstep / convolutions-alone time: {dt / conv_dt:.2f}x; peak host memory '
+        f'{_peak_rss_gb():.2f} GB')
+  kind = jax.devices()[0].device_kind
+  peak = next((v for k, v in _PEAK_BF16.items() if k in kind), None)
+  if peak and jax.default_backend() != 'cpu':
+    print(f'MFU ({config.model.dtype}, vs {peak / 1e12:.0f} TFLOP/s bf16 peak per device): '
+          f'{flops / dt / (peak * jax.device_count()) * 100:.1f}%')
+    try:
+      stats = jax.devices()[0].memory_stats()
+      print(f'peak device memory: {stats.get("peak_bytes_in_use", 0) / 1e9:.2f} GB')
+    except Exception:  # pylint: disable=broad-except
+      pass
+
+
+def bench_inference(config):
+  from cgc_jax import distributed, sliding_window, train  # pylint: disable=g-import-not-at-top
+  mesh = distributed.mesh()
+  shape = tuple(int(v) for v in FLAGS.volume.split(','))
+  nch = config_channels(config)
+  params = train.init_params(config, jax.random.key(0), nch)['unet']
+  params = jax.device_put(params, distributed.replicated(mesh))
+  image = np.random.default_rng(0).normal(size=shape + (nch,)).astype(np.float32)
+  rows = []
+  for tta in ([False, True] if FLAGS.tta else [False]):
+    config.eval.tta_flip = tta
+    pred = sliding_window.Predictor(config, mesh)
+    n_win = int(np.prod([len(s) for s in sliding_window.compute_steps(
+        [max(s, w) for s, w in zip(shape, pred.window)], pred.window, pred.overlap)]))
+    t0 = time.time()
+    pred.predict_volume(params, image)  # includes compilation
+    first = time.time() - t0
+    t0 = time.time()
+    pred.predict_volume(params, image)
+    dt = time.time() - t0
+    rows.append(('flip TTA (8)' if tta else 'no TTA', n_win, first, dt, np.prod(shape) / dt))
+  _table(f'inference: volume {shape} x {nch} ch, window {pred.window}, overlap {pred.overlap}, '
+         f'base {config.model.base}, {jax.device_count()} x {jax.devices()[0].device_kind}',
+         ['mode', 'windows', 'first call s (compile)', 's', 'voxels/s'], rows)
+  print(f'peak host memory {_peak_rss_gb():.2f} GB')
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  {'prepare': bench_prepare, 'gmm': bench_gmm, 'train': bench_train,
+   'inference': bench_inference}[FLAGS.what](config)
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config'])
+  app.run(main)
