@@ -5,6 +5,7 @@ re-runs stale stages. Fields that do not change the output (worker counts, loggi
 """
 import hashlib
 import json
+import os
 
 _STAGE_FIELDS = {
     'prepare': ('data',),
@@ -25,8 +26,14 @@ def _clean(d):
   return d
 
 
+_PATHS = (('data', 'root'), ('pseudo_labels', 'nifti_dir'))
+
+
 def fields(config, stage: str) -> dict:
   full = config.to_dict()
+  for section, key in _PATHS:  # the same folder, however it is spelled
+    if full.get(section, {}).get(key):
+      full[section][key] = os.path.realpath(full[section][key])
   return {k: _clean(full[k]) for k in _STAGE_FIELDS[stage]}
 
 

@@ -62,10 +62,14 @@ def plan(brain: np.ndarray, affine: np.ndarray, original_shape, ornt, canon_affi
          margin_mm: float, target_spacing) -> Geometry:
   """Decides crop box and prepared grid for a canonical brain mask `brain: bool[X, Y, Z]`."""
   native = np.sqrt((canon_affine[:3, :3] ** 2).sum(0))
-  idx = np.nonzero(brain)
+  lo, hi = [], []
+  for ax in range(3):  # bounding box from 1D projections: no full-size index arrays
+    hit = np.nonzero(np.any(brain, axis=tuple(a for a in range(3) if a != ax)))[0]
+    lo.append(hit[0])
+    hi.append(hit[-1] + 1)
   margin = np.ceil(margin_mm / native).astype(int)
-  start = np.maximum(np.array([i.min() for i in idx]) - margin, 0)
-  stop = np.minimum(np.array([i.max() + 1 for i in idx]) + margin, brain.shape)
+  start = np.maximum(np.array(lo) - margin, 0)
+  stop = np.minimum(np.array(hi) + margin, brain.shape)
   spacing = np.asarray(target_spacing, np.float64) if len(target_spacing) else native
   scale = spacing / native
   crop = stop - start
@@ -87,17 +91,40 @@ def _translate(t):
 def crop_and_resample(array: np.ndarray, geom: Geometry, order: int) -> np.ndarray:
   """Canonical `array` ([X, Y, Z] or [X, Y, Z, C]) -> prepared grid. order 1 images, 0 masks."""
   sl = tuple(slice(a, b) for a, b in zip(geom.crop_start, geom.crop_stop))
-  cropped = array[sl]
+  return resample_cropped(array[sl], geom, order)
+
+
+def resample_cropped(cropped: np.ndarray, geom: Geometry, order: int) -> np.ndarray:
+  """An array already cropped to the box (canonical grid) -> prepared grid."""
   if not geom.resampled:
     return np.ascontiguousarray(cropped)
   return _resample(cropped, geom.scale, geom.prepared_shape, order)
 
 
+def original_box(geom: Geometry) -> tuple:
+  """The crop box as slices of the ORIGINAL array: `to_canonical(orig[box]) == canonical[crop]`."""
+  ornt = np.asarray(geom.ornt)
+  box = [None] * 3
+  for i in range(3):  # original axis i becomes canonical axis ornt[i, 0], flipped if ornt[i, 1] < 0
+    t = int(ornt[i, 0])
+    a, b, n = geom.crop_start[t], geom.crop_stop[t], geom.original_shape[i]
+    box[i] = slice(a, b) if ornt[i, 1] > 0 else slice(n - b, n - a)
+  return tuple(box)
+
+
 def _resample(array, scale, out_shape, order):
+  scale = np.asarray(scale, np.float64)
+  steps = np.round(scale).astype(int)
+  if np.allclose(scale, steps) and np.all(steps >= 1):
+    # integer down-sampling: index i lands exactly on voxel i * step, where interpolation of any
+    # order returns the voxel itself: a strided view gives the same result, without the work
+    out = array[::steps[0], ::steps[1], ::steps[2]][:out_shape[0], :out_shape[1], :out_shape[2]]
+    if out.shape[:3] == tuple(out_shape):
+      return np.ascontiguousarray(out)
   if array.ndim == 4:
     return np.stack([_resample(array[..., c], scale, out_shape, order)
                      for c in range(array.shape[-1])], -1)
-  return ndimage.affine_transform(array, np.asarray(scale, np.float64), output_shape=tuple(out_shape),
+  return ndimage.affine_transform(array, scale, output_shape=tuple(out_shape),
                                   order=order, mode='nearest', prefilter=False)
 
 
@@ -135,15 +162,21 @@ def prob_to_original_mask(prob: np.ndarray, geom: Geometry, threshold: float = 0
   return to_original((prob > threshold).astype(np.uint8), geom, order=0)
 
 
-def brain_mask(images: np.ndarray, data_cfg) -> tuple:
-  """Brain mask of canonical `images: f32[X, Y, Z, C]` -> (bool[X, Y, Z], approximate: bool).
+def brain_mask(images, data_cfg) -> tuple:
+  """Brain mask of `images: f32[X, Y, Z, C]` (or a list of C [X, Y, Z] channels), any orientation
+  -> (bool[X, Y, Z], approximate: bool).
 
   MRI: nonzero in every channel (skull-stripped input). CT: above the background HU when
   brain-extracted; otherwise an approximate HU-window mask (largest component, holes filled).
   """
+  channels = [images[..., c] for c in range(images.shape[-1])] if isinstance(images, np.ndarray) \
+      else list(images)
   if data_cfg.kind == 'mri':
-    return np.all(images != 0, axis=-1), False
-  ct = images[..., 0]
+    m = channels[0] != 0
+    for ch in channels[1:]:
+      m &= ch != 0
+    return m, False
+  ct = channels[0]
   if data_cfg.ct_brain_extracted:
     return ct > data_cfg.ct_background_below, False
   lo, hi = data_cfg.ct_approx_brain_window

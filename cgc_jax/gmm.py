@@ -120,6 +120,14 @@ def pseudo_label(image: np.ndarray, brain: np.ndarray, channels: list, lesion_ch
     return post, post.astype(np.uint8), report
   init = initial_params(sub, k, seed, gcfg.reg_covar, gcfg.kmeans_inits)
   gm, info = fit(x_all if full_fit else sub, k, seed, gcfg, init=init)
+  if not full_fit and sub.shape[0] < n and gcfg.refine_iters > 0:
+    # A few EM iterations on ALL brain voxels from the subsample optimum: cheap (a full fit needs
+    # tens of iterations from k-means), and it moves the fit onto the full-data optimum.
+    gm.set_params(warm_start=True, max_iter=gcfg.refine_iters, tol=0.0)
+    with warnings.catch_warnings():
+      warnings.simplefilter('ignore', ConvergenceWarning)
+      gm.fit(x_all)
+    info['refine_iters'] = int(gcfg.refine_iters)
   comps = lesion_components(gm.means_, gcfg, lesion_channel, hu_scale)
   resp = gm.predict_proba(x_all)
   post[brain] = resp[:, comps].sum(1) if comps else 0.0

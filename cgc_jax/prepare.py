@@ -54,26 +54,30 @@ def prepare_case(files: readers.CaseFiles, data_cfg, store_root: str, fingerprin
                  write: bool = True) -> dict:
   """Loads, verifies and preprocesses one case; writes its shard unless write=False."""
   lc = readers.load_case(files, data_cfg)
-  canon, canon_affine, ornt = geometry.to_canonical(lc.images, lc.affine)
-  brain, approximate = geometry.brain_mask(canon, data_cfg)
+  shape = lc.channels[0].shape
+  brain, approximate = geometry.brain_mask(lc.channels, data_cfg)  # on the original grid
   if not brain.any():
-    raise readers.DataError(f'{files.images[data_cfg.modalities[0]]}: empty brain mask')
+    raise readers.DataError(f'{files.images[data_cfg.modalities[0]]}: empty brain mask (no voxel '
+                            'inside the brain in every channel): failed brain extraction?')
   if not write:
     return {'warnings': [str(w) for w in lc.warnings]}
-  geom = geometry.plan(brain, lc.affine, lc.images.shape[:3], ornt, canon_affine,
+  brain_c, canon_affine, ornt = geometry.to_canonical(brain.view(np.uint8), lc.affine)
+  geom = geometry.plan(brain_c > 0, lc.affine, shape, ornt, canon_affine,
                        data_cfg.crop_margin_mm, tuple(data_cfg.target_spacing))
-  brain_p = geometry.crop_and_resample(brain.astype(np.uint8), geom, order=0)
-  image = geometry.crop_and_resample(canon, geom, order=1)
+  # crop the original arrays first, then reorient only the box (the same voxels, far less work)
+  box = geometry.original_box(geom)
+  canon = np.stack([geometry.to_canonical(ch[box], lc.affine)[0] for ch in lc.channels], -1)
+  brain_p = geometry.crop_and_resample(brain_c, geom, order=0)
+  image = geometry.resample_cropped(canon, geom, order=1)
   image = geometry.normalise(image, brain_p > 0, data_cfg).astype(data_cfg.store_dtype)
   arrays = {'image': image, 'brain': brain_p}
   if lc.label is not None:
-    label_c, _, _ = geometry.to_canonical(lc.label, lc.affine)
-    arrays['label'] = geometry.crop_and_resample(label_c, geom, order=0)
-    arrays['label_native'] = geometry.crop_and_resample(
-        label_c, geometry.Geometry(**{**geom.__dict__, 'spacing': geom.native_spacing}), order=0)
-    if int(label_c.sum()) != int(arrays['label_native'].sum()):
-      logging.warning('%s: %d lesion voxels lie outside the brain box', files.case_id,
-                      int(label_c.sum()) - int(arrays['label_native'].sum()))
+    native, _, _ = geometry.to_canonical(lc.label[box], lc.affine)
+    arrays['label'] = geometry.resample_cropped(native, geom, order=0)
+    arrays['label_native'] = native
+    outside = int(lc.label.sum()) - int(native.sum())
+    if outside:
+      logging.warning('%s: %d lesion voxels lie outside the brain box', files.case_id, outside)
   meta = {'geometry': geom.to_json(), 'modalities': list(data_cfg.modalities),
           'files': {'images': files.images, 'label': files.label},
           'approximate_brain': approximate, 'has_label': lc.label is not None,

@@ -1,8 +1,8 @@
 """Case discovery and NIfTI loading for the brats, folder and cq500 layouts.
 
 A layout only decides where a case's files are; loading and checking are shared. Array contract of a
-loaded case: `images: f32[X, Y, Z, C]` in the files' own voxel order (C = len(data.modalities), in that
-order), `label: u8[X, Y, Z]` or None, `affine: f64[4, 4]` of the first modality, `spacing: (3,) mm`.
+loaded case: `channels`: C arrays f32[X, Y, Z] in the files' own voxel order (C = len(data.modalities),
+in that order; `.images` stacks them to f32[X, Y, Z, C]), `label: u8[X, Y, Z]` or None, `affine: f64[4, 4]` of the first modality, `spacing: (3,) mm`.
 Nothing is reoriented here (see geometry.py).
 """
 import dataclasses
@@ -118,13 +118,18 @@ def _load_volume(path: str, problems: list):
 @dataclasses.dataclass
 class LoadedCase:
   case_id: str
-  images: np.ndarray  # f32[X, Y, Z, C]
+  channels: list  # C arrays f32[X, Y, Z], in data.modalities order (not stacked: prepare crops first)
   label: Optional[np.ndarray]  # u8[X, Y, Z], 1 = lesion
   affine: np.ndarray  # f64[4, 4]
   spacing: np.ndarray  # f64[3]
   header: object  # nibabel header of the first modality (written back with predictions)
   files: CaseFiles
   warnings: list
+
+  @property
+  def images(self) -> np.ndarray:
+    """f32[X, Y, Z, C] (a stacked copy)."""
+    return np.stack(self.channels, axis=-1)
 
 
 def load_case(files: CaseFiles, data_cfg) -> LoadedCase:
@@ -157,11 +162,10 @@ def load_case(files: CaseFiles, data_cfg) -> LoadedCase:
                                 'error' if data_cfg.strict_geometry else 'warning'))
   for m, (data, *_ ) in vols.items():
     path = files.images[m]
-    bad = ~np.isfinite(data)
-    if bad.any():
-      problems.append(Problem(path, f'{int(bad.sum())} NaN or Inf voxels'))
+    lo, hi = float(data.min()), float(data.max())  # NaN propagates: one pass each, no masks
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+      problems.append(Problem(path, f'{int((~np.isfinite(data)).sum())} NaN or Inf voxels'))
       continue
-    lo, hi = float(data.min()), float(data.max())
     if lo == hi:
       problems.append(Problem(path, f'constant image (every voxel = {lo:g}): failed brain extraction '
                               'or an empty export?'))
@@ -175,25 +179,20 @@ def load_case(files: CaseFiles, data_cfg) -> LoadedCase:
                                 'warning'))
   if label is not None:
     lab = label[0]
-    if not np.all(np.isfinite(lab)):
+    if not (np.isfinite(lab.min()) and np.isfinite(lab.max())):
       problems.append(Problem(files.label, f'{int((~np.isfinite(lab)).sum())} NaN or Inf voxels'))
     else:
-      values = np.unique(lab)
-      bad_values = sorted(set(values.tolist()) - set(float(v) for v in data_cfg.label_values))
+      values = np.unique(lab[lab != 0])  # 0 is always background; sorting the rest is cheap
+      bad_values = sorted(set(values.tolist()) - set(float(v) for v in data_cfg.label_values) - {0.0})
       if bad_values:
         problems.append(Problem(files.label, f'label values {bad_values[:10]} not in the allowed set '
                                 f'{list(data_cfg.label_values)}'))
 
   errors = [p for p in problems if p.severity == 'error']
-  if not errors and vols:
-    images = np.stack([vols[m][0] for m in data_cfg.modalities], axis=-1)
-    if data_cfg.kind == 'mri' and not np.all(images != 0, axis=-1).any():
-      errors.append(Problem(files.images[data_cfg.modalities[0]],
-                            'empty brain mask: no voxel is nonzero in every channel'))
   if errors:
     raise DataError('\n'.join(str(p) for p in problems))
   return LoadedCase(
-      case_id=files.case_id, images=images,
+      case_id=files.case_id, channels=[vols[m][0] for m in data_cfg.modalities],
       label=None if label is None else (label[0] > 0).astype(np.uint8),
       affine=ref[1], spacing=ref[2], header=ref[3], files=files,
       warnings=[p for p in problems if p.severity == 'warning'])

@@ -74,6 +74,13 @@ class UpConv(nn.Module):
     return y.reshape(b, 2 * nx, 2 * ny, 2 * nz, f) + bias.astype(self.dtype)
 
 
+def max_pool2(x):
+  """2x2x2 stride-2 max-pool as reshape + max: same values as nn.max_pool, and on XLA:CPU ~8x
+  faster forward + backward than reduce_window (benchmark.py). x: [B, X, Y, Z, C], X, Y, Z even."""
+  b, nx, ny, nz, c = x.shape
+  return x.reshape(b, nx // 2, 2, ny // 2, 2, nz // 2, 2, c).max(axis=(2, 4, 6))
+
+
 def _norm(kind: str, groups: int, features: int, dtype):
   if kind == 'instance':
     return nn.GroupNorm(num_groups=None, group_size=1, dtype=dtype)
@@ -117,7 +124,7 @@ class UNet3D(nn.Module):
     for i in range(self.levels - 1):
       x = DoubleConv(self.base * 2**i, **kw)(x)
       skips.append(x)
-      x = nn.max_pool(x, (2, 2, 2), strides=(2, 2, 2))
+      x = max_pool2(x)
     x = DoubleConv(self.base * 2**(self.levels - 1), **kw)(x)
     bottleneck = x
     for i in reversed(range(self.levels - 1)):

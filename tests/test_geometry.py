@@ -30,6 +30,11 @@ def test_round_trip_to_original(codes, target):
   bc, _, _ = geometry.to_canonical(brain.astype(np.uint8), aff)
   geom = geometry.plan(bc > 0, aff, shape, ornt, canon_aff, 2.0, target)
   geom = geometry.Geometry.from_json(geom.to_json())  # survives the manifest
+  # the box as slices of the ORIGINAL array gives the same voxels as cropping the canonical array
+  box = geometry.original_box(geom)
+  np.testing.assert_array_equal(geometry.to_canonical(label[box], aff)[0],
+                                canon[tuple(slice(a, b) for a, b in zip(geom.crop_start,
+                                                                        geom.crop_stop))])
   # the native crop maps back EXACTLY (voxels and grid)
   native = geometry.crop_and_resample(canon, geom.native(), order=0)
   np.testing.assert_array_equal(geometry.to_original(native, geom.native()), label)

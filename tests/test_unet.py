@@ -58,3 +58,10 @@ def test_instance_and_group_norm_are_batch_independent():
     both, _ = net.apply(v, x)
     one, _ = net.apply(v, x[1:])
     np.testing.assert_allclose(np.asarray(both[1:]), np.asarray(one), atol=1e-5)
+
+
+def test_max_pool2_equals_flax_max_pool():
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  x = jnp.asarray(np.random.default_rng(5).normal(size=(2, 4, 6, 8, 3)), jnp.float32)
+  np.testing.assert_array_equal(np.asarray(unet.max_pool2(x)),
+                                np.asarray(nn.max_pool(x, (2, 2, 2), strides=(2, 2, 2))))
