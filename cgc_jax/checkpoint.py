@@ -13,8 +13,7 @@ import orbax.checkpoint as ocp
 from cgc_jax import fingerprints
 
 
-class IncompatibleCheckpointError(Exception):
-  """The workdir's checkpoints were made with a different config."""
+IncompatibleCheckpointError = fingerprints.IncompatibleCheckpointError
 
 
 class Checkpointer:

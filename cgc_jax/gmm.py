@@ -23,13 +23,30 @@ def case_seed(seed: int, case_id: str) -> np.random.SeedSequence:
   return np.random.SeedSequence([int(seed), zlib.crc32(case_id.encode())])
 
 
-def initial_params(x: np.ndarray, k: int, seed: int, reg_covar: float, n_init: int = 5) -> dict:
+def seeded_centres(x: np.ndarray, k: int, lesion_col: int, lesion_value: float) -> np.ndarray:
+  """k-means start for a small lesion class of known intensity (CT: fresh blood's HU range).
+
+  k-1 centres at evenly spaced quantiles of the data, plus one at `lesion_value` in the lesion
+  column: without it, k-means++ spends every centre on the large tissue classes and a bleed of
+  0.2% of the brain never gets a component of its own (measured on the CT phantoms).
+  """
+  qs = np.quantile(x, np.linspace(0.05, 0.95, k - 1), axis=0)
+  lesion = np.median(x, axis=0)
+  lesion[lesion_col] = lesion_value
+  return np.vstack([qs, lesion[None]])
+
+
+def initial_params(x: np.ndarray, k: int, seed: int, reg_covar: float, n_init: int = 5,
+                   centres=None) -> dict:
   """k-means (best of n_init, fixed seed) on `x: f32[N, D]` -> weights/means/precisions for EM.
 
   Several k-means starts matter: k-means++ seeding rarely picks a small lesion cluster, and a single
   start then splits a large tissue class instead; the lowest-inertia start isolates the lesion.
   """
-  km = cluster.KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(x)
+  if centres is not None:
+    km = cluster.KMeans(n_clusters=k, init=centres, n_init=1, random_state=seed).fit(x)
+  else:
+    km = cluster.KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(x)
   resp = np.eye(k)[km.labels_]
   nk = resp.sum(0) + 10 * np.finfo(np.float64).eps
   means = resp.T @ x / nk[:, None]
@@ -118,7 +135,12 @@ def pseudo_label(image: np.ndarray, brain: np.ndarray, channels: list, lesion_ch
   if k < 2:
     report.update(status='constant_features', lesion_fraction=0.0, seconds=time.time() - t0)
     return post, post.astype(np.uint8), report
-  init = initial_params(sub, k, seed, gcfg.reg_covar, gcfg.kmeans_inits)
+  centres = None
+  if gcfg.rule == 'hu_range':
+    mid = float(np.mean(gcfg.hu_range))
+    mid = mid if hu_scale is None else (mid - hu_scale[0]) / hu_scale[1]
+    centres = seeded_centres(sub, k, lesion_channel, mid)
+  init = initial_params(sub, k, seed, gcfg.reg_covar, gcfg.kmeans_inits, centres)
   gm, info = fit(x_all if full_fit else sub, k, seed, gcfg, init=init)
   if not full_fit and sub.shape[0] < n and gcfg.refine_iters > 0:
     # A few EM iterations on ALL brain voxels from the subsample optimum: cheap (a full fit needs

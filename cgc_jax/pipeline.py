@@ -1,13 +1,16 @@
-"""Runs the stages in order on one workdir; each stage skips what is already done and current."""
+"""Runs the stages in order on one workdir; each stage skips what is already done and current.
+
+JAX, orbax and the model are imported only by the stages that need them: offline-stage worker
+processes (spawned) re-import the main module, and should not pay for JAX.
+"""
 import os
 import time
 
 from absl import logging
 
-from cgc_jax import checkpoint
+from cgc_jax import fingerprints
 from cgc_jax import parallel
 from cgc_jax import prepare
-from cgc_jax import pseudo_labels
 from cgc_jax import readers
 from cgc_jax import store as store_lib
 
@@ -19,7 +22,7 @@ class WorkdirError(Exception):
 
 
 USER_ERRORS = (readers.DataError, prepare.StageError, parallel.CaseFailure, WorkdirError,
-               store_lib.CorruptShardError, checkpoint.IncompatibleCheckpointError)
+               store_lib.CorruptShardError, fingerprints.IncompatibleCheckpointError)
 
 
 def _check_workdir(workdir: str):
@@ -42,6 +45,7 @@ def run(config, workdir: str, mode: str = 'all'):
   if mode in ('all', 'prepare'):
     prepare.run(config, workdir)
   if mode in ('all', 'pseudo_labels'):
+    from cgc_jax import pseudo_labels  # pylint: disable=g-import-not-at-top
     pseudo_labels.run(config, workdir)
   if mode in ('all', 'train'):
     from cgc_jax import train  # pylint: disable=g-import-not-at-top

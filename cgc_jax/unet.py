@@ -81,9 +81,31 @@ def max_pool2(x):
   return x.reshape(b, nx // 2, 2, ny // 2, 2, nz // 2, 2, c).max(axis=(2, 4, 6))
 
 
+class InstanceNorm(nn.Module):
+  """Per-sample, per-channel normalisation over (X, Y, Z), learned scale and bias.
+
+  Same maths as nn.GroupNorm(group_size=1); written as two channel-wise means in float32, which
+  XLA:CPU fuses better (benchmark.py: the demo step ~20% faster).
+  """
+  epsilon: float = 1e-6
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
+    xf = x.astype(jnp.float32)
+    axes = tuple(range(1, x.ndim - 1))
+    mean = jnp.mean(xf, axis=axes, keepdims=True)
+    var = jnp.maximum(jnp.mean(xf * xf, axis=axes, keepdims=True) - mean * mean, 0.0)
+    y = (xf - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+    return y.astype(self.dtype)
+
+
 def _norm(kind: str, groups: int, features: int, dtype):
   if kind == 'instance':
-    return nn.GroupNorm(num_groups=None, group_size=1, dtype=dtype)
+    return InstanceNorm(dtype=dtype)
   if kind == 'group':
     return nn.GroupNorm(num_groups=min(groups, features), dtype=dtype)
   raise ValueError(f'unknown model.norm {kind!r} (instance | group)')

@@ -65,3 +65,12 @@ def test_max_pool2_equals_flax_max_pool():
   x = jnp.asarray(np.random.default_rng(5).normal(size=(2, 4, 6, 8, 3)), jnp.float32)
   np.testing.assert_array_equal(np.asarray(unet.max_pool2(x)),
                                 np.asarray(nn.max_pool(x, (2, 2, 2), strides=(2, 2, 2))))
+
+
+def test_instance_norm_equals_flax_group_norm_of_size_one():
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  x = jnp.asarray(np.random.default_rng(6).normal(size=(2, 5, 6, 7, 3)) * 3 + 1, jnp.float32)
+  ours = unet.InstanceNorm()
+  ref = nn.GroupNorm(num_groups=None, group_size=1, epsilon=1e-6)
+  np.testing.assert_allclose(np.asarray(ours.apply(ours.init(jax.random.key(0), x), x)),
+                             np.asarray(ref.apply(ref.init(jax.random.key(0), x), x)), atol=1e-5)
