@@ -43,16 +43,34 @@ def gaussian_importance(window, sigma_scale: float) -> np.ndarray:
   return g.astype(np.float32)
 
 
+def _flip_where(x, flags):
+  """Reverses spatial axes 1..3 of x where flags[i] (traced bools): a gather, its own inverse."""
+  for i in range(3):
+    n = x.shape[1 + i]
+    idx = jnp.where(flags[i], jnp.arange(n - 1, -1, -1), jnp.arange(n))
+    x = jnp.take(x, idx, axis=1 + i)
+  return x
+
+
 def _forward(params, windows, *, model_cfg, tta: bool, gauss):
+  """Gaussian-weighted lesion probability of windows f32[B, X, Y, Z, C] -> f32[B, X, Y, Z].
+
+  TTA runs the 8 axis-flip combinations as a scan: the network is traced once and only one pass's
+  activations are live at a time (unrolled, XLA kept all 8 and ran out of memory on the brats config).
+  """
   net, _, _ = unet.build(model_cfg)
-  flips = [()] if not tta else [c for r in range(4) for c in itertools.combinations((1, 2, 3), r)]
-  prob = 0.0
-  for axes in flips:
-    x = jnp.flip(windows, axes) if axes else windows
+
+  def prob(x):
     logits, _ = net.apply({'params': params}, x)
-    p = jax.nn.softmax(logits, axis=-1)[..., 1]
-    prob = prob + (jnp.flip(p, axes) if axes else p)
-  return (prob / len(flips)) * gauss
+    return jax.nn.softmax(logits, axis=-1)[..., 1]
+  if not tta:
+    return prob(windows) * gauss
+  combos = jnp.asarray(list(itertools.product((False, True), repeat=3)))
+
+  def body(acc, flags):
+    return acc + _flip_where(prob(_flip_where(windows, flags)), flags), None
+  acc, _ = jax.lax.scan(body, jnp.zeros(windows.shape[:4], jnp.float32), combos)
+  return acc / len(combos) * gauss
 
 
 class Predictor:

@@ -62,3 +62,21 @@ def test_flip_tta_is_flip_equivariant():
   a = pred.predict_volume(params, image)
   b = pred.predict_volume(params, image[::-1, :, ::-1].copy())[::-1, :, ::-1]
   np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_flip_tta_equals_mean_over_the_eight_flips():
+  import itertools  # pylint: disable=g-import-not-at-top
+  cfg = tiny_config(**{'eval.tta_flip': True})
+  mesh = Mesh(np.asarray(jax.devices()[:1]), ('data',))
+  params = train.init_params(cfg, jax.random.key(2), 4)['unet']
+  image = np.random.default_rng(2).normal(size=(16, 16, 16, 4)).astype(np.float32)
+  got = sliding_window.Predictor(cfg, mesh).predict_volume(params, image)
+  net, _, _ = unet.build(cfg.model)
+  want = np.zeros((16, 16, 16))
+  for r in range(4):
+    for axes in itertools.combinations((0, 1, 2), r):
+      x = np.flip(image, axes) if axes else image
+      logits, _ = net.apply({'params': params}, x[None].copy())
+      p = np.asarray(jax.nn.softmax(logits, -1)[0, ..., 1])
+      want += np.flip(p, axes) if axes else p
+  np.testing.assert_allclose(got, want / 8, atol=1e-5)
