@@ -62,8 +62,7 @@ def predict_cases(config, prep: store_lib.Store, cases, params, predictor, out_d
     prob = predictor.predict_volume(params, image) * brain
     mask = geometry.prob_to_original_mask(prob, geom)
     if distributed.is_main():
-      path = os.path.join(out_dir, f'{c}.nii.gz')
-      pseudo_labels.export_nifti(prob, geom, meta, path, 0.5)
+      pseudo_labels.write_mask(mask, geom, meta, os.path.join(out_dir, f'{c}.nii.gz'))
     out[c] = (prob, mask)
     el = time.time() - t0
     logging.info('predict: %d/%d cases (%.2f case/s, ETA %.0fs) %s', i + 1, len(cases),
@@ -121,15 +120,16 @@ def evaluate(config, workdir: str):
       continue
     geom = geometry.Geometry.from_json(meta['geometry'])
     ref = geometry.to_original(np.asarray(prep.read(c, 'label_native')), geom.native())
-    spacing = np.sqrt((np.asarray(geom.original_affine)[:3, :3] ** 2).sum(0))
-    mn = metrics.all_metrics(preds[c][1], ref, spacing)
+    mn = metrics.all_metrics(preds[c][1], ref, geom.original_spacing)
     rows[n_name].append(mn)
     row = {'case': c, **{f'net_{k}': v for k, v in mn.items()}}
     if labels.is_complete(c):
       post = np.asarray(labels.read(c, 'posterior'), np.float32)
       thr = config.gmm.threshold if config.pseudo_labels.source == 'gmm' else 0.5
       p_masks[c] = post > thr
-      mp = metrics.all_metrics(geometry.prob_to_original_mask(post, geom, thr), ref, spacing)
+      # the pseudo-label stage scored this same stored posterior on the same grid: reuse it
+      mp = labels.meta(c)['report'].get('metrics') or metrics.all_metrics(
+          geometry.prob_to_original_mask(post, geom, thr), ref, geom.original_spacing)
       rows[p_name].append(mp)
       row.update({f'p_{k}': v for k, v in mp.items()})
     per_case.append(row)

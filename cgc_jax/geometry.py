@@ -37,6 +37,12 @@ class Geometry:
                   for k, v in d.items()})
 
   @property
+  def original_spacing(self) -> np.ndarray:
+    """Voxel size (mm) of the original grid, in the original axis order."""
+    a = np.asarray(self.original_affine)
+    return np.sqrt((a[:3, :3] ** 2).sum(0))
+
+  @property
   def scale(self) -> np.ndarray:
     return np.asarray(self.spacing, np.float64) / np.asarray(self.native_spacing, np.float64)
 

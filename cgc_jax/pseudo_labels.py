@@ -84,13 +84,13 @@ def case_pseudo_label(case_id, config, prep_root, prep_fp, out_root, out_fp):
   report['source'] = src
   post = post.astype(np.float16).astype(np.float32)  # what is stored: export and score that
   out = store_lib.Store(out_root, out_fp)
+  if config.pseudo_labels.export_nifti or meta['has_label']:
+    mask = geometry.prob_to_original_mask(post, geom, 0.5 if src != 'gmm' else g.threshold)
   if config.pseudo_labels.export_nifti:
-    export_nifti(post, geom, meta, os.path.join(out_root, 'nifti', f'{case_id}.nii.gz'),
-                 threshold=0.5 if src != 'gmm' else g.threshold)
+    write_mask(mask, geom, meta, os.path.join(out_root, 'nifti', f'{case_id}.nii.gz'))
   if meta['has_label']:
     ref = geometry.to_original(np.asarray(prep.read(case_id, 'label_native')), geom.native())
-    pred = geometry.prob_to_original_mask(post, geom, 0.5 if src != 'gmm' else g.threshold)
-    report['metrics'] = metrics.all_metrics(pred, ref, _original_spacing(geom))
+    report['metrics'] = metrics.all_metrics(mask, ref, geom.original_spacing)
   os.makedirs(os.path.join(out_root, 'reports'), exist_ok=True)
   store_lib.atomic_write_json(os.path.join(out_root, 'reports', f'{case_id}.json'), report)
   out.write(case_id, {'p': p.astype(np.uint8), 'posterior': post.astype(np.float16)},
@@ -98,14 +98,8 @@ def case_pseudo_label(case_id, config, prep_root, prep_fp, out_root, out_fp):
   return report
 
 
-def _original_spacing(geom):
-  a = np.asarray(geom.original_affine)
-  return np.sqrt((a[:3, :3] ** 2).sum(0))
-
-
-def export_nifti(prob, geom, prep_meta, path, threshold=0.5):
-  """Writes a u8 mask on the case's ORIGINAL grid and affine, atomically."""
-  mask = geometry.prob_to_original_mask(prob, geom, threshold)
+def write_mask(mask, geom, prep_meta, path):
+  """Writes `mask: u8` (already on the case's ORIGINAL grid) with the original affine, atomically."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
   img = nib.Nifti1Image(mask, np.asarray(geom.original_affine))
   hdr = prep_meta.get('header', {})
