@@ -10,10 +10,11 @@ import os
 from absl import logging
 import orbax.checkpoint as ocp
 
+from cgc_jax import errors
 from cgc_jax import fingerprints
 
 
-IncompatibleCheckpointError = fingerprints.IncompatibleCheckpointError
+IncompatibleCheckpointError = errors.IncompatibleCheckpointError
 
 
 class Checkpointer:
@@ -34,6 +35,10 @@ class Checkpointer:
   def save(self, step: int, state, record: dict):
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                     record=ocp.args.JsonSave(record)), force=True)
+
+  def record(self, step: int) -> dict:
+    """The JSON record of checkpoint `step` alone (cheap: no arrays are read)."""
+    return self.manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore())).record
 
   def restore(self, abstract_state, step=None):
     """Restores (state, record, step) at `step` (default newest, falling back to older ones)."""

@@ -33,7 +33,7 @@ CONVENTIONS = ('Dice and sensitivity on the original grid; ASSD and HD95 in mm (
 def restore_params(config, workdir, mesh, num_channels: int):
   """Params of checkpoint config.eval.step (-1: newest readable), replicated on `mesh`."""
   tx, _ = train.make_optimizer(config.train)
-  target = train.create_state(config, mesh, num_channels, tx)
+  target = train.abstract_state(config, mesh, num_channels, tx)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), config.train.keep_checkpoints)
   if ckpt.latest_step() is None:
     raise prepare.StageError(f'{ckpt.directory}: no checkpoint: run --mode=train first')
@@ -88,7 +88,7 @@ def summary_markdown(summaries: dict, seconds: float, step: int) -> str:
 
 def evaluate(config, workdir: str):
   """--mode=evaluate on every prepared case (metrics where ground truth exists)."""
-  distributed.initialize()
+  distributed.initialize(config.dist)
   mesh = distributed.mesh()
   t0 = time.time()
   prep = prepare.prepared_store(config, workdir)
@@ -177,7 +177,7 @@ def predict(config, workdir: str):
   """--mode=predict: new scans in config.eval.input_root -> masks on their own grids."""
   if not config.eval.input_root:
     raise prepare.StageError('--mode=predict needs --config.eval.input_root=/folder/of/new/scans')
-  distributed.initialize()
+  distributed.initialize(config.dist)
   mesh = distributed.mesh()
   root = os.path.join(workdir, 'predict')
   store = store_lib.Store(os.path.join(root, 'prepared'), fingerprints.of(config, 'prepare'))

@@ -7,10 +7,6 @@ import hashlib
 import json
 import os
 
-class IncompatibleCheckpointError(Exception):
-  """The workdir's checkpoints were made with a different config (lives here: no JAX import)."""
-
-
 _STAGE_FIELDS = {
     'prepare': ('data',),
     'pseudo_labels': ('data', 'gmm', 'pseudo_labels'),

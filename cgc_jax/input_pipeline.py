@@ -5,14 +5,15 @@ sample g = s * B + j from an epoch-wise seeded permutation of the cases, and its
 foreground choice, flips and intensity jitter from `default_rng([seed, s, j])`. So the iterator's
 whole state is the next step number (saved in every checkpoint), resume is exact, and the batch does
 not depend on how many processes or threads build it. Each process builds only its own slots
-[process_index * B_local, (process_index + 1) * B_local). Crops read the memory-mapped shards, so a
-crop reads about the crop only. Host threads build the next `prefetch` batches ahead.
+[process_index * B_local, (process_index + 1) * B_local) and opens only the cases those slots draw
+(on first use); crops read the memory-mapped shards, so a crop reads about the crop only. Host threads build the next `prefetch` batches ahead.
 
 Example contract (one slot): image f32[X, Y, Z, C], p f32[X, Y, Z] (P in {0, 1}),
 brain f32[X, Y, Z]; (X, Y, Z) = train.crop. Cases smaller than the crop are zero-padded (brain 0).
 """
 import collections
 import concurrent.futures as cf
+import threading
 
 import numpy as np
 
@@ -36,18 +37,26 @@ class CropSampler:
     self.crop = tuple(int(c) for c in train_cfg.crop)
     self.local_batch_size = train_cfg.batch_size // process_count
     self.first_slot = process_index * self.local_batch_size
-    self.images, self.p, self.brain, self.fg = [], [], [], []
-    for cid in self.case_ids:
-      self.images.append(prep.read(cid, 'image', verify))
-      self.brain.append(prep.read(cid, 'brain', verify))
-      p = labels.read(cid, 'p', verify)
-      self.p.append(p)
-      coords = np.argwhere(np.asarray(p) > 0)
-      if len(coords) > _MAX_FG_COORDS:
-        rng = np.random.default_rng([train_cfg.seed, len(coords)])
-        coords = coords[np.sort(rng.choice(len(coords), _MAX_FG_COORDS, replace=False))]
-      self.fg.append(coords.astype(np.int32))
+    self._prep, self._labels, self._verify = prep, labels, verify
+    self._cases = {}  # case index -> (image, p, brain, fg coords), opened on first use
+    self._lock = threading.Lock()
     self._perm_cache = {}
+    self.num_channels = prep.meta(self.case_ids[0])['arrays']['image']['shape'][-1]
+
+  def _case(self, ci: int):
+    """Opens case `ci` (memory-mapped, checksums verified once) the first time a slot draws it."""
+    with self._lock:
+      if ci not in self._cases:
+        cid = self.case_ids[ci]
+        image = self._prep.read(cid, 'image', self._verify)
+        brain = self._prep.read(cid, 'brain', self._verify)
+        p = self._labels.read(cid, 'p', self._verify)
+        coords = np.argwhere(np.asarray(p) > 0)
+        if len(coords) > _MAX_FG_COORDS:
+          rng = np.random.default_rng([self.cfg.seed, len(coords)])
+          coords = coords[np.sort(rng.choice(len(coords), _MAX_FG_COORDS, replace=False))]
+        self._cases[ci] = (image, p, brain, coords.astype(np.int32))
+      return self._cases[ci]
 
   def _case_of(self, g: int) -> int:
     n = len(self.case_ids)
@@ -62,7 +71,7 @@ class CropSampler:
     cfg = self.cfg
     ci = self._case_of(step * cfg.batch_size + slot)
     rng = np.random.default_rng([cfg.seed, 2, step, slot])
-    image, p, brain, fg = self.images[ci], self.p[ci], self.brain[ci], self.fg[ci]
+    image, p, brain, fg = self._case(ci)
     shape = image.shape[:3]
     lo = [min(0, s - c) for s, c in zip(shape, self.crop)]
     hi = [max(0, s - c) for s, c in zip(shape, self.crop)]

@@ -3,6 +3,7 @@
 Modes: all (default: every stage whose output is missing or stale), verify, prepare, pseudo_labels,
 train, evaluate, predict. Any config field can be overridden: `--config.train.steps=200`.
 """
+import logging as std_logging
 import sys
 
 from absl import app
@@ -16,13 +17,20 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Path to a configs/*.py file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Run folder: prepared data, labels, checkpoints, reports.')
 flags.DEFINE_enum('mode', 'all', pipeline.MODES, 'Stage(s) to run.')
-flags.DEFINE_bool('verbose', False, 'Show Python tracebacks for data and stage errors.')
+flags.DEFINE_bool('verbose', False, 'Show Python tracebacks for data and stage errors, and orbax INFO logs.')
 flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _quiet_libraries(record) -> bool:
+  """Drops orbax's per-save INFO lines (dozens per checkpoint); its warnings and errors stay."""
+  return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if not FLAGS.verbose:
+    logging.get_absl_handler().addFilter(_quiet_libraries)
   try:
     pipeline.run(FLAGS.config, FLAGS.workdir, FLAGS.mode)
   except pipeline.USER_ERRORS as e:

@@ -8,7 +8,7 @@ import time
 
 from absl import logging
 
-from cgc_jax import fingerprints
+from cgc_jax import errors
 from cgc_jax import parallel
 from cgc_jax import prepare
 from cgc_jax import readers
@@ -22,7 +22,8 @@ class WorkdirError(Exception):
 
 
 USER_ERRORS = (readers.DataError, prepare.StageError, parallel.CaseFailure, WorkdirError,
-               store_lib.CorruptShardError, fingerprints.IncompatibleCheckpointError)
+               store_lib.CorruptShardError, errors.IncompatibleCheckpointError,
+               errors.DistributedError)
 
 
 def _check_workdir(workdir: str):
@@ -38,6 +39,8 @@ def _check_workdir(workdir: str):
 
 def run(config, workdir: str, mode: str = 'all'):
   t0 = time.time()
+  from cgc_jax import distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize(config.dist)  # first: every stage below may be split across processes
   if mode == 'verify':  # writes nothing, not even the workdir
     prepare.verify(config, workdir)
     return
@@ -52,7 +55,7 @@ def run(config, workdir: str, mode: str = 'all'):
     try:
       periodic = None
       if config.eval.every_steps:
-        from cgc_jax import distributed, evaluate  # pylint: disable=g-import-not-at-top
+        from cgc_jax import evaluate  # pylint: disable=g-import-not-at-top
         periodic = evaluate.dice_during_training(config, workdir, distributed.mesh())
       train.train_and_evaluate(config, workdir, periodic)
     except train.Preempted as e:

@@ -36,10 +36,13 @@ def case_files(config, workdir, root=None) -> list:
   if data.layout == 'phantoms' and root:
     return readers.discover(reader_config(config), root)
   if data.layout == 'phantoms':
+    from cgc_jax import distributed  # pylint: disable=g-import-not-at-top
     from cgc_jax import phantoms  # pylint: disable=g-import-not-at-top
-    root = phantoms.ensure(config, os.path.join(workdir, 'phantoms'))
-    layout_cfg = phantoms.reader_config(config)
-    return readers.discover(layout_cfg, root)
+    root = os.path.join(workdir, 'phantoms')
+    if distributed.is_main():  # one process generates them, the others wait at the barrier
+      phantoms.ensure(config, root)
+    distributed.sync('phantoms', '', config.dist.barrier_timeout_s)
+    return readers.discover(phantoms.reader_config(config), root)
   return readers.discover(data, root)
 
 
@@ -122,14 +125,47 @@ def run(config, workdir, root=None, store=None) -> list:
   data_cfg = reader_config(config)
   files = case_files(config, workdir, root)
   store = store or prepared_store(config, workdir)
-  store.clean_partial()
-  todo = [f for f in files if not store.is_complete(f.case_id)]
-  logging.info('prepare: %d cases, %d already prepared, %d to do', len(files),
-               len(files) - len(todo), len(todo))
-  jobs = [(f.case_id, (f, data_cfg, store.root, store.fingerprint)) for f in todo]
+  todo = start_cases(config, store, [f.case_id for f in files], 'prepare')
+  by_id = {f.case_id: f for f in files}
+  jobs = [(c, (by_id[c], data_cfg, store.root, store.fingerprint)) for c in todo]
   results = parallel.map_cases(prepare_case, jobs, config.data.num_workers, 'prepare',
                                expected_types=(readers.DataError,))
-  done = [f.case_id for f in files if store.is_complete(f.case_id)]
-  store.write_manifest(done)
-  _report_failures(results, 'prepare')
+  return finish_cases(config, store, [f.case_id for f in files], results, 'prepare')
+
+
+def start_cases(config, store: store_lib.Store, cases: list, what: str) -> list:
+  """Clears writes left by killed runs and returns THIS process's share of the cases still to do.
+
+  Cases are split round robin across JAX processes; process 0 cleans, the others wait for it.
+  """
+  from cgc_jax import distributed  # pylint: disable=g-import-not-at-top  (workers skip JAX)
+  if distributed.is_main():
+    store.clean_partial()
+  distributed.sync(f'{what}-start', '', config.dist.barrier_timeout_s)
+  todo = [c for c in cases if not store.is_complete(c)]
+  mine = distributed.share(todo)
+  logging.info('%s: %d cases, %d already done, %d to do (%d in this process)', what, len(cases),
+               len(cases) - len(todo), len(todo), len(mine))
+  return mine
+
+
+def finish_cases(config, store: store_lib.Store, cases: list, results: dict, what: str) -> list:
+  """Waits for every process's share, writes the manifest (process 0), raises on any failure.
+
+  Good cases are kept whatever failed; every process raises the same error listing all failures.
+  """
+  from cgc_jax import distributed  # pylint: disable=g-import-not-at-top
+  err = ''
+  try:
+    _report_failures(results, what)
+  except StageError as e:
+    err = str(e)
+  try:
+    distributed.sync(what, err, config.dist.barrier_timeout_s)
+  finally:
+    done = [c for c in cases if store.is_complete(c)]
+    if distributed.is_main():
+      store.write_manifest(done)
+  if err:
+    raise StageError(err)
   return done

@@ -117,16 +117,15 @@ def run(config, workdir) -> list:
   if not cases:
     raise prepare.StageError(f'{prep.root}: no prepared cases: run --mode=prepare first')
   out = pl_store(config, workdir)
-  out.clean_partial()
-  todo = [c for c in cases if not out.is_complete(c)]
-  logging.info('pseudo_labels (%s): %d cases, %d done, %d to do', config.pseudo_labels.source,
-               len(cases), len(cases) - len(todo), len(todo))
+  logging.info('pseudo_labels: source %s', config.pseudo_labels.source)
+  todo = prepare.start_cases(config, out, cases, 'pseudo_labels')
   jobs = [(c, (c, config, prep.root, prep.fingerprint, out.root, out.fingerprint)) for c in todo]
   results = parallel.map_cases(case_pseudo_label, jobs, config.data.num_workers, 'pseudo_labels',
                                expected_types=(readers.DataError, gmm.GMMError))
-  done = [c for c in cases if out.is_complete(c)]
-  out.write_manifest(done)
-  prepare._report_failures(results, 'pseudo_labels')  # pylint: disable=protected-access
+  done = prepare.finish_cases(config, out, cases, results, 'pseudo_labels')
+  from cgc_jax import distributed  # pylint: disable=g-import-not-at-top
+  if not distributed.is_main():  # process 0 logs and writes the summary
+    return done
   rows = []
   for c in done:
     r = out.meta(c)['report']

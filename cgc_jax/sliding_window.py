@@ -1,6 +1,8 @@
 """Sliding-window inference over whole volumes (nnU-Net style), batched and sharded over devices.
 
-`predict_volume(image: f32[X, Y, Z, C]) -> f32[X, Y, Z]` lesion probability. Windows overlap by
+`predict_volume(image: f32[X, Y, Z, C]) -> f32[X, Y, Z]` lesion probability. With several processes,
+each calls it on the same volume: the window batch is split over every device of every process and
+the result gathered back to all of them. Windows overlap by
 `overlap`; each window's softmax is weighted by a Gaussian importance map (sigma = window *
 sigma_scale) and accumulated in float32; optional flip test-time augmentation averages the 8
 axis-flip combinations inside the same jitted function. Volumes smaller than the window are padded
@@ -83,6 +85,9 @@ class Predictor:
     self.mesh = mesh
     n = mesh.devices.size
     self.batch = int(math.ceil(max(e.batch_size, 1) / n) * n)
+    per_process = self.batch // jax.process_count()
+    self._local_rows = slice(jax.process_index() * per_process,
+                             (jax.process_index() + 1) * per_process)
     gauss = jnp.asarray(gaussian_importance(self.window, e.sigma_scale))
     self.gauss = np.asarray(gauss)
     repl, data = distributed.replicated(mesh), distributed.data_sharding(mesh)
@@ -103,7 +108,10 @@ class Predictor:
       wins = np.stack([img[tuple(slice(s, s + w) for s, w in zip(st, self.window))] for st in chunk])
       if len(chunk) < self.batch:  # pad the last batch to the device multiple
         wins = np.concatenate([wins, np.repeat(wins[-1:], self.batch - len(chunk), 0)])
-      out = np.asarray(jax.device_get(self._fn(params, jax.device_put(wins, sharding))))
+      # every process holds the whole volume and feeds its own devices' rows of the window batch
+      local = wins[self._local_rows]
+      out = distributed.gather(self._fn(params, jax.make_array_from_process_local_data(sharding,
+                                                                                     local)))
       for st, pw in zip(chunk, out):
         sl = tuple(slice(s, s + w) for s, w in zip(st, self.window))
         acc[sl] += pw

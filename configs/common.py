@@ -128,4 +128,16 @@ def base_config() -> ml_collections.ConfigDict:
   e.pictures = True  # PNG overlays
   e.input_root = ''  # predict mode: folder of new scans (layout as data.layout)
 
+  # ---------------------------------------------------------------- multi-process start-up
+  # Flags win over the environment (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); SLURM
+  # and Cloud TPU pods are detected. None of this changes any stage's output.
+  c.dist = s = ml_collections.ConfigDict()
+  s.coordinator_address = ''  # host:port of process 0; '' = from the environment / auto-detect
+  s.num_processes = 0  # 0 = from the environment / auto-detect
+  s.process_id = -1  # -1 = from the environment / auto-detect
+  s.expected_devices = 0  # >0: stop at start-up unless jax.device_count() equals this
+  s.init_timeout_s = 300  # wait this long for every process to join
+  s.heartbeat_timeout_s = 100  # a process silent this long is dead: the others exit non-zero
+  s.barrier_timeout_s = 3600  # offline stages: wait this long for the other processes' cases
+
   return c

@@ -24,6 +24,12 @@ def test_deterministic_and_process_sharded(tiny_workdir):
   halves = [_sampler(tiny_workdir, cfg, i, 2).local_batch(5) for i in range(2)]
   for k in a:
     np.testing.assert_array_equal(np.concatenate([h[k] for h in halves]), a[k])
+  # each process opened only the cases its own slots drew
+  for i in range(2):
+    h = _sampler(tiny_workdir, cfg, i, 2)
+    h.local_batch(5)
+    drawn = {h.case_ids.index(c) for c in h.case_ids_of(5)[i * 4:(i + 1) * 4]}
+    assert set(h._cases) == drawn
   # another step differs
   assert not np.array_equal(_sampler(tiny_workdir, cfg).local_batch(6)['image'], a['image'])
 
@@ -46,11 +52,11 @@ def test_padding_and_foreground_sampling(tiny_workdir):
   b = s.local_batch(0)
   assert b['image'].shape[1:4] == (64, 64, 64)  # cases are smaller: zero-padded
   assert np.all(b['image'][b['brain'] == 0] == 0)
-  lesion_cases = [i for i, fg in enumerate(s.fg) if len(fg)]
+  lesion_cases = [i for i in range(len(s.case_ids)) if len(s._case(i)[3])]
   assert lesion_cases
   for step in range(3):
     for j, cid in enumerate(s.case_ids_of(step)):
-      if len(s.fg[s.case_ids.index(cid)]):
+      if len(s._case(s.case_ids.index(cid))[3]):
         assert s.local_batch(step)['p'][j].sum() > 0  # fg_fraction 1: every lesion case shows P
   cfg0 = tiny_config(**{'train.fg_fraction': 0.0})
   assert _sampler(tiny_workdir, cfg0).local_batch(0)['p'].shape == (8, 16, 16, 16)

@@ -1,7 +1,6 @@
 """Data parallelism, exact resume, preemption, and config checks of the train stage."""
 import functools
 import os
-import shutil
 import signal
 
 import jax
@@ -17,6 +16,7 @@ from cgc_jax import prepare
 from cgc_jax import pseudo_labels
 from cgc_jax import train
 
+from conftest import copy_inputs
 from conftest import tiny_config
 
 
@@ -66,12 +66,6 @@ def test_loss_depends_on_other_devices_vectors(tiny_workdir):
   assert abs(float(full['fine']) - np.mean([float(p['fine']) for p in parts])) > 1e-4
 
 
-def _copy_inputs(src, dst):
-  os.makedirs(dst, exist_ok=True)
-  for d in ('phantoms', 'prepared', 'pseudo_labels'):
-    shutil.copytree(os.path.join(src, d), os.path.join(dst, d))
-
-
 class _Interrupt(Exception):
   pass
 
@@ -79,8 +73,8 @@ class _Interrupt(Exception):
 def test_exact_resume_sigterm_finished_and_incompatible(tiny_workdir, tmp_path):
   cfg = tiny_config()
   ref_wd, wd = str(tmp_path / 'ref'), str(tmp_path / 'run')
-  _copy_inputs(tiny_workdir, ref_wd)
-  _copy_inputs(tiny_workdir, wd)
+  copy_inputs(tiny_workdir, ref_wd)
+  copy_inputs(tiny_workdir, wd)
   ref = jax.device_get(train.train_and_evaluate(cfg, ref_wd).params)
 
   cfg_eval = tiny_config(**{'eval.every_steps': 1})
@@ -115,11 +109,14 @@ def test_exact_resume_sigterm_finished_and_incompatible(tiny_workdir, tmp_path):
   with pytest.raises(checkpoint.IncompatibleCheckpointError) as e:
     train.train_and_evaluate(bad, wd)
   assert 'cgc.tau: 0.2 -> 0.5' in str(e.value) and 'train.lr' in str(e.value)
+  # also when the parameters' shapes differ (checked before orbax meets a shape mismatch)
+  with pytest.raises(checkpoint.IncompatibleCheckpointError, match=r'model.base: 4 -> 8'):
+    train.train_and_evaluate(tiny_config(**{'model.base': 8}), wd)
 
 
 def test_non_finite_loss_stops_with_step_and_cases(tiny_workdir, tmp_path):
   cfg = tiny_config(**{'train.lr': 1e30, 'train.grad_clip': 1e30, 'train.warmup_steps': 0})
   wd = str(tmp_path / 'nan')
-  _copy_inputs(tiny_workdir, wd)
+  copy_inputs(tiny_workdir, wd)
   with pytest.raises(train.NonFiniteError, match=r'step \d+: non-finite .*batch cases \[.phantom'):
     train.train_and_evaluate(cfg, wd)

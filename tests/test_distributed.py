@@ -1,0 +1,149 @@
+"""Multi-process runs on one machine (launch/local.sh): the same numbers as one process.
+
+Each run is a real multi-controller JAX job: processes joined by a localhost coordinator, gloo
+collectives between them, orbax saves from every process, offline stages split across processes.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import nibabel as nib
+import numpy as np
+
+from cgc_jax import evaluate
+from cgc_jax import pseudo_labels
+
+from conftest import ROOT
+from conftest import copy_inputs
+from conftest import tiny_config
+
+LAUNCH = os.path.join(ROOT, 'launch', 'local.sh')
+TINY = os.path.join(ROOT, 'tests', 'tiny.py')
+
+
+def _env(**extra):
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # not this process's 8 devices
+  env.update(JAX_PLATFORMS='cpu', **extra)
+  return env
+
+
+def _launch(n, devices, wd, *args):
+  r = subprocess.run(['bash', LAUNCH, str(n), str(devices), f'--config={TINY}', f'--workdir={wd}',
+                      *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-4000:]
+  return r.stderr
+
+
+def _metrics(wd):
+  with open(os.path.join(wd, 'train', 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def _masks(wd):
+  d = os.path.join(wd, 'eval', 'predictions')
+  return {f: np.asarray(nib.load(os.path.join(d, f)).dataobj) for f in sorted(os.listdir(d))}
+
+
+def test_two_processes_equal_one_and_checkpoints_cross_topologies(tiny_workdir, tmp_path):
+  a, b = str(tmp_path / 'a_2x2'), str(tmp_path / 'b_1x4')
+  # a: 2 processes x 2 devices, every stage from scratch (phantoms by process 0, cases split)
+  log = _launch(2, 2, a)
+  assert '[p0]' in log and '[p1]' in log and 'to do (2 in this process)' in log and \
+      'to do (1 in this process)' in log
+  cfg = tiny_config()
+  ref, got = pseudo_labels.pl_store(cfg, tiny_workdir), pseudo_labels.pl_store(cfg, a)
+  assert got.complete_cases() == ref.complete_cases()
+  for c in ref.complete_cases():  # the split offline stages wrote what one process writes
+    np.testing.assert_array_equal(got.read(c, 'p'), ref.read(c, 'p'))
+  # b: 1 process x 4 devices on the same inputs
+  copy_inputs(tiny_workdir, b)
+  _launch(1, 4, b)
+  ma, mb = _metrics(a), _metrics(b)
+  assert [r['step'] for r in ma] == [r['step'] for r in mb] == list(range(1, cfg.train.steps + 1))
+  for ra, rb in zip(ma, mb):
+    for k in ('loss', 'seg', 'coarse', 'fine', 'grad_norm'):
+      np.testing.assert_allclose(ra[k], rb[k], rtol=1e-5, atol=1e-5, err_msg=f'step {ra["step"]} {k}')
+  masks_a, masks_b = _masks(a), _masks(b)
+  assert len(masks_a) == 3 and any(m.sum() for m in masks_a.values())
+  # the 2-process checkpoint restored by one process (this one, 8 devices): the same masks
+  os.rename(os.path.join(a, 'eval'), os.path.join(a, 'eval_2x2'))
+  evaluate.evaluate(cfg, a)
+  for f, m in _masks(a).items():
+    np.testing.assert_array_equal(m, masks_a[f], err_msg=f)
+  # and the reverse: the 1-process checkpoint evaluated by 2 processes
+  os.rename(os.path.join(b, 'eval'), os.path.join(b, 'eval_1x4'))
+  _launch(2, 2, b, '--mode=evaluate')
+  for f, m in _masks(b).items():
+    np.testing.assert_array_equal(m, masks_b[f], err_msg=f)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _start(i, n, port, args, log_path):
+  env = _env(XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', JAX_NUM_PROCESSES=str(n),
+             JAX_PROCESS_ID=str(i))
+  with open(log_path, 'w') as log:
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=log, stderr=log)
+
+
+def test_a_dead_process_stops_the_others_within_the_heartbeat_timeout(tiny_workdir, tmp_path):
+  wd = str(tmp_path / 'dead')
+  copy_inputs(tiny_workdir, wd)
+  port, timeout_s = _free_port(), 5
+  args = ['-m', 'cgc_jax.main', f'--config={TINY}', f'--workdir={wd}', '--mode=train',
+          '--config.train.steps=100000', f'--config.dist.heartbeat_timeout_s={timeout_s}']
+  procs = [_start(i, 2, port, args, str(tmp_path / f'p{i}.log')) for i in range(2)]
+  try:
+    metrics = os.path.join(wd, 'train', 'metrics.jsonl')
+    deadline = time.time() + 300
+    while not (os.path.exists(metrics) and os.path.getsize(metrics)):
+      assert time.time() < deadline and procs[0].poll() is None, open(tmp_path / 'p0.log').read()
+      time.sleep(0.2)
+    procs[1].kill()  # process 1 dies mid-training (kill -9)
+    t0 = time.time()
+    rc = procs[0].wait(timeout=120)
+    waited = time.time() - t0
+  finally:
+    for p in procs:
+      p.kill()
+  assert rc != 0
+  assert waited < timeout_s + 30, waited  # not hanging in a collective
+
+
+_SYNC_SCRIPT = '''
+import sys, time
+from cgc_jax import distributed
+distributed.initialize()
+pid = distributed.jax.process_index()
+try:
+  distributed.sync('stage', 'case_7: unreadable header' if pid == 1 else '', 60)
+except distributed.DistributedError as e:
+  print('FAILED', e, flush=True)
+if pid == 1:
+  time.sleep(6)  # alive but late
+try:
+  distributed.sync('late', '', 3)
+except distributed.DistributedError as e:
+  print('TIMEOUT', e, flush=True)
+'''
+
+
+def test_barrier_carries_failures_and_names_missing_processes(tmp_path):
+  port = _free_port()
+  procs = [_start(i, 2, port, ['-c', _SYNC_SCRIPT], str(tmp_path / f's{i}.log')) for i in range(2)]
+  try:
+    assert procs[0].wait(timeout=120) == 0, open(tmp_path / 's0.log').read()
+  finally:
+    for p in procs:
+      p.kill()
+  out = open(tmp_path / 's0.log').read()
+  assert 'FAILED stage: failed in process(es) [1]:\n[process 1] case_7: unreadable header' in out
+  assert 'TIMEOUT late: processes [1] of 2 did not reach the barrier within 3s' in out
