@@ -48,8 +48,9 @@ def initialize(dist_cfg=None):
   """Starts the multi-process runtime when the job is multi-process; logs the layout; checks it.
 
   Multi-process when a coordinator address is given (config.dist.* or JAX_COORDINATOR_ADDRESS,
-  JAX_NUM_PROCESSES, JAX_PROCESS_ID), or under SLURM with more than one task, or on a Cloud TPU pod
-  (more than one worker host): then jax.distributed.initialize() auto-detects the rest.
+  JAX_NUM_PROCESSES, JAX_PROCESS_ID), or under SLURM with more than one task, or on a GKE TPU slice
+  (TPU_WORKER_HOSTNAMES), or with dist.auto_detect (Cloud TPU VM pods): then
+  jax.distributed.initialize() detects the rest.
   Idempotent: the stages call it; the first call decides.
   """
   global _INITIALIZED
@@ -57,7 +58,7 @@ def initialize(dist_cfg=None):
   get = lambda k, default: d[k] if d is not None and k in d else default  # pylint: disable=unnecessary-lambda-assignment
   if not _INITIALIZED:
     coord = _setting(get('coordinator_address', ''), 'JAX_COORDINATOR_ADDRESS', '')
-    cluster = _detected_cluster()
+    cluster = 'auto-detect' if get('auto_detect', False) else _detected_cluster()
     timeouts = dict(initialization_timeout=int(get('init_timeout_s', 300)),
                     heartbeat_timeout_seconds=int(get('heartbeat_timeout_s', 100)))
     if coord:

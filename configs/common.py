@@ -132,6 +132,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Flags win over the environment (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); SLURM
   # and Cloud TPU pods are detected. None of this changes any stage's output.
   c.dist = s = ml_collections.ConfigDict()
+  s.auto_detect = False  # True: let jax.distributed.initialize() detect the cluster (Cloud TPU VM
+  #                       pods, GKE, SLURM, Open MPI); SLURM with >1 task is detected anyway
   s.coordinator_address = ''  # host:port of process 0; '' = from the environment / auto-detect
   s.num_processes = 0  # 0 = from the environment / auto-detect
   s.process_id = -1  # -1 = from the environment / auto-detect

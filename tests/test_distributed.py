@@ -147,3 +147,16 @@ def test_barrier_carries_failures_and_names_missing_processes(tmp_path):
   out = open(tmp_path / 's0.log').read()
   assert 'FAILED stage: failed in process(es) [1]:\n[process 1] case_7: unreadable header' in out
   assert 'TIMEOUT late: processes [1] of 2 did not reach the barrier within 3s' in out
+
+
+def test_launch_scripts_fail_fast_naming_what_is_missing():
+  env = {k: v for k, v in _env().items() if not k.startswith(('SLURM_', 'TPU_'))}
+  env.pop('ZONE', None)
+  cases = [(['local.sh', '2'], 'usage: '),
+           (['local.sh', 'two', '2', '--config=c', '--workdir=w'], 'NUM_PROCESSES must be a positive'),
+           (['slurm.sbatch', '--config=c', '--workdir=w'], 'not inside a SLURM job'),
+           (['tpu_pod.sh', '--config=c', '--workdir=w'], 'TPU_NAME')]
+  for args, message in cases:
+    r = subprocess.run(['bash', os.path.join(ROOT, 'launch', args[0]), *args[1:]], env=env,
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0 and message in r.stderr, (args, r.returncode, r.stderr)
