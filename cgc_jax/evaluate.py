@@ -2,7 +2,8 @@
 grid, per-case metrics with the GMM (P) row beside the network's, summary table and pictures.
 
 Outputs (WORKDIR/eval/): predictions/<case>.nii.gz (u8, original grid and affine), cases.csv,
-summary.json, summary.md, pictures/<case>.png, pictures/dice.png. Predict mode writes
+summary.json, summary.md, pictures/<case>.png, pictures/dice.png; with eval.predictions_dir, masks
+made elsewhere are scored instead (WORKDIR/eval_predictions/). Predict mode writes
 WORKDIR/predict/masks/<case>.nii.gz for a folder of new scans (no labels needed).
 """
 import csv
@@ -82,7 +83,8 @@ def summary_markdown(summaries: dict, seconds: float, step: int) -> str:
     lines.append(f'| {name} | {s["cases"]} | {_fmt(s, "dice")} | {_fmt(s, "sensitivity")} | '
                  f'{_fmt(s, "assd")} | {_fmt(s, "hd95")} | {s["assd"]["nan_cases"]} | '
                  f'{s["empty_pred_cases"]} |')
-  lines += ['', f'Checkpoint step {step}; evaluation time {seconds:.1f}s.', '', CONVENTIONS]
+  source = f'Checkpoint step {step}' if step is not None else 'Masks from eval.predictions_dir'
+  lines += ['', f'{source}; evaluation time {seconds:.1f}s.', '', CONVENTIONS]
   return '\n'.join(lines) + '\n'
 
 
@@ -96,21 +98,28 @@ def evaluate(config, workdir: str):
   cases = prep.complete_cases()
   if not cases:
     raise prepare.StageError(f'{prep.root}: no prepared cases')
-  nch = prep.meta(cases[0])['arrays']['image']['shape'][-1]
-  params, step = restore_params(config, workdir, mesh, nch)
-  out_dir = os.path.join(workdir, 'eval')
+  external = config.eval.predictions_dir
+  out_dir = os.path.join(workdir, 'eval_predictions' if external else 'eval')
   fp = fingerprints.of(config, 'evaluate')
-  done = _load_json(os.path.join(out_dir, 'summary.json'))
-  if done and done.get('fingerprint') == fp and done.get('checkpoint_step') == step and \
-     sorted(c['case'] for c in done.get('cases', [])) == sorted(
-         c for c in cases if prep.meta(c)['has_label']):
-    logging.info('evaluate: up to date for checkpoint step %d (%s)', step, out_dir)
-    print(summary_markdown(done['summary'], done['seconds'], step))
-    return done['summary']
-  predictor = sliding_window.Predictor(config, mesh)
-  preds = predict_cases(config, prep, cases, params, predictor, os.path.join(out_dir, 'predictions'))
+  if external:  # masks from elsewhere, checked case by case before any metric
+    preds = {c: (None, m) for c, m in external_masks(external, prep, cases).items()}
+    step = None
+  else:
+    nch = prep.meta(cases[0])['arrays']['image']['shape'][-1]
+    params, step = restore_params(config, workdir, mesh, nch)
+    done = _load_json(os.path.join(out_dir, 'summary.json'))
+    if done and done.get('fingerprint') == fp and done.get('checkpoint_step') == step and \
+       sorted(c['case'] for c in done.get('cases', [])) == sorted(
+           c for c in cases if prep.meta(c)['has_label']):
+      logging.info('evaluate: up to date for checkpoint step %d (%s)', step, out_dir)
+      print(summary_markdown(done['summary'], done['seconds'], step))
+      return done['summary']
+    predictor = sliding_window.Predictor(config, mesh)
+    preds = predict_cases(config, prep, cases, params, predictor,
+                          os.path.join(out_dir, 'predictions'))
   rows = {'GMM w/ threshold (P)' if config.pseudo_labels.source == 'gmm'
-          else f'P ({config.pseudo_labels.source})': [], 'CGC network': []}
+          else f'P ({config.pseudo_labels.source})': [],
+          f'predictions ({external})' if external else 'CGC network': []}
   p_name, n_name = list(rows)
   per_case = []
   p_masks = {}
@@ -140,7 +149,7 @@ def evaluate(config, workdir: str):
   seconds = time.time() - t0
   if distributed.is_main():
     _write_reports(out_dir, per_case, summaries, seconds, step, fp)
-    if config.eval.pictures:
+    if config.eval.pictures and not external:
       from cgc_jax import overlays  # pylint: disable=g-import-not-at-top
       overlays.write_all(out_dir, prep, cases, {c: v[0] for c, v in preds.items()}, p_masks,
                          per_case, p_name, n_name)
@@ -148,6 +157,40 @@ def evaluate(config, workdir: str):
   logging.info('evaluation (%d cases with ground truth):\n%s', len(per_case), md)
   print(md)
   return summaries
+
+
+def external_masks(folder: str, prep: store_lib.Store, cases: list) -> dict:
+  """{case: bool mask on the original grid} from folder/<case>.nii.gz for every case with ground
+  truth. Raises StageError listing EVERY case whose mask is missing, unreadable, or not on the
+  case's original grid (shape, affine): never a silent skip."""
+  import nibabel as nib  # pylint: disable=g-import-not-at-top
+  masks, missing, wrong = {}, [], []
+  for c in cases:
+    meta = prep.meta(c)
+    if not meta['has_label']:
+      continue
+    geom = geometry.Geometry.from_json(meta['geometry'])
+    path = os.path.join(folder, f'{c}.nii.gz')
+    if not os.path.exists(path):
+      missing.append(c)
+      continue
+    try:
+      img = nib.load(path)
+      mask = np.asarray(img.dataobj)
+    except Exception as e:  # pylint: disable=broad-except
+      wrong.append(f'{c}: unreadable ({type(e).__name__}: {e})')
+      continue
+    if mask.shape != tuple(geom.original_shape):
+      wrong.append(f'{c}: shape {mask.shape}, the scan has {tuple(geom.original_shape)}')
+    elif not np.allclose(img.affine, geom.original_affine, atol=1e-3):
+      wrong.append(f'{c}: affine differs from the scan\'s')
+    else:
+      masks[c] = mask > 0.5
+  if missing or wrong:
+    lines = ([f'missing ({len(missing)}): {", ".join(missing)}'] if missing else []) + wrong
+    raise prepare.StageError(f'{folder}: predictions do not match the cases to evaluate; nothing '
+                             'was scored:\n  ' + '\n  '.join(lines))
+  return masks
 
 
 def _load_json(path):
@@ -181,13 +224,21 @@ def predict(config, workdir: str):
   mesh = distributed.mesh()
   root = os.path.join(workdir, 'predict')
   store = store_lib.Store(os.path.join(root, 'prepared'), fingerprints.of(config, 'prepare'))
-  cases = prepare.run(config, workdir, root=config.eval.input_root, store=store)
-  nch = store.meta(cases[0])['arrays']['image']['shape'][-1]
-  params, step = restore_params(config, workdir, mesh, nch)
-  predictor = sliding_window.Predictor(config, mesh)
-  predict_cases(config, store, cases, params, predictor, os.path.join(root, 'masks'))
-  logging.info('predict: %d masks from checkpoint step %d in %s', len(cases), step,
-               os.path.join(root, 'masks'))
+  failed = None
+  try:
+    cases = prepare.run(config, workdir, root=config.eval.input_root, store=store)
+  except prepare.StageError as e:  # bad scans: predict the good ones, then report the bad ones
+    failed, cases = e, e.done
+  if cases:
+    nch = store.meta(cases[0])['arrays']['image']['shape'][-1]
+    params, step = restore_params(config, workdir, mesh, nch)
+    predictor = sliding_window.Predictor(config, mesh)
+    predict_cases(config, store, cases, params, predictor, os.path.join(root, 'masks'))
+    logging.info('predict: %d masks from checkpoint step %d in %s', len(cases), step,
+                 os.path.join(root, 'masks'))
+  if failed:
+    raise prepare.StageError(f'{failed}\npredict: masks were written for the {len(cases)} readable '
+                             'scans only', cases)
 
 
 def dice_during_training(config, workdir, mesh):

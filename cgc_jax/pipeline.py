@@ -3,7 +3,10 @@
 JAX, orbax and the model are imported only by the stages that need them: offline-stage worker
 processes (spawned) re-import the main module, and should not pay for JAX.
 """
+import json
 import os
+import shutil
+import socket
 import time
 
 from absl import logging
@@ -26,15 +29,82 @@ USER_ERRORS = (readers.DataError, prepare.StageError, parallel.CaseFailure, Work
                errors.DistributedError)
 
 
-def _check_workdir(workdir: str):
+def _check_workdir(workdir: str, min_free_gb: float):
+  """Before any work: the workdir can be created and written, and has room."""
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, f'.write-test-{os.getpid()}')
-    with open(probe, 'wb') as f:
-      f.write(b'\0' * 4096)
-    os.remove(probe)
+    try:
+      with open(probe, 'wb') as f:
+        f.write(b'\0' * 4096)
+    finally:
+      if os.path.exists(probe):
+        os.remove(probe)
   except OSError as e:
     raise WorkdirError(f'{workdir}: workdir is not writable ({e.strerror}); nothing was done') from e
+  free_gb = shutil.disk_usage(workdir).free / 1e9
+  if free_gb < min_free_gb:
+    raise WorkdirError(f'{workdir}: only {free_gb:.2f} GB free, below workdir.min_free_gb = '
+                       f'{min_free_gb:g}; free some space or use another --workdir; nothing was done')
+
+
+class WorkdirLock:
+  """WORKDIR/.lock holds {host, pid, mode, started} of the run using the workdir.
+
+  A second run refuses with the first one's host and pid. A lock left by a killed run on this host
+  (its pid no longer running) is stale: cleared with a warning. A lock from another host cannot be
+  checked from here: the message says how to clear it by hand.
+  """
+
+  def __init__(self, workdir: str, mode: str):
+    self.path = os.path.join(workdir, '.lock')
+    self.info = {'host': socket.gethostname(), 'pid': os.getpid(), 'mode': mode,
+                 'started': time.strftime('%Y-%m-%d %H:%M:%S')}
+
+  def __enter__(self):
+    for _ in range(3):
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        other = self._read()
+        if other is None or (other.get('host') == self.info['host'] and
+                             not _running(other.get('pid', -1))):
+          logging.warning('%s: clearing a stale lock %s (that run is no longer running)', self.path,
+                          other or '(unreadable)')
+          try:
+            os.remove(self.path)
+          except FileNotFoundError:
+            pass
+          continue
+        raise WorkdirError(
+            f'{os.path.dirname(self.path)}: in use by another run (host {other.get("host")}, pid '
+            f'{other.get("pid")}, mode {other.get("mode")}, started {other.get("started")}). Wait '
+            f'for it to finish or stop it; if it died on another host, delete {self.path}.')
+      with os.fdopen(fd, 'w') as f:
+        json.dump(self.info, f)
+      return self
+    raise WorkdirError(f'{self.path}: could not take the workdir lock')
+
+  def _read(self):
+    try:
+      with open(self.path) as f:
+        return json.load(f)
+    except (OSError, ValueError):
+      return None
+
+  def __exit__(self, *_):
+    if (self._read() or {}).get('pid') == self.info['pid']:
+      os.remove(self.path)
+
+
+def _running(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
 
 
 def run(config, workdir: str, mode: str = 'all'):
@@ -44,7 +114,15 @@ def run(config, workdir: str, mode: str = 'all'):
   if mode == 'verify':  # writes nothing, not even the workdir
     prepare.verify(config, workdir)
     return
-  _check_workdir(workdir)
+  _check_workdir(workdir, config.workdir.min_free_gb)
+  if distributed.is_main() and config.workdir.lock:
+    with WorkdirLock(workdir, mode):
+      _run_stages(config, workdir, mode, t0)
+  else:
+    _run_stages(config, workdir, mode, t0)
+
+
+def _run_stages(config, workdir, mode, t0):
   if mode in ('all', 'prepare'):
     prepare.run(config, workdir)
   if mode in ('all', 'pseudo_labels'):
@@ -55,7 +133,7 @@ def run(config, workdir: str, mode: str = 'all'):
     try:
       periodic = None
       if config.eval.every_steps:
-        from cgc_jax import evaluate  # pylint: disable=g-import-not-at-top
+        from cgc_jax import distributed, evaluate  # pylint: disable=g-import-not-at-top
         periodic = evaluate.dice_during_training(config, workdir, distributed.mesh())
       train.train_and_evaluate(config, workdir, periodic)
     except train.Preempted as e:

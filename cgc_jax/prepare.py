@@ -23,7 +23,12 @@ from cgc_jax import store as store_lib
 
 
 class StageError(Exception):
-  """A stage could not finish; the message lists every failed case and why."""
+  """A stage could not finish; the message lists every failed case and why. `done`: the cases that
+  did complete (kept on disk)."""
+
+  def __init__(self, message: str, done=()):
+    super().__init__(message)
+    self.done = list(done)
 
 
 def prepared_store(config, workdir) -> store_lib.Store:
@@ -167,5 +172,5 @@ def finish_cases(config, store: store_lib.Store, cases: list, results: dict, wha
     if distributed.is_main():
       store.write_manifest(done)
   if err:
-    raise StageError(err)
+    raise StageError(err, done)
   return done

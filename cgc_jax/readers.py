@@ -7,7 +7,9 @@ Nothing is reoriented here (see geometry.py).
 """
 import dataclasses
 import glob
+import gzip
 import os
+import zlib
 from typing import Optional
 
 import nibabel as nib
@@ -85,12 +87,32 @@ def discover(data_cfg, root: Optional[str] = None) -> list:
   return cases
 
 
+def _open_nifti(path: str):
+  """nib.load, except that a .gz file is decompressed whole first, so that a truncated stream or a
+  CRC mismatch is an error even when the voxel data happen to be complete (nibabel stops reading at
+  the last voxel and never sees the damaged trailer)."""
+  if not path.endswith('.gz'):
+    return nib.load(path)
+  with gzip.open(path, 'rb') as f:
+    raw = f.read()  # verifies the stream's CRC and length at its end
+  klass = nib.Nifti2Image if raw[:4] in (b'\x1c\x02\x00\x00', b'\x00\x00\x02\x1c') else nib.Nifti1Image
+  return klass.from_bytes(raw)
+
+
 def _load_volume(path: str, problems: list):
   """Loads one NIfTI as float32 3D + (affine, spacing, header); problems appended, None on failure."""
   try:
-    img = nib.load(path)
+    img = _open_nifti(path)
+  except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+    problems.append(Problem(path, f'truncated or damaged gzip stream ({type(e).__name__}: {e})'))
+    return None
   except Exception as e:  # nibabel raises many types for garbage headers
     problems.append(Problem(path, f'not a readable NIfTI file ({type(e).__name__}: {e})'))
+    return None
+  dtype = img.get_data_dtype()
+  if dtype.kind not in 'iuf':  # complex, RGB, bool: not a scalar intensity image
+    problems.append(Problem(path, f'unsupported voxel type {dtype} (expected integer or real '
+                            'scalars)'))
     return None
   shape = img.shape
   if len(shape) == 4 and shape[3] == 1:

@@ -127,6 +127,12 @@ def base_config() -> ml_collections.ConfigDict:
   e.every_steps = 0  # >0: Dice of the network against ground truth every N training steps (analysis only)
   e.pictures = True  # PNG overlays
   e.input_root = ''  # predict mode: folder of new scans (layout as data.layout)
+  e.predictions_dir = ''  # evaluate mode: score <case>.nii.gz masks from this folder instead of the network
+
+  # ---------------------------------------------------------------- the run folder
+  c.workdir = w = ml_collections.ConfigDict()
+  w.min_free_gb = 1.0  # refuse to start with less free space than this in --workdir
+  w.lock = True  # WORKDIR/.lock: a second run on the same workdir refuses to start
 
   # ---------------------------------------------------------------- multi-process start-up
   # Flags win over the environment (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); SLURM

@@ -77,7 +77,7 @@ def test_sigkill_midway_then_rerun_finishes_without_redoing(tmp_path):
   assert 2 <= len(finished) < 6, finished
   r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-2000:]
-  assert f'{len(finished)} already prepared, {6 - len(finished)} to do' in r.stderr
+  assert f'{len(finished)} already done, {6 - len(finished)} to do' in r.stderr
   for name, mtime in finished.items():  # finished shards were not recomputed
     assert os.stat(cases_dir / name / 'meta.json').st_mtime_ns == mtime
   assert not [d for d in os.listdir(cases_dir) if d.startswith('.tmp-')]
