@@ -41,13 +41,43 @@ def test_recovers_a_bright_lesion():
   np.testing.assert_array_equal(post, post2)
 
 
-def test_subsample_fit_agrees_with_full_fit():
+def test_compressed_fit_agrees_with_sklearn_on_every_voxel():
   img, brain, _ = _two_tissue_volume(np.random.default_rng(1), shape=(40, 40, 40))
   cfg = _gcfg(k=4, subsample=5000)
-  _, p_sub, _ = gmm.pseudo_label(img, brain, [0, 1], 0, cfg, 'c')
-  _, p_full, _ = gmm.pseudo_label(img, brain, [0, 1], 0, cfg, 'c', full_fit=True)
+  _, p_sub, rep = gmm.pseudo_label(img, brain, [0, 1], 0, cfg, 'c')
+  _, p_full, ref = gmm.pseudo_label(img, brain, [0, 1], 0, cfg, 'c', full_fit=True)
   inter = (p_sub & p_full).sum()
-  assert 2 * inter / (p_sub.sum() + p_full.sum()) > 0.99
+  assert 2 * inter / (p_sub.sum() + p_full.sum()) > 0.999
+  assert rep['cells'] < brain.sum() / 5  # the fit saw far fewer points than voxels
+  order = np.argsort(np.asarray(ref['means'])[:, 0])
+  np.testing.assert_allclose(np.asarray(rep['means'])[order], np.asarray(ref['means'])[order],
+                             atol=0.01)
+
+
+def test_compressed_cells_keep_the_data_moments():
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(5000, 3)).astype(np.float32) @ np.array([[1, 0.5, 0], [0, 1, 0.2], [0, 0, 2]],
+                                                                np.float32)
+  cent, counts, scatter, cell = gmm.compress(x, 8, return_cell=True)
+  assert counts.sum() == 5000 and len(counts) < 5000
+  x64 = x.astype(np.float64)
+  np.testing.assert_allclose((counts[:, None] * cent).sum(0), x64.sum(0), rtol=1e-9)
+  second = np.einsum('m,mi,mj->ij', counts, cent, cent) + scatter.sum(0)
+  np.testing.assert_allclose(second, x64.T @ x64, rtol=1e-9)
+  # one EM step on the cells = the same step on every row, each row weighted by its cell's
+  # responsibilities (the only approximation of the compressed fit)
+  init = gmm.initial_params(x, 2, 0, 1e-4, 1)
+  mix, _, _ = gmm.em(cent, counts, scatter, init, 1e-4, 1, 0.0)
+  start = gmm.Mixture(init['weights_init'], init['means_init'], np.linalg.inv(init['precisions_init']))
+  r = np.exp(start.log_resp(cent)[0])[cell]  # f64[N, K]
+  nk = r.sum(0)
+  means = r.T @ x64 / nk[:, None]
+  np.testing.assert_allclose(mix.weights_, nk / 5000, rtol=1e-9)
+  np.testing.assert_allclose(mix.means_, means, rtol=1e-9)
+  for j in range(2):
+    d = x64 - means[j]
+    cov = (r[:, j, None] * d).T @ d / nk[j] + 1e-4 * np.eye(3)
+    np.testing.assert_allclose(mix.covariances_[j], cov, rtol=1e-8)
 
 
 def test_singular_covariance_raises_regulariser_and_retries():

@@ -61,7 +61,7 @@ def _broken_dataset(root):
   p = os.path.join(d, 'FLAIR.nii.gz')
   raw = open(p, 'rb').read()
   open(p, 'wb').write(raw[:len(raw) // 2])
-  expect['corrupt or truncated'] = p
+  expect['truncated or damaged gzip stream'] = p
   d = _good_case(root, 'constant')
   _save(np.full((20, 22, 18), 7.0, np.float32), os.path.join(d, 'T1.nii.gz'))
   expect['constant image'] = os.path.join(d, 'T1.nii.gz')
