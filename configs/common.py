@@ -51,7 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
   g.k = 4  # mixture components (MRI: CSF, GM, WM, lesion)
   g.channels = ('flair', 't1')  # channels the mixture sees (subset of data.modalities)
   g.subsample = 20000  # brain voxels the k-means start is computed on
-  g.bins = 64  # per-channel quantisation levels of the compressed all-voxel fit (see gmm.py)
+  g.bins = 128  # per-channel quantisation levels of the compressed all-voxel fit (see gmm.py)
   g.seed = 0  # subsample and initialisation seed (per case: folded with the case id)
   g.threshold = 0.5  # P = lesion posterior > threshold
   g.lesion_channel = 'flair'  # lesion-bright channel

@@ -1,4 +1,5 @@
 """Shared fixtures. 8 fake CPU devices for the data-parallel tests (set before JAX is imported)."""
+import atexit
 import os
 import shutil
 import sys
@@ -13,7 +14,9 @@ sys.path.insert(0, os.path.join(ROOT, 'configs'))
 
 # Identical programs compiled by several tests (same config, same mesh), in this process or in the
 # subprocesses of the multi-process tests, are compiled once.
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='cgc_jax_xla_cache_'))
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='cgc_jax_xla_cache_')
+  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
