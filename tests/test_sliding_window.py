@@ -10,6 +10,12 @@ from cgc_jax import unet
 from conftest import tiny_config
 
 
+def _params(cfg, seed):
+  """U-Net parameters, initialised in one jitted call (eager init runs op by op: ~20 s on CPU)."""
+  init = jax.jit(lambda k: train.init_params(cfg, k, 4)['unet'])
+  return init(jax.random.key(seed, impl='rbg'))
+
+
 def test_compute_steps_hand_values():
   # nnU-Net's rule: ceil((size - window) / (window * (1 - overlap))) + 1 evenly spread starts
   assert sliding_window.compute_steps((100, 64, 30), (64, 64, 64), 0.5) == [[0, 18, 36], [0], [0]]
@@ -26,7 +32,7 @@ def test_gaussian_importance():
 def test_predict_volume_matches_direct_softmax(shape):
   cfg = tiny_config()
   mesh = Mesh(np.asarray(jax.devices()), ('data',))
-  params = train.init_params(cfg, jax.random.key(0), 4)['unet']
+  params = _params(cfg, 0)
   pred = sliding_window.Predictor(cfg, mesh)
   rng = np.random.default_rng(0)
   image = rng.normal(size=shape + (4,)).astype(np.float32)
@@ -56,7 +62,7 @@ def test_predict_volume_matches_direct_softmax(shape):
 def test_flip_tta_is_flip_equivariant():
   cfg = tiny_config(**{'eval.tta_flip': True})
   mesh = Mesh(np.asarray(jax.devices()[:1]), ('data',))
-  params = train.init_params(cfg, jax.random.key(1), 4)['unet']
+  params = _params(cfg, 1)
   pred = sliding_window.Predictor(cfg, mesh)
   image = np.random.default_rng(1).normal(size=(16, 16, 16, 4)).astype(np.float32)
   a = pred.predict_volume(params, image)
@@ -68,7 +74,7 @@ def test_flip_tta_equals_mean_over_the_eight_flips():
   import itertools  # pylint: disable=g-import-not-at-top
   cfg = tiny_config(**{'eval.tta_flip': True})
   mesh = Mesh(np.asarray(jax.devices()[:1]), ('data',))
-  params = train.init_params(cfg, jax.random.key(2), 4)['unet']
+  params = _params(cfg, 2)
   image = np.random.default_rng(2).normal(size=(16, 16, 16, 4)).astype(np.float32)
   got = sliding_window.Predictor(cfg, mesh).predict_volume(params, image)
   net, _, _ = unet.build(cfg.model)

@@ -1,0 +1,180 @@
+"""The paper's tables as named sets of config variants sharing the offline stages.
+
+    python -m cgc_jax.experiments --config=configs/demo.py --workdir=runs/demo --table=methods
+
+Tables: methods, ablation, temperature (see TABLES). The prepare stage runs once in --workdir; each
+pseudo-label source runs once (WORKDIR/experiments/p_<source>/); each trained row and seed gets its
+own workdir (WORKDIR/experiments/<table>/<row>/seed<s>/) that links to those shared stages and runs
+train + evaluate (so an interrupted table resumes where it stopped: finished rows are skipped by the
+stages themselves). Writes WORKDIR/experiments/<table>.{md,json}: mean +- std over cases (pooled over
+seeds) of Dice, sensitivity and ASSD, the std of the per-seed mean Dice across seeds, and run time.
+
+Mini-patch sizes z are given as fractions of the bottleneck (1/2, 1/4, 1/8 of each axis, at least 1):
+the paper's 12x12x4, 6x6x2 and 3x3x1 are those fractions of its 24x24x8 bottleneck (192x192x64
+crops), and a smaller crop keeps the same relation.
+"""
+import json
+import math
+import os
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import numpy as np
+from ml_collections import config_flags
+
+from cgc_jax import metrics
+from cgc_jax import pipeline
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'configs/*.py file', lock_config=False)
+flags.DEFINE_string('workdir', None, 'base workdir (its prepared data are shared by every row)')
+flags.DEFINE_enum('table', 'methods', ['methods', 'ablation', 'temperature'], 'which table')
+flags.DEFINE_string('seeds', '0,1', 'training seeds, comma separated')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+_BACKBONE = {'cgc.coarse': False, 'cgc.fine': False}
+_FULL = {'cgc.coarse': True, 'cgc.fine': True}
+
+
+def _z(fraction):
+  return ('z', fraction)  # resolved against the config's bottleneck in _apply
+
+
+# Row: (name, P source, overrides or None for a P-only row)
+TABLES = {
+    'methods': [
+        ('GMM w/ threshold (P)', 'gmm', None),
+        ('threshold method (P)', 'threshold', None),
+        ('backbone + P (GMM)', 'gmm', _BACKBONE),
+        ('full CGC (GMM P)', 'gmm', _FULL),
+        ('full CGC (P from the threshold method)', 'threshold', _FULL),
+        ('full supervision (P = ground truth)', 'ground_truth', _BACKBONE),
+    ],
+    'ablation': [
+        ('backbone + P', 'gmm', _BACKBONE),
+        ('+ global (coarse)', 'gmm', {'cgc.coarse': True, 'cgc.fine': False}),
+        ('+ local (fine)', 'gmm', {'cgc.coarse': False, 'cgc.fine': True}),
+        ('full, z = bottleneck/2 (paper 12x12x4)', 'gmm', dict(_FULL, **{'cgc.patch': _z(2)})),
+        ('full, z = bottleneck/4 (paper 6x6x2)', 'gmm', dict(_FULL, **{'cgc.patch': _z(4)})),
+        ('full, z = bottleneck/8 (paper 3x3x1)', 'gmm', dict(_FULL, **{'cgc.patch': _z(8)})),
+    ],
+    'temperature': [(f'full CGC, tau = {t}', 'gmm', dict(_FULL, **{'cgc.tau': t}))
+                    for t in (0.07, 0.1, 0.2, 0.3, 0.7, 0.9)],
+}
+
+
+def _apply(config, overrides: dict):
+  c = config.copy_and_resolve_references()
+  bottleneck = [s // 2**(c.model.levels - 1) for s in c.train.crop]
+  for key, value in overrides.items():
+    section, field = key.split('.')
+    if isinstance(value, tuple) and value and value[0] == 'z':
+      value = tuple(max(1, b // value[1]) for b in bottleneck)
+    c[section][field] = value
+  return c
+
+
+def _slug(name: str) -> str:
+  keep = ''.join(ch if ch.isalnum() else '_' for ch in name.lower())
+  return '_'.join(p for p in keep.split('_') if p)[:60]
+
+
+def _link(src, dst):
+  if not os.path.lexists(dst):
+    os.symlink(os.path.abspath(src), dst)
+
+
+def p_workdir(config, base: str, source: str) -> str:
+  """The workdir whose pseudo_labels/ holds P from `source`, sharing the base's prepared data."""
+  config = config.copy_and_resolve_references()
+  config.pseudo_labels.source = source
+  if source == 'gmm':
+    wd = base
+  else:
+    wd = os.path.join(base, 'experiments', f'p_{source}')
+    os.makedirs(wd, exist_ok=True)
+    for d in ('prepared', 'phantoms'):
+      if os.path.exists(os.path.join(base, d)):
+        _link(os.path.join(base, d), os.path.join(wd, d))
+  pipeline.run(config, wd, 'pseudo_labels')
+  return wd
+
+
+def _p_rows(wd) -> list:
+  with open(os.path.join(wd, 'pseudo_labels', 'summary.json')) as f:
+    return json.load(f)['rows']
+
+
+def _row_summary(per_seed: dict, seconds: float) -> dict:
+  """per_seed: {seed: [per-case metric rows]} -> pooled mean/std and std of seed means."""
+  pooled = [r for rows in per_seed.values() for r in rows]
+  s = metrics.summarise(pooled, ('dice', 'sensitivity', 'assd'))
+  means = [float(np.mean([r['dice'] for r in rows])) for rows in per_seed.values()]
+  s['dice_seed_means'] = means
+  s['dice_std_across_seeds'] = float(np.std(means)) if len(means) > 1 else float('nan')
+  s['seeds'] = sorted(per_seed)
+  s['seconds'] = seconds
+  return s
+
+
+def run_table(config, base: str, table: str, seeds: list) -> dict:
+  pipeline.run(config, base, 'prepare')
+  results = {}
+  for name, source, overrides in TABLES[table]:
+    t0 = time.time()
+    pwd = p_workdir(config, base, source)
+    if overrides is None:  # a P-only row: the pseudo-labels scored against ground truth
+      results[name] = _row_summary({'-': _p_rows(pwd)}, time.time() - t0)
+      continue
+    per_seed = {}
+    for seed in seeds:
+      c = _apply(config, overrides)
+      c.pseudo_labels.source = source
+      c.train.seed = int(seed)
+      wd = os.path.join(base, 'experiments', table, _slug(name), f'seed{seed}')
+      os.makedirs(wd, exist_ok=True)
+      for d in ('prepared', 'phantoms', 'pseudo_labels'):
+        if os.path.exists(os.path.join(pwd, d)):
+          _link(os.path.join(pwd, d), os.path.join(wd, d))
+      logging.info('experiments %s: %s, seed %s (%s)', table, name, seed, wd)
+      pipeline.run(c, wd, 'all')
+      with open(os.path.join(wd, 'eval', 'summary.json')) as f:
+        cases = json.load(f)['cases']
+      per_seed[seed] = [{k[len('net_'):]: v for k, v in r.items() if k.startswith('net_')}
+                        for r in cases]
+    results[name] = _row_summary(per_seed, time.time() - t0)
+  return results
+
+
+def markdown(table: str, results: dict, config) -> str:
+  lines = [f'Table `{table}` ({config.data.layout}, {len(next(iter(results.values()))["seeds"])} '
+           'seed(s) per trained row; mean +- std over cases pooled over seeds)', '',
+           '| row | Dice | std of seed means | Sensitivity | ASSD [mm] | time [s] |',
+           '| --- | --- | --- | --- | --- | --- |']
+  for name, s in results.items():
+    sd = s['dice_std_across_seeds']
+    lines.append(f'| {name} | {s["dice"]["mean"]:.4f} +- {s["dice"]["std"]:.4f} | '
+                 f'{"-" if math.isnan(sd) else f"{sd:.4f}"} | {s["sensitivity"]["mean"]:.4f} +- '
+                 f'{s["sensitivity"]["std"]:.4f} | {s["assd"]["mean"]:.2f} +- {s["assd"]["std"]:.2f} | '
+                 f'{s["seconds"]:.0f} |')
+  return '\n'.join(lines) + '\n'
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  seeds = [int(s) for s in FLAGS.seeds.split(',') if s.strip()]
+  results = run_table(config, FLAGS.workdir, FLAGS.table, seeds)
+  out = os.path.join(FLAGS.workdir, 'experiments')
+  os.makedirs(out, exist_ok=True)
+  md = markdown(FLAGS.table, results, config)
+  from cgc_jax import store  # pylint: disable=g-import-not-at-top
+  store.atomic_write_text(os.path.join(out, f'{FLAGS.table}.md'), md)
+  store.atomic_write_json(os.path.join(out, f'{FLAGS.table}.json'), results)
+  print(md)
+
+
+if __name__ == '__main__':
+  app.run(main)
