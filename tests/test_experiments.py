@@ -27,7 +27,7 @@ def test_row_summary_pools_cases_and_reports_the_spread_of_seed_means():
   np.testing.assert_allclose(s['dice_seed_means'], [0.6, 0.85], rtol=1e-12)
   assert abs(s['dice_std_across_seeds'] - 0.125) < 1e-12
   md = experiments.markdown('t', {'r': s}, tiny_config())
-  assert '| r | 0.7250 +- 0.1090 | 0.1250 | 1.0000 +- 0.0000 | 2.00 +- 0.00 | 12 |' in md
+  assert '| r | 0.7250 +- 0.1479 | 0.1250 | 1.0000 +- 0.0000 | 2.00 +- 0.00 | 12 |' in md
 
 
 def test_a_table_shares_the_offline_stages(tiny_workdir, tmp_path, monkeypatch):
