@@ -12,7 +12,9 @@ import time
 
 import nibabel as nib
 import numpy as np
+import pytest
 
+from cgc_jax import distributed
 from cgc_jax import evaluate
 from cgc_jax import pseudo_labels
 
@@ -160,3 +162,12 @@ def test_launch_scripts_fail_fast_naming_what_is_missing():
     r = subprocess.run(['bash', os.path.join(ROOT, 'launch', args[0]), *args[1:]], env=env,
                        capture_output=True, text=True, timeout=30)
     assert r.returncode != 0 and message in r.stderr, (args, r.returncode, r.stderr)
+
+
+def test_a_wrong_device_count_stops_at_start_up():
+  cfg = tiny_config()
+  cfg.dist.expected_devices = 16
+  with pytest.raises(distributed.DistributedError, match=r'expected 16 devices .*found 8'):
+    distributed.initialize(cfg.dist)
+  cfg.dist.expected_devices = 8
+  distributed.initialize(cfg.dist)
