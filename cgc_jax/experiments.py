@@ -164,6 +164,7 @@ def markdown(table: str, results: dict, config) -> str:
 
 def main(argv):
   del argv
+  pipeline.quiet_library_logs()
   config = FLAGS.config
   seeds = [int(s) for s in FLAGS.seeds.split(',') if s.strip()]
   results = run_table(config, FLAGS.workdir, FLAGS.table, seeds)

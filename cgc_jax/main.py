@@ -3,7 +3,6 @@
 Modes: all (default: every stage whose output is missing or stale), verify, prepare, pseudo_labels,
 train, evaluate, predict. Any config field can be overridden: `--config.train.steps=200`.
 """
-import logging as std_logging
 import sys
 
 from absl import app
@@ -21,16 +20,11 @@ flags.DEFINE_bool('verbose', False, 'Show Python tracebacks for data and stage e
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def _quiet_libraries(record) -> bool:
-  """Drops orbax's per-save INFO lines (dozens per checkpoint); its warnings and errors stay."""
-  return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not FLAGS.verbose:
-    logging.get_absl_handler().addFilter(_quiet_libraries)
+    pipeline.quiet_library_logs()
   try:
     pipeline.run(FLAGS.config, FLAGS.workdir, FLAGS.mode)
   except pipeline.USER_ERRORS as e:

@@ -4,6 +4,7 @@ JAX, orbax and the model are imported only by the stages that need them: offline
 processes (spawned) re-import the main module, and should not pay for JAX.
 """
 import json
+import logging as std_logging
 import os
 import shutil
 import socket
@@ -27,6 +28,15 @@ class WorkdirError(Exception):
 USER_ERRORS = (readers.DataError, prepare.StageError, parallel.CaseFailure, WorkdirError,
                store_lib.CorruptShardError, errors.IncompatibleCheckpointError,
                errors.DistributedError)
+
+
+def _quiet(record) -> bool:
+  return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+
+
+def quiet_library_logs():
+  """Drops orbax's per-save INFO lines (dozens per checkpoint); its warnings and errors stay."""
+  logging.get_absl_handler().addFilter(_quiet)
 
 
 def _check_workdir(workdir: str, min_free_gb: float):
