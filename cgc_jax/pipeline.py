@@ -125,11 +125,22 @@ def run(config, workdir: str, mode: str = 'all'):
     prepare.verify(config, workdir)
     return
   _check_workdir(workdir, config.workdir.min_free_gb)
-  if distributed.is_main() and config.workdir.lock:
-    with WorkdirLock(workdir, mode):
-      _run_stages(config, workdir, mode, t0)
-  else:
+  lock = WorkdirLock(workdir, mode) if distributed.is_main() and config.workdir.lock else None
+  err = ''
+  if lock:
+    try:
+      lock.__enter__()
+    except WorkdirError as e:
+      err, lock = str(e), None
+  # every process learns at once whether process 0 got the workdir (not after a heartbeat timeout)
+  distributed.sync('workdir-lock', err, config.dist.barrier_timeout_s)
+  if err:
+    raise WorkdirError(err)
+  try:
     _run_stages(config, workdir, mode, t0)
+  finally:
+    if lock:
+      lock.__exit__()
 
 
 def _run_stages(config, workdir, mode, t0):
