@@ -149,8 +149,9 @@ def run_table(config, base: str, table: str, seeds: list) -> dict:
 
 
 def markdown(table: str, results: dict, config) -> str:
-  lines = [f'Table `{table}` ({config.data.layout}, {len(next(iter(results.values()))["seeds"])} '
-           'seed(s) per trained row; mean +- std over cases pooled over seeds)', '',
+  seeds = max((len(s['seeds']) for s in results.values() if s['seeds'] != ['-']), default=0)
+  lines = [f'Table `{table}` ({config.data.layout}, {seeds} seed(s) per trained row; mean +- std '
+           'over cases pooled over seeds; P rows: the pseudo-labels themselves)', '',
            '| row | Dice | std of seed means | Sensitivity | ASSD [mm] | time [s] |',
            '| --- | --- | --- | --- | --- | --- |']
   for name, s in results.items():
