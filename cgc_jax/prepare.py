@@ -144,10 +144,12 @@ def start_cases(config, store: store_lib.Store, cases: list, what: str) -> list:
   Cases are split round robin across JAX processes; process 0 cleans, the others wait for it.
   """
   from cgc_jax import distributed  # pylint: disable=g-import-not-at-top  (workers skip JAX)
+  # every process lists the work BEFORE the barrier, i.e. before anyone writes: the same list
+  # everywhere, so the round-robin shares cover each case exactly once
+  todo = [c for c in cases if not store.is_complete(c)]
   if distributed.is_main():
     store.clean_partial()
   distributed.sync(f'{what}-start', '', config.dist.barrier_timeout_s)
-  todo = [c for c in cases if not store.is_complete(c)]
   mine = distributed.share(todo)
   logging.info('%s: %d cases, %d already done, %d to do (%d in this process)', what, len(cases),
                len(cases) - len(todo), len(todo), len(mine))
