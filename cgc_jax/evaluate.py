@@ -178,9 +178,11 @@ def external_masks(folder: str, prep: store_lib.Store, cases: list) -> dict:
       img = nib.load(path)
       mask = np.asarray(img.dataobj)
     except Exception as e:  # pylint: disable=broad-except
-      wrong.append(f'{c}: unreadable ({type(e).__name__}: {e})')
+      wrong.append(f'{c}: {path} unreadable ({type(e).__name__}: {e})')
       continue
-    if mask.shape != tuple(geom.original_shape):
+    if mask.dtype.kind == 'f' and not np.all(np.isfinite(mask)):
+      wrong.append(f'{c}: {path} has NaN or Inf values')
+    elif mask.shape != tuple(geom.original_shape):
       wrong.append(f'{c}: shape {mask.shape}, the scan has {tuple(geom.original_shape)}')
     elif not np.allclose(img.affine, geom.original_affine, atol=1e-3):
       wrong.append(f'{c}: affine differs from the scan\'s')

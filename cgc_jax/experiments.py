@@ -32,6 +32,7 @@ config_flags.DEFINE_config_file('config', None, 'configs/*.py file', lock_config
 flags.DEFINE_string('workdir', None, 'base workdir (its prepared data are shared by every row)')
 flags.DEFINE_enum('table', 'methods', ['methods', 'ablation', 'temperature'], 'which table')
 flags.DEFINE_string('seeds', '0,1', 'training seeds, comma separated')
+flags.DEFINE_bool('verbose', False, 'Show Python tracebacks for data and stage errors.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 _BACKBONE = {'cgc.coarse': False, 'cgc.fine': False}
@@ -165,7 +166,10 @@ def markdown(table: str, results: dict, config) -> str:
 
 def main(argv):
   del argv
-  pipeline.quiet_library_logs()
+  pipeline.cli(_main, FLAGS.verbose)
+
+
+def _main():
   config = FLAGS.config
   seeds = [int(s) for s in FLAGS.seeds.split(',') if s.strip()]
   results = run_table(config, FLAGS.workdir, FLAGS.table, seeds)

@@ -128,14 +128,14 @@ def em(cent, counts, scatter, init: dict, reg_covar: float, max_iter: int, tol: 
     if abs(lower - prev) < tol:
       return mix, True, it - 1
     prev = lower
-    r = np.exp(log_r) * counts[:, None]  # voxel-weighted responsibilities
+    resp = np.exp(log_r)
+    r = resp * counts[:, None]  # voxel-weighted responsibilities
     nk = r.sum(0) + 10 * np.finfo(np.float64).eps
     means = r.T @ cent / nk[:, None]
     covs = np.empty((means.shape[0], d, d))
     for j in range(means.shape[0]):
       dev = cent - means[j]
-      rj = np.exp(log_r[:, j])
-      covs[j] = ((r[:, j, None] * dev).T @ dev + np.einsum('m,mij->ij', rj, scatter)) / nk[j]
+      covs[j] = ((r[:, j, None] * dev).T @ dev + np.einsum('m,mij->ij', resp[:, j], scatter)) / nk[j]
       covs[j].flat[::d + 1] += reg_covar
     mix = Mixture(nk / n, means, covs)
   return mix, False, max_iter

@@ -3,11 +3,9 @@
 Modes: all (default: every stage whose output is missing or stale), verify, prepare, pseudo_labels,
 train, evaluate, predict. Any config field can be overridden: `--config.train.steps=200`.
 """
-import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from cgc_jax import pipeline
@@ -23,16 +21,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if not FLAGS.verbose:
-    pipeline.quiet_library_logs()
-  try:
-    pipeline.run(FLAGS.config, FLAGS.workdir, FLAGS.mode)
-  except pipeline.USER_ERRORS as e:
-    if FLAGS.verbose:
-      raise
-    logging.error('%s', e)
-    print(f'cgc_jax: error: {e}', file=sys.stderr)
-    sys.exit(2)
+  pipeline.cli(lambda: pipeline.run(FLAGS.config, FLAGS.workdir, FLAGS.mode), FLAGS.verbose)
 
 
 if __name__ == '__main__':

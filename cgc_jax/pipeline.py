@@ -8,6 +8,7 @@ import logging as std_logging
 import os
 import shutil
 import socket
+import sys
 import time
 
 from absl import logging
@@ -37,6 +38,21 @@ def _quiet(record) -> bool:
 def quiet_library_logs():
   """Drops orbax's per-save INFO lines (dozens per checkpoint); its warnings and errors stay."""
   logging.get_absl_handler().addFilter(_quiet)
+
+
+def cli(fn, verbose: bool):
+  """Runs fn() for a command-line entry point: quiet library logs, and a user error (bad data, a
+  stage failure, an unusable workdir) as one paragraph on stderr and exit 2 (traceback: --verbose)."""
+  if not verbose:
+    quiet_library_logs()
+  try:
+    return fn()
+  except USER_ERRORS as e:
+    if verbose:
+      raise
+    logging.error('%s', e)
+    print(f'cgc_jax: error: {e}', file=sys.stderr)
+    sys.exit(2)
 
 
 def _check_workdir(workdir: str, min_free_gb: float):

@@ -285,3 +285,9 @@ def test_evaluating_missing_or_misshapen_predictions_lists_every_case(tiny_workd
   msg = str(e.value)
   assert 'missing (1): phantom_mri_000' in msg and 'phantom_mri_002: shape' in msg
   assert 'phantom_mri_001' not in msg and not os.path.exists(os.path.join(wd, 'eval_predictions'))
+  img = nib.load(str(preds / 'phantom_mri_001.nii.gz'))  # a float mask with a NaN: refused too
+  bad = np.asarray(img.dataobj).astype(np.float32)
+  bad[0, 0, 0] = np.nan
+  nib.save(nib.Nifti1Image(bad, img.affine), str(preds / 'phantom_mri_001.nii.gz'))
+  with pytest.raises(prepare.StageError, match=r'phantom_mri_001: .*phantom_mri_001\.nii\.gz has NaN'):
+    evaluate.evaluate(cfg, wd)
