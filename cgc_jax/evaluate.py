@@ -243,27 +243,59 @@ def predict(config, workdir: str):
                              'scans only', cases)
 
 
-def dice_during_training(config, workdir, mesh):
-  """Returns f(params, step) logging the network's mean Dice on cases with ground truth (analysis
-  only: it never feeds training or checkpoint choice)."""
+def track_during_training(config, workdir, mesh):
+  """Returns f(params, step) that appends one row to WORKDIR/train/track.jsonl: per case and as a
+  mean, the label-free signals and, where ground truth exists, Dice (analysis only: ground truth
+  never feeds training or checkpoint choice).
+
+  Label-free signals (every prepared case; net mask = lesion probability > 0.5 inside the brain, no
+  TTA, on the prepared grid):
+    flip_agreement: Dice between the net mask and the mask predicted from the left-right mirrored
+      scan, mirrored back (augmentation consistency).
+    p_agreement: Dice between the net mask and P.
+    confident_ce: binary cross-entropy of the net probability against P on P's confident voxels
+      (posterior >= 1 - eval.confident or <= eval.confident, brain only), lesion and normal voxels
+      weighted equally (a case without confident lesion voxels: the normal term alone).
+  """
   prep = prepare.prepared_store(config, workdir)
-  cases = [c for c in prep.complete_cases() if prep.meta(c)['has_label']]
+  labels = pseudo_labels.pl_store(config, workdir)
+  cases = [c for c in prep.complete_cases() if labels.is_complete(c)]
   if not cases:
     return None
-  predictor = sliding_window.Predictor(config, mesh)
-  path = os.path.join(workdir, 'train', 'eval_dice.jsonl')
+  cfg = config.copy_and_resolve_references()
+  cfg.eval.tta_flip = False
+  predictor = sliding_window.Predictor(cfg, mesh)
+  path = os.path.join(workdir, 'train', 'track.jsonl')
+  conf, eps = config.eval.confident, 1e-6
 
   def f(params, step):
-    ds = []
+    rows = {}
     for c in cases:
       image = np.asarray(prep.read(c, 'image'), np.float32)
       brain = np.asarray(prep.read(c, 'brain')) > 0
       prob = predictor.predict_volume(params['unet'], image) * brain
-      ds.append(metrics.dice(prob > 0.5, np.asarray(prep.read(c, 'label')) > 0))
-    logging.info('step %d: network Dice on the prepared grid (analysis only) %.4f +- %.4f', step,
-                 float(np.mean(ds)), float(np.std(ds)))
+      mirrored = predictor.predict_volume(params['unet'], image[::-1])[::-1] * brain
+      post = np.asarray(labels.read(c, 'posterior'), np.float32)
+      mask, pmask = prob > 0.5, post > 0.5
+      q = np.clip(prob, eps, 1 - eps)
+      pos, neg = brain & (post >= 1 - conf), brain & (post <= conf)
+      terms = [float(-np.log(1 - q[neg]).mean())] if neg.any() else []
+      if pos.any():
+        terms.append(float(-np.log(q[pos]).mean()))
+      r = {'flip_agreement': metrics.dice(mask, mirrored > 0.5),
+           'p_agreement': metrics.dice(mask, pmask),
+           'confident_ce': float(np.mean(terms)) if terms else float('nan')}
+      if prep.meta(c)['has_label']:
+        r['dice'] = metrics.dice(mask, np.asarray(prep.read(c, 'label')) > 0)
+      rows[c] = r
+    means = {k: float(np.nanmean([r[k] for r in rows.values() if k in r]))
+             for k in ('flip_agreement', 'p_agreement', 'confident_ce', 'dice')
+             if any(k in r for r in rows.values())}
+    logging.info('step %d: %s', step, ', '.join(
+        f'{k} {v:.4f}' + (' (ground truth, analysis only)' if k == 'dice' else '')
+        for k, v in means.items()))
     if distributed.is_main():
+      os.makedirs(os.path.dirname(path), exist_ok=True)
       with open(path, 'a') as fh:
-        fh.write(json.dumps({'step': step, 'dice_mean': float(np.mean(ds)),
-                             'dice': dict(zip(cases, ds))}) + '\n')
+        fh.write(json.dumps({'step': step, **means, 'cases': rows}) + '\n')
   return f

@@ -2,12 +2,16 @@
 
     python -m cgc_jax.experiments --config=configs/demo.py --workdir=runs/demo --table=methods
 
-Tables: methods, ablation, temperature (see TABLES). The prepare stage runs once in --workdir; each
-pseudo-label source runs once (WORKDIR/experiments/p_<source>/); each trained row and seed gets its
-own workdir (WORKDIR/experiments/<table>/<row>/seed<s>/) that links to those shared stages and runs
-train + evaluate (so an interrupted table resumes where it stopped: finished rows are skipped by the
-stages themselves). Writes WORKDIR/experiments/<table>.{md,json}: mean +- std over cases (pooled over
-seeds) of Dice, sensitivity and ASSD, the std of the per-seed mean Dice across seeds, and run time.
+Tables: methods, ablation, temperature, length (see TABLES). The prepare stage runs once in
+--workdir; each pseudo-label source runs once (WORKDIR/experiments/p_<source>/); each trained
+configuration and seed runs once, in WORKDIR/experiments/runs/<train fingerprint>/ (linking to those
+shared stages; train + evaluate), and every table row that names it links there
+(WORKDIR/experiments/<table>/<row>/seed<s>): the full CGC run of `methods` is the tau = 0.2 row of
+`temperature`, and an interrupted table resumes where it stopped. Every trained run tracks the
+label-free signals and Dice along training (eval.every_steps, `--track_every`). Writes
+WORKDIR/experiments/<table>.{md,json}: mean +- std over cases (pooled over seeds) of Dice, sensitivity
+and ASSD, the std of the per-seed mean Dice across seeds, and run time; `length` writes Dice and the
+signals against steps and scores the label-free stopping rules (STOP_RULES) on every tracked run.
 
 Mini-patch sizes z are given as fractions of the bottleneck (1/2, 1/4, 1/8 of each axis, at least 1):
 the paper's 12x12x4, 6x6x2 and 3x3x1 are those fractions of its 24x24x8 bottleneck (192x192x64
@@ -30,8 +34,10 @@ from cgc_jax import pipeline
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'configs/*.py file', lock_config=False)
 flags.DEFINE_string('workdir', None, 'base workdir (its prepared data are shared by every row)')
-flags.DEFINE_enum('table', 'methods', ['methods', 'ablation', 'temperature'], 'which table')
+flags.DEFINE_enum('table', 'methods', ['methods', 'ablation', 'temperature', 'length'], 'which table')
 flags.DEFINE_string('seeds', '0,1', 'training seeds, comma separated')
+flags.DEFINE_integer('track_every', -1, 'eval.every_steps of every trained run (-1: train.steps // 6; '
+                     '0: no tracking)')
 flags.DEFINE_bool('verbose', False, 'Show Python tracebacks for data and stage errors.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -63,7 +69,14 @@ TABLES = {
     ],
     'temperature': [(f'full CGC, tau = {t}', 'gmm', dict(_FULL, **{'cgc.tau': t}))
                     for t in (0.07, 0.1, 0.2, 0.3, 0.7, 0.9)],
+    'length': [('backbone + P', 'gmm', _BACKBONE), ('full CGC', 'gmm', _FULL)],
 }
+
+# Label-free checkpoint choice, scored on track.jsonl rows: (name, signal, 'max' | 'min').
+STOP_RULES = [('last step', None, None),
+              ('max flip agreement', 'flip_agreement', 'max'),
+              ('min CE on confident P voxels', 'confident_ce', 'min'),
+              ('min agreement with P', 'p_agreement', 'min')]
 
 
 def _apply(config, overrides: dict):
@@ -120,7 +133,66 @@ def _row_summary(per_seed: dict, seconds: float) -> dict:
   return s
 
 
-def run_table(config, base: str, table: str, seeds: list) -> dict:
+def run_dir(base: str, config) -> str:
+  """The one workdir of a trained configuration (any table, any row name)."""
+  from cgc_jax import fingerprints  # pylint: disable=g-import-not-at-top
+  return os.path.join(base, 'experiments', 'runs', fingerprints.of(config, 'train'))
+
+
+def read_track(wd: str) -> list:
+  """train/track.jsonl rows sorted by step (a resumed run's repeated steps: the last row wins)."""
+  path = os.path.join(wd, 'train', 'track.jsonl')
+  if not os.path.exists(path):
+    return []
+  rows = {}
+  with open(path) as f:
+    for line in f:
+      if line.strip():
+        r = json.loads(line)
+        rows[r['step']] = r
+  return [rows[k] for k in sorted(rows)]
+
+
+def pick(track: list, signal, sense) -> dict:
+  """The track row a label-free rule keeps (ties: the earliest step)."""
+  if signal is None:
+    return track[-1]
+  ok = [r for r in track if math.isfinite(r.get(signal, float('nan')))]
+  if not ok:
+    return track[-1]
+  best = max if sense == 'max' else min
+  v = best(r[signal] for r in ok)
+  return next(r for r in ok if r[signal] == v)
+
+
+def score_rules(tracks: list) -> dict:
+  """tracks: per run, its track rows with 'dice'. -> per rule: mean chosen step, mean Dice at it,
+  mean oracle (best-step) Dice, mean gap to the oracle, runs within 0.01 of the oracle."""
+  tracks = [t for t in tracks if t and all('dice' in r for r in t)]
+  out = {}
+  for name, signal, sense in STOP_RULES:
+    chosen = [pick(t, signal, sense) for t in tracks]
+    best = [max(r['dice'] for r in t) for t in tracks]
+    gaps = [b - c['dice'] for b, c in zip(best, chosen)]
+    out[name] = {'runs': len(tracks), 'step': float(np.mean([c['step'] for c in chosen])),
+                 'dice': float(np.mean([c['dice'] for c in chosen])), 'oracle': float(np.mean(best)),
+                 'gap': float(np.mean(gaps)), 'within_0.01': int(sum(g <= 0.01 for g in gaps))}
+  return out
+
+
+def _length_summary(per_seed_tracks: dict) -> dict:
+  """{seed: track rows} -> {signal: {step: mean over seeds of the case-mean}} on common steps."""
+  steps = sorted(set.intersection(*[{r['step'] for r in t} for t in per_seed_tracks.values()]))
+  out = {}
+  for k in ('dice', 'flip_agreement', 'p_agreement', 'confident_ce'):
+    vals = {s: [r[k] for t in per_seed_tracks.values() for r in t if r['step'] == s and k in r]
+            for s in steps}
+    if all(vals.values()):
+      out[k] = {s: float(np.mean(v)) for s, v in vals.items()}
+  return out
+
+
+def run_table(config, base: str, table: str, seeds: list, track_every: int = -1) -> dict:
   pipeline.run(config, base, 'prepare')
   results = {}
   for name, source, overrides in TABLES[table]:
@@ -129,27 +201,40 @@ def run_table(config, base: str, table: str, seeds: list) -> dict:
     if overrides is None:  # a P-only row: the pseudo-labels scored against ground truth
       results[name] = _row_summary({'-': _p_rows(pwd)}, time.time() - t0)
       continue
-    per_seed = {}
+    per_seed, tracks = {}, {}
     for seed in seeds:
       c = _apply(config, overrides)
       c.pseudo_labels.source = source
       c.train.seed = int(seed)
-      wd = os.path.join(base, 'experiments', table, _slug(name), f'seed{seed}')
+      c.eval.every_steps = max(1, c.train.steps // 6) if track_every < 0 else track_every
+      wd = run_dir(base, c)
       os.makedirs(wd, exist_ok=True)
       for d in ('prepared', 'phantoms', 'pseudo_labels'):
         if os.path.exists(os.path.join(pwd, d)):
           _link(os.path.join(pwd, d), os.path.join(wd, d))
+      row_link = os.path.join(base, 'experiments', table, _slug(name), f'seed{seed}')
+      os.makedirs(os.path.dirname(row_link), exist_ok=True)
+      _link(wd, row_link)
       logging.info('experiments %s: %s, seed %s (%s)', table, name, seed, wd)
       pipeline.run(c, wd, 'all')
       with open(os.path.join(wd, 'eval', 'summary.json')) as f:
         cases = json.load(f)['cases']
       per_seed[seed] = [{k[len('net_'):]: v for k, v in r.items() if k.startswith('net_')}
                         for r in cases]
+      tracks[seed] = read_track(wd)
     results[name] = _row_summary(per_seed, time.time() - t0)
+    if table == 'length':
+      results[name]['along_training'] = _length_summary(tracks)
+  if table == 'length':
+    runs = os.path.join(base, 'experiments', 'runs')
+    results['stopping rules (every tracked run)'] = score_rules(
+        [read_track(os.path.join(runs, d)) for d in sorted(os.listdir(runs))])
   return results
 
 
 def markdown(table: str, results: dict, config) -> str:
+  if table == 'length':
+    return length_markdown(results, config)
   seeds = max((len(s['seeds']) for s in results.values() if s['seeds'] != ['-']), default=0)
   lines = [f'Table `{table}` ({config.data.layout}, {seeds} seed(s) per trained row; mean +- std '
            'over cases pooled over seeds; P rows: the pseudo-labels themselves)', '',
@@ -164,6 +249,40 @@ def markdown(table: str, results: dict, config) -> str:
   return '\n'.join(lines) + '\n'
 
 
+_SIGNALS = {'dice': 'Dice vs ground truth (analysis only)', 'flip_agreement': 'flip agreement',
+            'p_agreement': 'agreement with P', 'confident_ce': 'CE on confident P voxels'}
+
+
+def length_markdown(results: dict, config) -> str:
+  rules = results.get('stopping rules (every tracked run)', {})
+  rows = {k: v for k, v in results.items() if 'along_training' in v}
+  lines = [f'Table `length` ({config.data.layout}, {config.train.steps} steps): mean over cases '
+           '(prepared grid, no TTA) and seeds along training; final-step Dice with the evaluate '
+           'stage\'s settings in the last column.', '']
+  for name, s in rows.items():
+    at = s['along_training']
+    steps = sorted(next(iter(at.values())), key=int) if at else []
+    lines += [f'**{name}** ({len(s["seeds"])} seed(s))', '',
+              '| signal | ' + ' | '.join(f'step {k}' for k in steps) + ' | final (evaluate) |',
+              '| --- ' * (len(steps) + 2) + '|']
+    for k, label in _SIGNALS.items():
+      if k in at:
+        final = f'{s["dice"]["mean"]:.4f}' if k == 'dice' else ''
+        lines.append(f'| {label} | ' + ' | '.join(f'{at[k][st]:.4f}' for st in steps) +
+                     f' | {final} |')
+    lines.append('')
+  if rules:
+    n = next(iter(rules.values()))['runs']
+    lines += [f'Label-free stopping rules on every tracked run of this workdir ({n} runs, any table): '
+              'Dice at the step each rule keeps against the best step of the same run (oracle).', '',
+              '| rule | mean step kept | Dice kept | oracle Dice | mean gap | runs within 0.01 |',
+              '| --- | --- | --- | --- | --- | --- |']
+    for name, r in rules.items():
+      lines.append(f'| {name} | {r["step"]:.0f} | {r["dice"]:.4f} | {r["oracle"]:.4f} | '
+                   f'{r["gap"]:.4f} | {r["within_0.01"]}/{r["runs"]} |')
+  return '\n'.join(lines) + '\n'
+
+
 def main(argv):
   del argv
   pipeline.cli(_main, FLAGS.verbose)
@@ -172,7 +291,7 @@ def main(argv):
 def _main():
   config = FLAGS.config
   seeds = [int(s) for s in FLAGS.seeds.split(',') if s.strip()]
-  results = run_table(config, FLAGS.workdir, FLAGS.table, seeds)
+  results = run_table(config, FLAGS.workdir, FLAGS.table, seeds, FLAGS.track_every)
   out = os.path.join(FLAGS.workdir, 'experiments')
   os.makedirs(out, exist_ok=True)
   md = markdown(FLAGS.table, results, config)

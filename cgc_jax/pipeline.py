@@ -171,7 +171,7 @@ def _run_stages(config, workdir, mode, t0):
       periodic = None
       if config.eval.every_steps:
         from cgc_jax import distributed, evaluate  # pylint: disable=g-import-not-at-top
-        periodic = evaluate.dice_during_training(config, workdir, distributed.mesh())
+        periodic = evaluate.track_during_training(config, workdir, distributed.mesh())
       train.train_and_evaluate(config, workdir, periodic)
     except train.Preempted as e:
       logging.warning('%s', e)

@@ -124,7 +124,9 @@ def base_config() -> ml_collections.ConfigDict:
   e.sigma_scale = 0.125  # Gaussian importance sigma = window * this
   e.tta_flip = False  # average over the 8 axis-flip combinations
   e.batch_size = 2  # windows per device call (rounded up to the device count)
-  e.every_steps = 0  # >0: Dice of the network against ground truth every N training steps (analysis only)
+  e.every_steps = 0  # >0: label-free signals (and Dice where ground truth exists, analysis only)
+  #                    every N training steps, to WORKDIR/train/track.jsonl
+  e.confident = 0.01  # track: P's confident voxels have posterior <= this or >= 1 - this
   e.pictures = True  # PNG overlays
   e.input_root = ''  # predict mode: folder of new scans (layout as data.layout)
   e.predictions_dir = ''  # evaluate mode: score <case>.nii.gz masks from this folder instead of the network

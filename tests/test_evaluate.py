@@ -1,0 +1,64 @@
+"""Evaluate-stage helpers: the label-free signals tracked along training, against hand values."""
+import json
+import os
+
+import numpy as np
+
+from cgc_jax import distributed
+from cgc_jax import evaluate
+from cgc_jax import prepare
+from cgc_jax import pseudo_labels
+from cgc_jax import sliding_window
+
+from conftest import copy_inputs
+from conftest import tiny_config
+
+
+def _dice(a, b):
+  s = a.sum() + b.sum()
+  return 1.0 if s == 0 else 2.0 * (a & b).sum() / s
+
+
+def test_tracked_signals_match_hand_values(tiny_workdir, tmp_path, monkeypatch):
+  """A fake network whose lesion probability is q on the left half of the volume and 1 - q on the
+  right: every signal then has a closed form in the stored brain mask, P and label."""
+  cfg = tiny_config(**{'eval.every_steps': 1, 'eval.confident': 0.2})
+  wd = str(tmp_path / 'wd')
+  copy_inputs(tiny_workdir, wd)
+  q = 0.8
+
+  def fake(self, params, image):
+    del self, params
+    out = np.full(image.shape[:3], 1 - q, np.float32)
+    out[:image.shape[0] // 2] = q
+    return out
+  monkeypatch.setattr(sliding_window.Predictor, 'predict_volume', fake)
+  track = evaluate.track_during_training(cfg, wd, distributed.mesh())
+  track({'unet': None}, 7)
+  with open(os.path.join(wd, 'train', 'track.jsonl')) as f:
+    rows = [json.loads(line) for line in f]
+  assert len(rows) == 1 and rows[0]['step'] == 7
+  prep = prepare.prepared_store(cfg, wd)
+  labels = pseudo_labels.pl_store(cfg, wd)
+  cases = prep.complete_cases()
+  assert sorted(rows[0]['cases']) == sorted(cases)
+  for c in cases:
+    brain = np.asarray(prep.read(c, 'brain')) > 0
+    post = np.asarray(labels.read(c, 'posterior'), np.float32)
+    x = brain.shape[0]
+    left = np.zeros_like(brain)
+    left[:x // 2] = True
+    mask = left & brain  # q > 0.5 on the left only
+    mirrored = left[::-1] & brain
+    prob = np.where(left, q, 1 - q)
+    pos, neg = brain & (post >= 0.8), brain & (post <= 0.2)
+    terms = [-np.log(1 - prob[neg]).mean()] + ([-np.log(prob[pos]).mean()] if pos.any() else [])
+    got = rows[0]['cases'][c]
+    np.testing.assert_allclose(got['flip_agreement'], _dice(mask, mirrored), atol=1e-9)
+    np.testing.assert_allclose(got['p_agreement'], _dice(mask, post > 0.5), atol=1e-9)
+    np.testing.assert_allclose(got['confident_ce'], np.mean(terms), rtol=1e-5)
+    np.testing.assert_allclose(got['dice'], _dice(mask, np.asarray(prep.read(c, 'label')) > 0),
+                               atol=1e-9)
+  for k in ('flip_agreement', 'p_agreement', 'confident_ce', 'dice'):
+    np.testing.assert_allclose(rows[0][k], np.mean([r[k] for r in rows[0]['cases'].values()]),
+                               rtol=1e-9)
