@@ -49,3 +49,22 @@ def test_all_stages_end_to_end_then_skip_then_predict(tmp_path):
   a = nib.load(os.path.join(wd, 'predict', 'masks', masks[0])).get_fdata()
   b = nib.load(os.path.join(wd, 'eval', 'predictions', masks[0])).get_fdata()
   np.testing.assert_array_equal(a, b)
+
+
+def test_every_shipped_config_is_consistent():
+  """Each configs/*.py loads; its crop fits the U-Net's poolings and its mini-patch the bottleneck."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
+  names = sorted(f for f in os.listdir(root) if f.endswith('.py') and f != 'common.py')
+  assert {'brats.py', 'brats_sample.py', 'cq500.py', 'ct_phantoms.py', 'demo.py'} <= set(names)
+  for name in names:
+    spec = importlib.util.spec_from_file_location(name[:-3], os.path.join(root, name))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config()
+    s = 2**(c.model.levels - 1)
+    assert all(v % s == 0 for v in c.train.crop), name
+    bottleneck = [v // s for v in c.train.crop]
+    assert all(1 <= p <= b for p, b in zip(c.cgc.patch, bottleneck)), (name, c.cgc.patch, bottleneck)
+    assert c.train.batch_size >= 1 and c.train.steps >= 1, name
+    assert set(c.gmm.channels) <= set(c.data.modalities), name
