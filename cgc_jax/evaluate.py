@@ -9,6 +9,7 @@ WORKDIR/predict/masks/<case>.nii.gz for a folder of new scans (no labels needed)
 import csv
 import io
 import json
+import math
 import os
 import time
 
@@ -39,6 +40,8 @@ def restore_params(config, workdir, mesh, num_channels: int):
   if ckpt.latest_step() is None:
     raise prepare.StageError(f'{ckpt.directory}: no checkpoint: run --mode=train first')
   step = None if config.eval.step < 0 else config.eval.step
+  if step is None and config.eval.select != 'latest':
+    step = selected_step(config, workdir, ckpt.all_steps())
   if step is not None and step not in ckpt.all_steps():
     raise prepare.StageError(f'{ckpt.directory}: no checkpoint at step {step} (have '
                              f'{ckpt.all_steps()})')
@@ -241,6 +244,51 @@ def predict(config, workdir: str):
   if failed:
     raise prepare.StageError(f'{failed}\npredict: masks were written for the {len(cases)} readable '
                              'scans only', cases)
+
+
+# eval.select: label-free checkpoint choice from train/track.jsonl (signal -> better is max | min).
+SELECT_RULES = {'flip_agreement': 'max', 'confident_ce': 'min', 'p_agreement': 'min'}
+
+
+def read_track(workdir: str) -> list:
+  """train/track.jsonl rows sorted by step (a resumed run's repeated steps: the last row wins)."""
+  path = os.path.join(workdir, 'train', 'track.jsonl')
+  if not os.path.exists(path):
+    return []
+  rows = {}
+  with open(path) as f:
+    for line in f:
+      if line.strip():
+        r = json.loads(line)
+        rows[r['step']] = r
+  return [rows[k] for k in sorted(rows)]
+
+
+def pick(track: list, signal=None) -> dict:
+  """The track row a label-free rule keeps: best `signal` per SELECT_RULES (ties: the earliest
+  step); signal None, or no finite value: the last row."""
+  ok = [r for r in track if signal and math.isfinite(r.get(signal, float('nan')))]
+  if not ok:
+    return track[-1]
+  v = (max if SELECT_RULES[signal] == 'max' else min)(r[signal] for r in ok)
+  return next(r for r in ok if r[signal] == v)
+
+
+def selected_step(config, workdir, steps: list) -> int:
+  """The checkpointed step that eval.select's label-free signal prefers (no ground truth used)."""
+  rule = config.eval.select
+  if rule not in SELECT_RULES:
+    raise prepare.StageError(f'eval.select={rule!r}: expected latest or one of {sorted(SELECT_RULES)}')
+  track = [r for r in read_track(workdir) if r['step'] in steps]
+  if not track:
+    raise prepare.StageError(
+        f'eval.select={rule}: no train/track.jsonl row at a kept checkpoint (steps {steps}) in '
+        f'{workdir}: train with eval.every_steps a multiple of train.checkpoint_every and '
+        'train.keep_checkpoints >= train.steps / train.checkpoint_every')
+  row = pick(track, rule)
+  logging.info('evaluate: eval.select=%s keeps step %d (%s %.4f; candidates %s)', rule, row['step'],
+               rule, row[rule], {r['step']: round(r[rule], 4) for r in track})
+  return row['step']
 
 
 def track_during_training(config, workdir, mesh):

@@ -28,6 +28,7 @@ from absl import logging
 import numpy as np
 from ml_collections import config_flags
 
+from cgc_jax import evaluate
 from cgc_jax import metrics
 from cgc_jax import pipeline
 
@@ -72,11 +73,12 @@ TABLES = {
     'length': [('backbone + P', 'gmm', _BACKBONE), ('full CGC', 'gmm', _FULL)],
 }
 
-# Label-free checkpoint choice, scored on track.jsonl rows: (name, signal, 'max' | 'min').
-STOP_RULES = [('last step', None, None),
-              ('max flip agreement', 'flip_agreement', 'max'),
-              ('min CE on confident P voxels', 'confident_ce', 'min'),
-              ('min agreement with P', 'p_agreement', 'min')]
+# Label-free checkpoint choice, scored on track.jsonl rows: (name, eval.select signal or None).
+STOP_RULES = [('last step', None),
+              ('first tracked step', 'first'),
+              ('max flip agreement', 'flip_agreement'),
+              ('min CE on confident P voxels', 'confident_ce'),
+              ('min agreement with P', 'p_agreement')]
 
 
 def _apply(config, overrides: dict):
@@ -139,39 +141,13 @@ def run_dir(base: str, config) -> str:
   return os.path.join(base, 'experiments', 'runs', fingerprints.of(config, 'train'))
 
 
-def read_track(wd: str) -> list:
-  """train/track.jsonl rows sorted by step (a resumed run's repeated steps: the last row wins)."""
-  path = os.path.join(wd, 'train', 'track.jsonl')
-  if not os.path.exists(path):
-    return []
-  rows = {}
-  with open(path) as f:
-    for line in f:
-      if line.strip():
-        r = json.loads(line)
-        rows[r['step']] = r
-  return [rows[k] for k in sorted(rows)]
-
-
-def pick(track: list, signal, sense) -> dict:
-  """The track row a label-free rule keeps (ties: the earliest step)."""
-  if signal is None:
-    return track[-1]
-  ok = [r for r in track if math.isfinite(r.get(signal, float('nan')))]
-  if not ok:
-    return track[-1]
-  best = max if sense == 'max' else min
-  v = best(r[signal] for r in ok)
-  return next(r for r in ok if r[signal] == v)
-
-
 def score_rules(tracks: list) -> dict:
   """tracks: per run, its track rows with 'dice'. -> per rule: mean chosen step, mean Dice at it,
   mean oracle (best-step) Dice, mean gap to the oracle, runs within 0.01 of the oracle."""
   tracks = [t for t in tracks if t and all('dice' in r for r in t)]
   out = {}
-  for name, signal, sense in STOP_RULES:
-    chosen = [pick(t, signal, sense) for t in tracks]
+  for name, signal in STOP_RULES:
+    chosen = [t[0] if signal == 'first' else evaluate.pick(t, signal) for t in tracks]
     best = [max(r['dice'] for r in t) for t in tracks]
     gaps = [b - c['dice'] for b, c in zip(best, chosen)]
     out[name] = {'runs': len(tracks), 'step': float(np.mean([c['step'] for c in chosen])),
@@ -221,14 +197,14 @@ def run_table(config, base: str, table: str, seeds: list, track_every: int = -1)
         cases = json.load(f)['cases']
       per_seed[seed] = [{k[len('net_'):]: v for k, v in r.items() if k.startswith('net_')}
                         for r in cases]
-      tracks[seed] = read_track(wd)
+      tracks[seed] = evaluate.read_track(wd)
     results[name] = _row_summary(per_seed, time.time() - t0)
     if table == 'length':
       results[name]['along_training'] = _length_summary(tracks)
   if table == 'length':
     runs = os.path.join(base, 'experiments', 'runs')
     results['stopping rules (every tracked run)'] = score_rules(
-        [read_track(os.path.join(runs, d)) for d in sorted(os.listdir(runs))])
+        [evaluate.read_track(os.path.join(runs, d)) for d in sorted(os.listdir(runs))])
   return results
 
 

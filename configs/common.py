@@ -118,7 +118,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- evaluation / prediction
   c.eval = e = ml_collections.ConfigDict()
-  e.step = -1  # checkpoint step to restore (-1 = latest)
+  e.step = -1  # checkpoint step to restore (-1 = as eval.select says)
+  e.select = 'latest'  # latest | flip_agreement | confident_ce | p_agreement: with eval.step=-1,
+  #                      the kept checkpoint whose tracked label-free signal is best (needs
+  #                      eval.every_steps; see README "Training length")
   e.window = ()  # sliding window; () = train.crop
   e.overlap = 0.5  # window overlap fraction
   e.sigma_scale = 0.125  # Gaussian importance sigma = window * this

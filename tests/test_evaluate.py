@@ -3,6 +3,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from cgc_jax import distributed
 from cgc_jax import evaluate
@@ -62,3 +63,26 @@ def test_tracked_signals_match_hand_values(tiny_workdir, tmp_path, monkeypatch):
   for k in ('flip_agreement', 'p_agreement', 'confident_ce', 'dice'):
     np.testing.assert_allclose(rows[0][k], np.mean([r[k] for r in rows[0]['cases'].values()]),
                                rtol=1e-9)
+
+
+def test_select_keeps_the_best_tracked_checkpoint(tmp_path):
+  wd = str(tmp_path)
+  os.makedirs(os.path.join(wd, 'train'))
+  rows = [dict(step=20, flip_agreement=0.90, confident_ce=0.30, p_agreement=0.7),
+          dict(step=40, flip_agreement=0.95, confident_ce=0.20, p_agreement=0.8),
+          dict(step=60, flip_agreement=0.99, confident_ce=0.10, p_agreement=0.9),
+          dict(step=40, flip_agreement=0.96, confident_ce=0.25, p_agreement=0.8)]  # a resumed rerun
+  with open(os.path.join(wd, 'train', 'track.jsonl'), 'w') as f:
+    f.writelines(json.dumps(r) + '\n' for r in rows)
+  assert [r['flip_agreement'] for r in evaluate.read_track(wd)] == [0.90, 0.96, 0.99]
+
+  def sel(rule, steps):
+    return evaluate.selected_step(tiny_config(**{'eval.select': rule}), wd, steps)
+  assert sel('flip_agreement', [20, 40, 60]) == 60
+  assert sel('flip_agreement', [20, 40]) == 40  # step 60's checkpoint is not kept
+  assert sel('confident_ce', [20, 40]) == 40
+  assert sel('p_agreement', [20, 40, 60]) == 20
+  with pytest.raises(prepare.StageError, match='no train/track.jsonl row at a kept checkpoint'):
+    sel('flip_agreement', [10, 30])
+  with pytest.raises(prepare.StageError, match="eval.select='dice'"):
+    sel('dice', [20])

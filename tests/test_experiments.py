@@ -4,7 +4,9 @@ import os
 
 import numpy as np
 
+from cgc_jax import evaluate
 from cgc_jax import experiments
+from cgc_jax import pipeline
 
 from conftest import copy_inputs
 from conftest import tiny_config
@@ -36,7 +38,8 @@ def test_a_table_shares_the_offline_stages(tiny_workdir, tmp_path, monkeypatch):
   monkeypatch.setitem(experiments.TABLES, 'mini', [
       ('GMM (P)', 'gmm', None), ('threshold (P)', 'threshold', None),
       ('backbone + P', 'gmm', {'cgc.coarse': False, 'cgc.fine': False})])
-  res = experiments.run_table(tiny_config(**{'train.steps': 2}), base, 'mini', [0])
+  cfg = tiny_config(**{'train.steps': 2, 'train.checkpoint_every': 1})
+  res = experiments.run_table(cfg, base, 'mini', [0])
   with open(os.path.join(tiny_workdir, 'pseudo_labels', 'summary.json')) as f:
     gmm_p = json.load(f)['summary']['dice']['mean']
   assert abs(res['GMM (P)']['dice']['mean'] - gmm_p) < 1e-12  # the base's own P, not redone
@@ -51,18 +54,25 @@ def test_a_table_shares_the_offline_stages(tiny_workdir, tmp_path, monkeypatch):
   before = os.path.getmtime(metrics_log), open(metrics_log).read()
   monkeypatch.setitem(experiments.TABLES, 'length', [
       ('backbone', 'gmm', {'cgc.coarse': False, 'cgc.fine': False})])
-  res = experiments.run_table(tiny_config(**{'train.steps': 2}), base, 'length', [0])
+  res = experiments.run_table(cfg, base, 'length', [0])
   assert (os.path.getmtime(metrics_log), open(metrics_log).read()) == before
   assert os.path.realpath(os.path.join(base, 'experiments', 'length', 'backbone', 'seed0')) == \
       os.path.realpath(run)
-  track = experiments.read_track(run)
+  track = evaluate.read_track(run)
   assert [r['step'] for r in track] == [1, 2]  # every run tracks train.steps // 6 (at least 1)
   along = res['backbone']['along_training']
   assert along['dice'] == {1: track[0]['dice'], 2: track[1]['dice']}
   rules = res['stopping rules (every tracked run)']
   assert rules['last step']['runs'] == 1 and rules['last step']['dice'] == track[1]['dice']
-  md = experiments.markdown('length', res, tiny_config(**{'train.steps': 2}))
+  md = experiments.markdown('length', res, cfg)
   assert '| step 1 | step 2 |' in md and '| last step | 2 |' in md
+  # eval.select restores the checkpoint the label-free signal prefers
+  for rule in ('flip_agreement', 'confident_ce'):
+    c = experiments._apply(cfg, {'cgc.coarse': False, 'cgc.fine': False})
+    c.eval.select = rule
+    pipeline.run(c, run, 'evaluate')
+    with open(os.path.join(run, 'eval', 'summary.json')) as f:
+      assert json.load(f)['checkpoint_step'] == evaluate.pick(track, rule)['step']
 
 
 def test_stopping_rules_hand_values():
@@ -71,12 +81,14 @@ def test_stopping_rules_hand_values():
             for s, d, f, c, p in rows]
   a = t((10, 0.70, 0.90, 0.30, 0.8), (20, 0.80, 0.95, 0.20, 0.9), (30, 0.75, 0.95, 0.25, 0.95))
   b = t((10, 0.50, 0.80, 0.10, 0.7), (20, 0.60, 0.70, 0.40, 0.6), (30, 0.55, 0.85, 0.30, 0.9))
-  assert experiments.pick(a, 'flip_agreement', 'max')['step'] == 20  # tie: the earliest
+  assert evaluate.pick(a, 'flip_agreement')['step'] == 20  # tie: the earliest
   r = experiments.score_rules([a, b, [], t((5, float('nan'), 1, 1, 1))[:0]])
   last = r['last step']
   assert last['runs'] == 2 and last['step'] == 30
   assert abs(last['dice'] - 0.65) < 1e-12 and abs(last['oracle'] - 0.70) < 1e-12
   assert abs(last['gap'] - 0.05) < 1e-12 and last['within_0.01'] == 0
+  first = r['first tracked step']  # a: 0.70, b: 0.50
+  assert first['step'] == 10 and abs(first['dice'] - 0.60) < 1e-12 and abs(first['gap'] - 0.10) < 1e-12
   flip = r['max flip agreement']  # a: step 20 (0.80, best); b: step 30 (0.55)
   assert flip['step'] == 25 and abs(flip['dice'] - 0.675) < 1e-12 and flip['within_0.01'] == 1
   ce = r['min CE on confident P voxels']  # a: step 20; b: step 10 (0.50, gap 0.10)
