@@ -2,7 +2,7 @@
 
     python -m cgc_jax.experiments --config=configs/demo.py --workdir=runs/demo --table=methods
 
-Tables: methods, ablation, temperature, length (see TABLES). The prepare stage runs once in
+Tables: methods, ablation, temperature, length, weights (see TABLES). The prepare stage runs once in
 --workdir; each pseudo-label source runs once (WORKDIR/experiments/p_<source>/); each trained
 configuration and seed runs once, in WORKDIR/experiments/runs/<train fingerprint>/ (linking to those
 shared stages; train + evaluate), and every table row that names it links there
@@ -35,7 +35,8 @@ from cgc_jax import pipeline
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'configs/*.py file', lock_config=False)
 flags.DEFINE_string('workdir', None, 'base workdir (its prepared data are shared by every row)')
-flags.DEFINE_enum('table', 'methods', ['methods', 'ablation', 'temperature', 'length'], 'which table')
+flags.DEFINE_enum('table', 'methods', ['methods', 'ablation', 'temperature', 'length', 'weights'],
+                  'which table')
 flags.DEFINE_string('seeds', '0,1', 'training seeds, comma separated')
 flags.DEFINE_integer('track_every', -1, 'eval.every_steps of every trained run (-1: train.steps // 6; '
                      '0: no tracking)')
@@ -71,6 +72,9 @@ TABLES = {
     'temperature': [(f'full CGC, tau = {t}', 'gmm', dict(_FULL, **{'cgc.tau': t}))
                     for t in (0.07, 0.1, 0.2, 0.3, 0.7, 0.9)],
     'length': [('backbone + P', 'gmm', _BACKBONE), ('full CGC', 'gmm', _FULL)],
+    # not a paper table: how much the CGC terms' weight (both lambdas) matters
+    'weights': [(f'full CGC, lambda = {w}', 'gmm',
+                 dict(_FULL, **{'cgc.lambda_coarse': w, 'cgc.lambda_fine': w})) for w in (0.1, 0.3, 1.0)],
 }
 
 # Label-free checkpoint choice, scored on track.jsonl rows: (name, eval.select signal or None).
