@@ -74,7 +74,7 @@ TABLES = {
     'length': [('backbone + P', 'gmm', _BACKBONE), ('full CGC', 'gmm', _FULL)],
     # not a paper table: how much the CGC terms' weight (both lambdas) matters
     'weights': [(f'full CGC, lambda = {w}', 'gmm',
-                 dict(_FULL, **{'cgc.lambda_coarse': w, 'cgc.lambda_fine': w})) for w in (0.1, 0.3, 1.0)],
+                 dict(_FULL, **{'cgc.lambda_coarse': w, 'cgc.lambda_fine': w})) for w in (0.1, 1.0)],
 }
 
 # Label-free checkpoint choice, scored on track.jsonl rows: (name, eval.select signal or None).
