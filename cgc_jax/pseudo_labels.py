@@ -65,8 +65,8 @@ def case_pseudo_label(case_id, config, prep_root, prep_fp, out_root, out_fp):
     post, p, report = gmm.pseudo_label(image, brain, chans, list(g.channels).index(g.lesion_channel),
                                        g, case_id, hu_scale=hu)
   elif src == 'threshold':
-    post = ((image[..., mods.index(g.lesion_channel)] > config.pseudo_labels.threshold_z) & brain)
-    post = post.astype(np.float32)
+    post = (threshold_z(image[..., mods.index(g.lesion_channel)], brain) >
+            config.pseudo_labels.threshold_z).astype(np.float32)
     p = gmm.remove_small(post > 0.5, g.min_component_voxels).astype(np.uint8)
     report = {'status': 'ok', 'lesion_fraction': float(p.sum() / max(brain.sum(), 1))}
   elif src == 'nifti':
@@ -108,6 +108,17 @@ def write_mask(mask, geom, prep_meta, path):
   tmp = path[:-7] + f'.tmp-{os.getpid()}.nii.gz'
   nib.save(img, tmp)
   os.replace(tmp, path)
+
+
+def threshold_z(x, brain):
+  """f32[X, Y, Z] z-score of x over the brain voxels (0 outside; std 0 guarded). The prepared MRI
+  channel is already a brain z-score (this is then the identity up to float16 rounding); CT is
+  HU-windowed to [0, 1] and needs it."""
+  x = np.asarray(x, np.float32)
+  v = x[brain]
+  if v.size == 0:
+    return np.zeros_like(x)
+  return np.where(brain, (x - v.mean()) / max(float(v.std()), 1e-6), 0.0).astype(np.float32)
 
 
 def run(config, workdir) -> list:

@@ -182,3 +182,19 @@ def test_other_sources(tmp_path, tiny_workdir):
   wd3 = tmp_path / 'w3'
   shutil.copytree(wd / 'prepared', wd3 / 'prepared')
   pseudo_labels.run(c3, str(wd3))
+
+
+def test_threshold_method_z_scores_inside_the_brain():
+  """The threshold pseudo-labels use a brain z-score, so a CT channel in [0, 1] works like MRI."""
+  brain = np.zeros((6, 6, 6), bool)
+  brain[1:5, 1:5, 1:5] = True
+  x = np.full((6, 6, 6), 0.3, np.float32)
+  x[2, 2, 2] = 0.9  # one bright voxel among 64 brain voxels
+  x[0, 0, 0] = 5.0  # outside the brain: ignored
+  z = pseudo_labels.threshold_z(x, brain)
+  v = x[brain]
+  np.testing.assert_allclose(z[2, 2, 2], (0.9 - v.mean()) / v.std(), rtol=1e-5)
+  assert z[0, 0, 0] == 0 and (z > 2).sum() == 1
+  np.testing.assert_allclose(z[brain].mean(), 0, atol=1e-6)
+  np.testing.assert_allclose(z[brain].std(), 1, rtol=1e-5)
+  assert not pseudo_labels.threshold_z(np.ones((3, 3, 3)), np.ones((3, 3, 3), bool)).any()
