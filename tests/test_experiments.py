@@ -95,3 +95,16 @@ def test_stopping_rules_hand_values():
   assert ce['step'] == 15 and abs(ce['gap'] - 0.05) < 1e-12
   pa = r['min agreement with P']  # a: step 10 (0.70); b: step 20 (0.60, best)
   assert pa['step'] == 15 and abs(pa['dice'] - 0.65) < 1e-12 and pa['within_0.01'] == 1
+
+
+def test_a_runs_pseudo_label_source_is_read_from_its_link(tmp_path):
+  base = tmp_path / 'base'
+  for src in ('ground_truth', 'threshold'):
+    (base / 'experiments' / f'p_{src}' / 'pseudo_labels').mkdir(parents=True)
+  (base / 'pseudo_labels').mkdir()
+  for name, target in (('a', base / 'experiments' / 'p_ground_truth' / 'pseudo_labels'),
+                       ('b', base / 'experiments' / 'p_threshold' / 'pseudo_labels'),
+                       ('c', base / 'pseudo_labels')):
+    (tmp_path / name).mkdir()
+    os.symlink(target, tmp_path / name / 'pseudo_labels')
+  assert [experiments._source(str(tmp_path / n)) for n in 'abc'] == ['ground_truth', 'threshold', 'gmm']
