@@ -291,6 +291,11 @@ def selected_step(config, workdir, steps: list) -> int:
   return row['step']
 
 
+def _nanmean(values) -> float:
+  v = np.asarray(values, np.float64)
+  return float(v[np.isfinite(v)].mean()) if np.isfinite(v).any() else float('nan')
+
+
 def track_during_training(config, workdir, mesh):
   """Returns f(params, step) that appends one row to WORKDIR/train/track.jsonl: per case and as a
   mean, the label-free signals and, where ground truth exists, Dice (analysis only: ground truth
@@ -299,7 +304,7 @@ def track_during_training(config, workdir, mesh):
   Label-free signals (every prepared case; net mask = lesion probability > 0.5 inside the brain, no
   TTA, on the prepared grid):
     flip_agreement: Dice between the net mask and the mask predicted from the left-right mirrored
-      scan, mirrored back (augmentation consistency).
+      scan, mirrored back (augmentation consistency); NaN when both are empty (means skip it).
     p_agreement: Dice between the net mask and P.
     confident_ce: binary cross-entropy of the net probability against P on P's confident voxels
       (posterior >= 1 - eval.confident or <= eval.confident, brain only), lesion and normal voxels
@@ -330,13 +335,16 @@ def track_during_training(config, workdir, mesh):
       terms = [float(-np.log(1 - q[neg]).mean())] if neg.any() else []
       if pos.any():
         terms.append(float(-np.log(q[pos]).mean()))
-      r = {'flip_agreement': metrics.dice(mask, mirrored > 0.5),
+      # both masks empty: no evidence either way (an empty mask is perfectly flip-consistent, and a
+      # network that predicts nothing would otherwise score best): NaN, left out of the mean
+      flip = mirrored > 0.5
+      r = {'flip_agreement': metrics.dice(mask, flip) if mask.any() or flip.any() else float('nan'),
            'p_agreement': metrics.dice(mask, pmask),
            'confident_ce': float(np.mean(terms)) if terms else float('nan')}
       if prep.meta(c)['has_label']:
         r['dice'] = metrics.dice(mask, np.asarray(prep.read(c, 'label')) > 0)
       rows[c] = r
-    means = {k: float(np.nanmean([r[k] for r in rows.values() if k in r]))
+    means = {k: _nanmean([r[k] for r in rows.values() if k in r])
              for k in ('flip_agreement', 'p_agreement', 'confident_ce', 'dice')
              if any(k in r for r in rows.values())}
     logging.info('step %d: %s', step, ', '.join(

@@ -86,3 +86,19 @@ def test_select_keeps_the_best_tracked_checkpoint(tmp_path):
     sel('flip_agreement', [10, 30])
   with pytest.raises(prepare.StageError, match="eval.select='dice'"):
     sel('dice', [20])
+
+
+def test_an_empty_prediction_gives_no_flip_evidence(tiny_workdir, tmp_path, monkeypatch):
+  """A network that predicts nothing is perfectly flip-consistent: the signal is NaN, not 1, so
+  eval.select cannot prefer a step where the network has not learned anything yet."""
+  cfg = tiny_config(**{'eval.every_steps': 1})
+  wd = str(tmp_path / 'wd')
+  copy_inputs(tiny_workdir, wd)
+  monkeypatch.setattr(sliding_window.Predictor, 'predict_volume',
+                      lambda self, params, image: np.zeros(image.shape[:3], np.float32))
+  evaluate.track_during_training(cfg, wd, distributed.mesh())({'unet': None}, 3)
+  row = evaluate.read_track(wd)[0]
+  assert np.isnan(row['flip_agreement'])
+  assert all(np.isnan(r['flip_agreement']) for r in row['cases'].values())
+  later = dict(step=6, flip_agreement=0.8)
+  assert evaluate.pick([row, later], 'flip_agreement')['step'] == 6
