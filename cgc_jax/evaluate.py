@@ -251,15 +251,20 @@ SELECT_RULES = {'flip_agreement': 'max', 'confident_ce': 'min', 'p_agreement': '
 
 
 def read_track(workdir: str) -> list:
-  """train/track.jsonl rows sorted by step (a resumed run's repeated steps: the last row wins)."""
+  """train/track.jsonl rows sorted by step (a resumed run's repeated steps: the last row wins; a
+  line cut by a kill mid-append is skipped with a warning)."""
   path = os.path.join(workdir, 'train', 'track.jsonl')
   if not os.path.exists(path):
     return []
   rows = {}
   with open(path) as f:
-    for line in f:
+    for i, line in enumerate(f):
       if line.strip():
-        r = json.loads(line)
+        try:
+          r = json.loads(line)
+        except json.JSONDecodeError:
+          logging.warning('%s: line %d is not JSON (cut by a kill?): skipped', path, i + 1)
+          continue
         rows[r['step']] = r
   return [rows[k] for k in sorted(rows)]
 

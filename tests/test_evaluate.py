@@ -74,6 +74,7 @@ def test_select_keeps_the_best_tracked_checkpoint(tmp_path):
           dict(step=40, flip_agreement=0.96, confident_ce=0.25, p_agreement=0.8)]  # a resumed rerun
   with open(os.path.join(wd, 'train', 'track.jsonl'), 'w') as f:
     f.writelines(json.dumps(r) + '\n' for r in rows)
+    f.write('{"step": 80, "flip_agr')  # a line cut by a kill mid-append
   assert [r['flip_agreement'] for r in evaluate.read_track(wd)] == [0.90, 0.96, 0.99]
 
   def sel(rule, steps):
