@@ -161,10 +161,13 @@ def score_rules(tracks: list) -> dict:
 
 
 def _source(wd: str) -> str:
-  """The pseudo-label source a run trained on (its pseudo_labels link: the base's is gmm)."""
-  target = os.path.realpath(os.path.join(wd, 'pseudo_labels'))
-  name = os.path.basename(os.path.dirname(target))
-  return name[len('p_'):] if name.startswith('p_') else 'gmm'
+  """The pseudo-label source a run trained on, as its pseudo-label stage recorded it (the per-case
+  report's 'source'; 'gmm' where no report says otherwise)."""
+  reports = os.path.join(wd, 'pseudo_labels', 'reports')
+  for name in sorted(os.listdir(reports)) if os.path.isdir(reports) else []:
+    with open(os.path.join(reports, name)) as f:
+      return json.load(f).get('source', 'gmm')
+  return 'gmm'
 
 
 def _length_summary(per_seed_tracks: dict) -> dict:

@@ -97,11 +97,12 @@ def test_stopping_rules_hand_values():
   assert pa['step'] == 15 and abs(pa['dice'] - 0.65) < 1e-12 and pa['within_0.01'] == 1
 
 
-def test_a_runs_pseudo_label_source_is_read_from_its_link(tmp_path):
+def test_a_runs_pseudo_label_source_is_read_from_its_reports(tmp_path):
   base = tmp_path / 'base'
-  for src in ('ground_truth', 'threshold'):
-    (base / 'experiments' / f'p_{src}' / 'pseudo_labels').mkdir(parents=True)
-  (base / 'pseudo_labels').mkdir()
+  for src, d in (('ground_truth', base / 'experiments' / 'p_ground_truth'),
+                 ('threshold', base / 'experiments' / 'p_threshold'), ('gmm', base)):
+    (d / 'pseudo_labels' / 'reports').mkdir(parents=True)
+    (d / 'pseudo_labels' / 'reports' / 'case_0.json').write_text(json.dumps({'source': src}))
   for name, target in (('a', base / 'experiments' / 'p_ground_truth' / 'pseudo_labels'),
                        ('b', base / 'experiments' / 'p_threshold' / 'pseudo_labels'),
                        ('c', base / 'pseudo_labels')):
