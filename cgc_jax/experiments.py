@@ -164,10 +164,11 @@ def _source(wd: str) -> str:
   """The pseudo-label source a run trained on, as its pseudo-label stage recorded it (the per-case
   report's 'source'; 'gmm' where no report says otherwise)."""
   reports = os.path.join(wd, 'pseudo_labels', 'reports')
-  for name in sorted(os.listdir(reports)) if os.path.isdir(reports) else []:
-    with open(os.path.join(reports, name)) as f:
-      return json.load(f).get('source', 'gmm')
-  return 'gmm'
+  names = sorted(os.listdir(reports)) if os.path.isdir(reports) else []
+  if not names:
+    return 'gmm'
+  with open(os.path.join(reports, names[0])) as f:
+    return json.load(f).get('source', 'gmm')
 
 
 def _length_summary(per_seed_tracks: dict) -> dict:
