@@ -1,4 +1,4 @@
-"""Segmentation metrics on binary masks: Dice, sensitivity, ASSD and HD95 (medpy definitions).
+"""Segmentation metrics on binary masks: Dice, sensitivity, ASSD and HD95 (medpy >= 0.5 definitions).
 
 Conventions (also written into every report):
   * both masks empty: Dice 1, sensitivity 1, ASSD 0, HD95 0;
@@ -6,6 +6,9 @@ Conventions (also written into every report):
     reports count these cases instead of dropping them.
 Surface voxels = mask minus its 6-connected erosion (medpy's `__surface_distances`). Distances are in
 mm from the REFERENCE's voxel spacing, given as `spacing` (one value per axis, anisotropy allowed).
+ASSD pools the surface distances of both directions and takes one mean (medpy >= 0.5, MONAI's
+`compute_average_surface_distance(symmetric=True)`); the mean of the two one-way means (medpy < 0.5)
+weights the mask with the smaller surface more and differs by millimetres on uneven masks.
 """
 import numpy as np
 from scipy import ndimage
@@ -53,14 +56,15 @@ def _surface_distances(pred, ref, spacing):
 
 
 def assd(pred, ref, spacing=(1.0, 1.0, 1.0)) -> float:
-  """Average symmetric surface distance (mm): mean of the two directed mean surface distances."""
+  """Average symmetric surface distance (mm): the mean of the pooled surface distances of both
+  directions, (sum(d_pred->ref) + sum(d_ref->pred)) / (|S_pred| + |S_ref|)."""
   pred, ref = _b(pred), _b(ref)
   if not pred.any() and not ref.any():
     return 0.0
   if not pred.any() or not ref.any():
     return float('nan')
   a, b = _surface_distances(pred, ref, np.asarray(spacing, np.float64))
-  return float((a.mean() + b.mean()) / 2.0)
+  return float(np.hstack([a, b]).mean())
 
 
 def hd95(pred, ref, spacing=(1.0, 1.0, 1.0)) -> float:

@@ -18,7 +18,8 @@ def _assd_bruteforce(a, b, spacing):
   sb = np.argwhere(_surface_ref(b)) * spacing
   d = np.sqrt(((sa[:, None] - sb[None]) ** 2).sum(-1))
   ab, ba = d.min(1), d.min(0)
-  return (ab.mean() + ba.mean()) / 2, np.percentile(np.hstack([ab, ba]), 95)
+  pooled = np.hstack([ab, ba])
+  return pooled.mean(), np.percentile(pooled, 95)
 
 
 def test_dice_and_sensitivity_hand_computed():
@@ -59,6 +60,17 @@ def test_assd_matches_bruteforce_on_random_blobs():
     want_assd, want_hd = _assd_bruteforce(a, b, np.asarray(spacing))
     assert metrics.assd(a, b, spacing) == pytest.approx(want_assd, rel=1e-9)
     assert metrics.hd95(a, b, spacing) == pytest.approx(want_hd, rel=1e-9)
+
+
+def test_assd_pools_both_directions_hand_computed():
+  # a: one voxel; b: a 1x1x3 bar whose middle voxel is a. a->b: 0 (a lies on b's surface). b->a:
+  # 1, 0, 1 mm. Pooled: (0 + 1 + 0 + 1) / 4 = 0.5; the mean of one-way means would be (0 + 2/3) / 2.
+  a = np.zeros((5, 5, 5), bool)
+  b = np.zeros_like(a)
+  a[2, 2, 2] = True
+  b[2, 2, 1:4] = True
+  assert metrics.assd(a, b) == pytest.approx(0.5)
+  assert metrics.assd(b, a) == pytest.approx(0.5)
 
 
 def test_empty_conventions():
