@@ -137,6 +137,14 @@ def _load_volume(path: str, problems: list):
   return data, affine, spacing, img.header
 
 
+def has_spatial_info(header) -> bool:
+  """False for a NIfTI header whose qform and sform codes are both 0 (no orientation, no position)."""
+  try:
+    return int(header['qform_code']) > 0 or int(header['sform_code']) > 0
+  except (KeyError, TypeError, ValueError):  # not a NIfTI header: trust its affine
+    return True
+
+
 @dataclasses.dataclass
 class LoadedCase:
   case_id: str
@@ -168,13 +176,23 @@ def load_case(files: CaseFiles, data_cfg) -> LoadedCase:
   if files.label:
     label = _load_volume(files.label, problems)
 
-  ref = next(iter(vols.values()), None)
+  # the case's geometry comes from the first channel that HAS spatial information: a header with
+  # qform and sform codes 0 carries none (nibabel makes up an affine from pixdim)
+  spatial = [m for m, v in vols.items() if has_spatial_info(v[3])]
+  ref_mod = spatial[0] if spatial else next(iter(vols), None)
+  ref = vols.get(ref_mod)
   if ref is not None:
-    ref_path = files.images[next(iter(vols))]
-    for m, (data, affine, spacing, _) in list(vols.items()) + ([('label', label)] if label else []):
+    ref_path = files.images[ref_mod]
+    for m, (data, affine, spacing, hdr) in list(vols.items()) + ([('label', label)] if label else []):
       path = files.label if m == 'label' else files.images[m]
       if data.shape != ref[0].shape:
         problems.append(Problem(path, f'shape {data.shape} differs from {ref[0].shape} of {ref_path}'))
+        continue
+      if not has_spatial_info(hdr):
+        where = (f'the case geometry is taken from {ref_path}' if spatial else
+                 'no channel of this case has any: voxel indices are used as 1 mm coordinates')
+        problems.append(Problem(path, f'header has no spatial information (qform and sform codes '
+                                f'0); {where}', 'warning'))
         continue
       if not np.allclose(spacing, ref[2], atol=data_cfg.affine_tolerance):
         problems.append(Problem(path, f'voxel spacing {np.round(spacing, 4).tolist()} differs from '

@@ -165,3 +165,27 @@ def test_gz_magic_only_is_an_error(tmp_path):
   c = folder_config(tmp_path)
   with pytest.raises(readers.DataError, match='not a readable NIfTI'):
     readers.load_case(readers.discover(c.data)[0], c.data)
+
+
+def test_header_without_spatial_information_is_named_and_geometry_comes_from_another_channel(
+    tmp_path):
+  d = _good_case(tmp_path, 'c')
+  aff = np.diag([1.5, 1.5, 3.0, 1.0])
+  aff[:3, 3] = (10.0, -20.0, 5.0)
+  for m in ('T1', 'GT_W'):  # T1 and the label carry the real geometry
+    img = nib.load(os.path.join(d, f'{m}.nii.gz'))
+    _save(np.asarray(img.dataobj), os.path.join(d, f'{m}.nii.gz'), aff)
+  flair = nib.load(os.path.join(d, 'FLAIR.nii.gz'))
+  bare = nib.Nifti1Image(np.asarray(flair.dataobj), None)  # the reference channel: no geometry
+  bare.header.set_qform(None, code=0)
+  bare.header.set_sform(None, code=0)
+  bare.header['pixdim'][1:4] = 0
+  nib.save(bare, os.path.join(d, 'FLAIR.nii.gz'))
+  c = folder_config(tmp_path)
+  lc = readers.load_case(readers.discover(c.data)[0], c.data)
+  np.testing.assert_allclose(lc.affine, aff)
+  np.testing.assert_allclose(lc.spacing, (1.5, 1.5, 3.0))
+  msgs = [str(w) for w in lc.warnings]
+  assert len(msgs) == 1, msgs
+  assert 'FLAIR.nii.gz' in msgs[0] and 'no spatial information' in msgs[0]
+  assert 'T1.nii.gz' in msgs[0]  # where the geometry came from
