@@ -35,8 +35,10 @@ from cgc_jax import pipeline
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'configs/*.py file', lock_config=False)
 flags.DEFINE_string('workdir', None, 'base workdir (its prepared data are shared by every row)')
-flags.DEFINE_enum('table', 'methods', ['methods', 'ablation', 'temperature', 'length', 'weights'],
-                  'which table')
+flags.DEFINE_enum('table', 'methods', ['methods', 'ablation', 'temperature', 'length', 'weights',
+                                      'pseudo_labels'], 'which table')
+flags.DEFINE_string('channels', '', 'pseudo_labels table: extra rows with these GMM channel sets, '
+                    '";"-separated, e.g. "flair,t1;flair,t1,t2"')
 flags.DEFINE_string('seeds', '0,1', 'training seeds, comma separated')
 flags.DEFINE_integer('track_every', -1, 'eval.every_steps of every trained run (-1: train.steps // 6; '
                      '0: no tracking)')
@@ -77,6 +79,23 @@ TABLES = {
                  dict(_FULL, **{'cgc.lambda_coarse': w, 'cgc.lambda_fine': w})) for w in (0.1, 1.0)],
 }
 
+# The pseudo-label variants (P only, no training): every rule of the pseudo-label stage, one
+# switch at a time and together; `config` is the config's own P.
+_CLEAN = {'gmm.open_iterations': 1, 'gmm.keep_fraction': 0.1, 'gmm.fill_holes': True}
+P_ROWS = [
+    ('P as configured', 'gmm', ('P', {})),
+    ('P, mixture alone (no cleanup, no evidence rule)', 'gmm',
+     ('P', {'gmm.open_iterations': 0, 'gmm.keep_fraction': 0.0, 'gmm.fill_holes': False,
+            'gmm.min_contrast': float('-inf')})),
+    ('P, + opening', 'gmm', ('P', {'gmm.open_iterations': 1})),
+    ('P, + major components (>= 0.1 x largest)', 'gmm', ('P', {'gmm.keep_fraction': 0.1})),
+    ('P, + holes filled', 'gmm', ('P', {'gmm.fill_holes': True})),
+    ('P, + all three cleanups', 'gmm', ('P', _CLEAN)),
+    ('P, K = 5', 'gmm', ('P', {'gmm.k': 5})),
+    ('P, K = 6', 'gmm', ('P', {'gmm.k': 6})),
+]
+TABLES['pseudo_labels'] = P_ROWS
+
 # Label-free checkpoint choice, scored on track.jsonl rows: (name, eval.select signal or None).
 STOP_RULES = [('last step', None),
               ('first tracked step', 'first'),
@@ -106,14 +125,18 @@ def _link(src, dst):
     os.symlink(os.path.abspath(src), dst)
 
 
-def p_workdir(config, base: str, source: str) -> str:
-  """The workdir whose pseudo_labels/ holds P from `source`, sharing the base's prepared data."""
-  config = config.copy_and_resolve_references()
+def p_workdir(config, base: str, source: str, p_overrides=None) -> str:
+  """The workdir whose pseudo_labels/ holds P from `source` (with `p_overrides` of the gmm fields),
+  sharing the base's prepared data."""
+  from cgc_jax import fingerprints  # pylint: disable=g-import-not-at-top
+  config = _apply(config, p_overrides or {})
   config.pseudo_labels.source = source
-  if source == 'gmm':
+  if source == 'gmm' and not p_overrides:
     wd = base
   else:
-    wd = os.path.join(base, 'experiments', f'p_{source}')
+    name = f'p_{source}' if not p_overrides else \
+        f'p_{source}_{fingerprints.of(config, "pseudo_labels")}'
+    wd = os.path.join(base, 'experiments', name)
     os.makedirs(wd, exist_ok=True)
     for d in ('prepared', 'phantoms'):
       if os.path.exists(os.path.join(base, d)):
@@ -183,14 +206,35 @@ def _length_summary(per_seed_tracks: dict) -> dict:
   return out
 
 
-def run_table(config, base: str, table: str, seeds: list, track_every: int = -1) -> dict:
+def channel_rows(spec: str) -> list:
+  """'flair,t1;flair,t1,t2' -> pseudo_labels rows with those GMM channel sets (cleanup as configured)."""
+  return [(f'P, channels {"+".join(ch)}', 'gmm', ('P', {'gmm.channels': ch}))
+          for ch in (tuple(c.strip() for c in g.split(',') if c.strip()) for g in spec.split(';'))
+          if ch]
+
+
+def _p_seconds(wd) -> float:
+  """Mean pseudo-label seconds per case (GMM fit and cleanup, from the per-case reports)."""
+  d = os.path.join(wd, 'pseudo_labels', 'reports')
+  secs = []
+  for n in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+    with open(os.path.join(d, n)) as f:
+      secs.append(json.load(f).get('seconds', float('nan')))
+  return float(np.nanmean(secs)) if secs else float('nan')
+
+
+def run_table(config, base: str, table: str, seeds: list, track_every: int = -1,
+              rows=None) -> dict:
   pipeline.run(config, base, 'prepare')
   results = {}
-  for name, source, overrides in TABLES[table]:
+  for name, source, overrides in rows or TABLES[table]:
     t0 = time.time()
-    pwd = p_workdir(config, base, source)
-    if overrides is None:  # a P-only row: the pseudo-labels scored against ground truth
+    p_over = overrides[1] if isinstance(overrides, tuple) else None
+    pwd = p_workdir(config, base, source, p_over)
+    if overrides is None or p_over is not None:  # a P-only row: P scored against ground truth
       results[name] = _row_summary({'-': _p_rows(pwd)}, time.time() - t0)
+      results[name]['seconds_per_case'] = _p_seconds(pwd)
+      results[name]['per_case'] = {r['case']: r['dice'] for r in _p_rows(pwd)}
       continue
     per_seed, tracks = {}, {}
     for seed in seeds:
@@ -228,6 +272,8 @@ def markdown(table: str, results: dict, config) -> str:
   if table == 'length':
     return length_markdown(results, config)
   seeds = max((len(s['seeds']) for s in results.values() if s['seeds'] != ['-']), default=0)
+  if table == 'pseudo_labels':
+    return p_markdown(results, config)
   lines = [f'Table `{table}` ({config.data.layout}, {seeds} seed(s) per trained row; mean +- std '
            'over cases pooled over seeds; P rows: the pseudo-labels themselves)', '',
            '| row | Dice | std of seed means | Sensitivity | ASSD [mm] | time [s] |',
@@ -238,6 +284,27 @@ def markdown(table: str, results: dict, config) -> str:
                  f'{"-" if math.isnan(sd) else f"{sd:.4f}"} | {s["sensitivity"]["mean"]:.4f} +- '
                  f'{s["sensitivity"]["std"]:.4f} | {s["assd"]["mean"]:.2f} +- {s["assd"]["std"]:.2f} | '
                  f'{s["seconds"]:.0f} |')
+  return '\n'.join(lines) + '\n'
+
+
+def p_markdown(results: dict, config) -> str:
+  """The pseudo-label table: per row mean +- std, empty masks, seconds per case, then Dice per case."""
+  lines = [f'Table `pseudo_labels` ({config.data.layout}; P alone against the ground truth on each '
+           'scan\'s original grid; deterministic, so no seeds)', '',
+           '| row | Dice | Sensitivity | ASSD [mm] | empty P | s/case |', '| --- ' * 6 + '|']
+  for name, s in results.items():
+    lines.append(f'| {name} | {s["dice"]["mean"]:.4f} +- {s["dice"]["std"]:.4f} | '
+                 f'{s["sensitivity"]["mean"]:.4f} | {s["assd"]["mean"]:.2f} | '
+                 f'{s["empty_pred_cases"]}/{s["cases"]} | {s.get("seconds_per_case", float("nan")):.2f} |')
+  cases = sorted({c for s in results.values() for c in s.get('per_case', {})})
+  if cases:
+    names = list(results)
+    lines += ['', 'Dice per case (rows in the order above):', '',
+              '| case | ' + ' | '.join(str(i + 1) for i in range(len(names))) + ' |',
+              '| --- ' * (len(names) + 1) + '|']
+    for c in cases:
+      lines.append(f'| {c} | ' + ' | '.join(
+          f'{results[n]["per_case"].get(c, float("nan")):.3f}' for n in names) + ' |')
   return '\n'.join(lines) + '\n'
 
 
@@ -284,7 +351,10 @@ def main(argv):
 def _main():
   config = FLAGS.config
   seeds = [int(s) for s in FLAGS.seeds.split(',') if s.strip()]
-  results = run_table(config, FLAGS.workdir, FLAGS.table, seeds, FLAGS.track_every)
+  rows = None
+  if FLAGS.table == 'pseudo_labels' and FLAGS.channels:
+    rows = TABLES['pseudo_labels'] + channel_rows(FLAGS.channels)
+  results = run_table(config, FLAGS.workdir, FLAGS.table, seeds, FLAGS.track_every, rows)
   out = os.path.join(FLAGS.workdir, 'experiments')
   os.makedirs(out, exist_ok=True)
   md = markdown(FLAGS.table, results, config)

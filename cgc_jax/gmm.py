@@ -20,6 +20,8 @@ from sklearn import cluster
 from sklearn import mixture
 from sklearn.exceptions import ConvergenceWarning
 
+from cgc_jax import morphology
+
 
 class GMMError(Exception):
   """The mixture could not be fitted; the message names the case."""
@@ -193,16 +195,6 @@ def lesion_components(means: np.ndarray, gcfg, lesion_col: int, hu_scale=None) -
   raise ValueError(f'unknown gmm.rule {gcfg.rule!r} (max_mean | hu_range)')
 
 
-def remove_small(mask: np.ndarray, min_voxels: int) -> np.ndarray:
-  if min_voxels <= 0 or not mask.any():
-    return mask
-  lab, n = ndimage.label(mask)
-  sizes = ndimage.sum_labels(mask, lab, index=np.arange(1, n + 1))
-  keep = np.zeros(n + 1, bool)
-  keep[1:] = sizes >= min_voxels
-  return keep[lab]
-
-
 def pseudo_label(image: np.ndarray, brain: np.ndarray, channels: list, lesion_channel: int, gcfg,
                  case_id: str, hu_scale=None, full_fit: bool = False):
   """Per-case GMM -> (posterior f32[X, Y, Z], P u8[X, Y, Z], report dict).
@@ -240,8 +232,109 @@ def pseudo_label(image: np.ndarray, brain: np.ndarray, channels: list, lesion_ch
   comps = lesion_components(gm.means_, gcfg, lesion_channel, hu_scale)
   resp = gm.predict_proba(x_all)
   post[brain] = resp[:, comps].sum(1) if comps else 0.0
-  p = remove_small(post > gcfg.threshold, gcfg.min_component_voxels)
-  report.update(status='ok', **info, lesion_components=comps, means=gm.means_.tolist(),
-                weights=gm.weights_.tolist(), lesion_fraction=float(p.sum() / n),
-                lesion_voxels=int(p.sum()), seconds=time.time() - t0)
+  raw = post > gcfg.threshold
+  contrast = ring_contrast(image[..., channels[lesion_channel]], raw, brain, gcfg.ring_voxels)
+  p = morphology.cleanup(raw, brain, gcfg.open_iterations, gcfg.keep_fraction,
+                         gcfg.min_component_voxels, gcfg.fill_holes)
+  status = 'ok'
+  if p.any() and contrast < gcfg.min_contrast:
+    status = 'no_lesion_evidence'  # the lesion component is ordinary tissue: a lesion-free scan
+    p[...] = False
+  post = consistent_posterior(post, p, gcfg.threshold)
+  report.update(status=status, **info, lesion_components=comps, means=gm.means_.tolist(),
+                weights=gm.weights_.tolist(), contrast=contrast, raw_voxels=int(raw.sum()),
+                lesion_fraction=float(p.sum() / n), lesion_voxels=int(p.sum()),
+                seconds=time.time() - t0)
   return post, p.astype(np.uint8), report
+
+
+def parse_member(spec: str) -> tuple:
+  """'flair,t1:4' -> (('flair', 't1'), 4): one mixture of the consensus (channels, K)."""
+  try:
+    chans, k = spec.split(':')
+    out = tuple(c.strip() for c in chans.split(',') if c.strip()), int(k)
+  except ValueError:
+    out = ((), 0)
+  if not out[0] or out[1] < 2:
+    raise ValueError(f'gmm.ensemble member {spec!r}: expected "channel,channel,...:K" with K >= 2')
+  return out
+
+
+def consensus(image: np.ndarray, brain: np.ndarray, modalities: list, gcfg, case_id: str,
+              spacing, hu_scale=None):
+  """P from a consensus of mixtures -> (posterior f32[X, Y, Z], P u8[X, Y, Z], report).
+
+  image: f32[X, Y, Z, C] with channels named by `modalities`; brain: bool[X, Y, Z]; spacing: mm of
+  the grid. Members are `gmm.ensemble` ('channels:K' each; those naming a channel the case lacks are
+  skipped and listed), or the one mixture gmm.channels / gmm.k when the ensemble is empty. Each
+  member gives its cleaned P (pseudo_label); P is the voxels at least `gmm.vote` of the members
+  mark, then its components below keep_fraction x the largest are dropped, it grows by
+  `gmm.grow_mm`, and enclosed holes are filled. A mixture's lesion component is wrong in a different
+  way for each channel set and K (grey matter in one, a bright rim in another), so a majority keeps
+  what they agree on. Lesion evidence (min_contrast) is judged on the voted mask, before growing.
+  """
+  t0 = time.time()
+  specs = [parse_member(m) for m in gcfg.ensemble] or [(tuple(gcfg.channels), int(gcfg.k))]
+  usable = [(ch, k) for ch, k in specs if all(c in modalities for c in ch) and
+            gcfg.lesion_channel in ch]
+  skipped = [f'{",".join(ch)}:{k}' for ch, k in specs if (ch, k) not in usable]
+  if not usable:
+    raise ValueError(f'no gmm member can be fitted: members {list(gcfg.ensemble) or [gcfg.channels]}'
+                     f' need channels (and lesion channel {gcfg.lesion_channel!r}) among the '
+                     f'prepared modalities {modalities}')
+  member_cfg = gcfg.copy_and_resolve_references()
+  member_cfg.min_contrast = float('-inf')  # judged once, on the consensus
+  posts, masks, members = [], [], []
+  for ch, k in usable:
+    member_cfg.k = k
+    post, p, rep = pseudo_label(image, brain, [modalities.index(c) for c in ch],
+                                list(ch).index(gcfg.lesion_channel), member_cfg, case_id, hu_scale)
+    posts.append(post)
+    masks.append(p > 0)
+    members.append({'channels': list(ch), **{key: rep.get(key) for key in (
+        'k', 'status', 'converged', 'lesion_components', 'means', 'weights', 'contrast',
+        'lesion_voxels', 'seconds') if key in rep}})
+  lesion = image[..., modalities.index(gcfg.lesion_channel)]
+  voted = np.mean(masks, axis=0) >= gcfg.vote - 1e-9 if len(masks) > 1 else masks[0]
+  voted = morphology.keep_major(voted, gcfg.keep_fraction)
+  contrast = ring_contrast(lesion, voted, brain, gcfg.ring_voxels)
+  p = morphology.grow(voted, gcfg.grow_mm, spacing)
+  p = (morphology.fill_holes(p) if gcfg.fill_holes else p) & brain
+  status = 'ok'
+  if p.any() and contrast < gcfg.min_contrast:
+    status = 'no_lesion_evidence'  # the voted lesion is ordinary tissue: a lesion-free scan
+    p = np.zeros_like(p)
+  post = consistent_posterior(np.mean(posts, axis=0), p, gcfg.threshold)
+  report = {'status': status, 'members': members, 'skipped_members': skipped,
+            'contrast': contrast, 'voted_voxels': int(voted.sum()),
+            'lesion_voxels': int(p.sum()), 'brain_voxels': int(brain.sum()),
+            'lesion_fraction': float(p.sum() / max(int(brain.sum()), 1)),
+            'seconds': time.time() - t0}
+  if len(members) == 1:  # the single mixture's own fields, as before there was a consensus
+    report.update({k: v for k, v in members[0].items() if k not in report})
+  return post, p.astype(np.uint8), report
+
+
+def ring_contrast(x: np.ndarray, mask: np.ndarray, brain: np.ndarray, width: int) -> float:
+  """Mean of `x` inside `mask` minus its mean in the brain ring of `width` voxels around the mask
+  (x: f32[X, Y, Z] lesion channel; NaN for an empty mask or ring).
+
+  A lesion stands out from the tissue right around it; the brightest component of a lesion-free
+  brain (grey matter, a bright rim) is interleaved with tissue of almost its own intensity.
+  """
+  mask = np.asarray(mask, bool)
+  if not mask.any() or width <= 0:
+    return float('nan')
+  ring = ndimage.binary_dilation(mask, iterations=width) & ~mask & brain
+  if not ring.any():
+    return float('nan')
+  return float(x[mask].mean() - x[ring].mean())
+
+
+def consistent_posterior(post: np.ndarray, p: np.ndarray, threshold: float) -> np.ndarray:
+  """The posterior moved just across `threshold` where the cleanup changed the decision, so that
+  posterior > threshold is P again (and an interpolated posterior maps P to other grids), while
+  those voxels no longer count as confident either way."""
+  eps = 0.01
+  return np.where(p, np.maximum(post, threshold + eps),
+                  np.minimum(post, threshold - eps)).astype(np.float32)

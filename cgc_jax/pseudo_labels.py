@@ -16,6 +16,7 @@ from cgc_jax import fingerprints
 from cgc_jax import geometry
 from cgc_jax import gmm
 from cgc_jax import metrics
+from cgc_jax import morphology
 from cgc_jax import parallel
 from cgc_jax import prepare
 from cgc_jax import readers
@@ -54,20 +55,15 @@ def case_pseudo_label(case_id, config, prep_root, prep_fp, out_root, out_fp):
   src = config.pseudo_labels.source
   g = config.gmm
   if src == 'gmm':
-    missing = [c for c in list(g.channels) + [g.lesion_channel] if c not in mods]
-    if missing:
-      raise ValueError(f'gmm channels {missing} are not among the prepared modalities {mods}')
-    chans = [mods.index(c) for c in g.channels]
     hu = None
     if config.data.kind == 'ct':
       lo, hi = config.data.ct_window
       hu = (lo, hi - lo)
-    post, p, report = gmm.pseudo_label(image, brain, chans, list(g.channels).index(g.lesion_channel),
-                                       g, case_id, hu_scale=hu)
+    post, p, report = gmm.consensus(image, brain, list(mods), g, case_id, geom.spacing, hu_scale=hu)
   elif src == 'threshold':
     post = (threshold_z(image[..., mods.index(g.lesion_channel)], brain) >
             config.pseudo_labels.threshold_z).astype(np.float32)
-    p = gmm.remove_small(post > 0.5, g.min_component_voxels).astype(np.uint8)
+    p = morphology.remove_small(post > 0.5, g.min_component_voxels).astype(np.uint8)
     report = {'status': 'ok', 'lesion_fraction': float(p.sum() / max(brain.sum(), 1))}
   elif src == 'nifti':
     post = _from_nifti(os.path.join(config.pseudo_labels.nifti_dir, f'{case_id}.nii.gz'), geom)

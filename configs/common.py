@@ -57,7 +57,21 @@ def base_config() -> ml_collections.ConfigDict:
   g.lesion_channel = 'flair'  # lesion-bright channel
   g.rule = 'max_mean'  # max_mean: highest mean in lesion_channel | hu_range: mean inside g.hu_range
   g.hu_range = (50.0, 90.0)  # hu_range rule: lesion components have their HU mean in this range
+  # Consensus of mixtures: 'channels:K' members (e.g. 'flair,t1:4'); () = the one mixture above.
+  # Members naming a channel the data lack are skipped. P = voxels >= `vote` of the members mark.
+  g.ensemble = ()
+  g.vote = 0.5
+  g.grow_mm = 0.0  # grow the voted P by this many mm (the mixture's P stops short of faint edges)
   g.min_component_voxels = 0  # drop connected components of P smaller than this (0 = keep all)
+  # Spatial cleanup of P (morphology.cleanup), in this order. The defaults leave P as the mixture
+  # gives it; configs for real scans switch them on.
+  g.open_iterations = 0  # binary opening (6-neighbour cross) iterations: cuts rims and bridges
+  g.keep_fraction = 0.0  # keep components >= this x the largest (0 = all)
+  g.fill_holes = False  # fill enclosed holes (3D and per slice): necrotic cores inside oedema
+  # Case-level lesion evidence: P is emptied when the lesion channel inside raw P exceeds the ring
+  # of tissue around it by less than this (z units for MRI, window units for CT); -inf = off.
+  g.min_contrast = float('-inf')
+  g.ring_voxels = 2  # width of that ring
   g.kmeans_inits = 5  # k-means starts for the EM initialisation (best inertia kept)
   g.reg_covar = 1e-4  # covariance regulariser; raised x10 on singular covariance
   g.max_iter = 200  # EM iterations

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from cgc_jax import gmm
+from cgc_jax import morphology
 from cgc_jax import pseudo_labels
 
 from conftest import tiny_config
@@ -127,7 +128,7 @@ def test_min_component_size():
   m = np.zeros((10, 10, 10), bool)
   m[0, 0, 0] = True
   m[5:8, 5:8, 5:8] = True
-  out = gmm.remove_small(m, 5)
+  out = morphology.remove_small(m, 5)
   assert out.sum() == 27 and not out[0, 0, 0]
 
 
@@ -198,3 +199,97 @@ def test_threshold_method_z_scores_inside_the_brain():
   np.testing.assert_allclose(z[brain].mean(), 0, atol=1e-6)
   np.testing.assert_allclose(z[brain].std(), 1, rtol=1e-5)
   assert not pseudo_labels.threshold_z(np.ones((3, 3, 3)), np.ones((3, 3, 3), bool)).any()
+
+
+def test_ring_contrast_hand_computed():
+  x = np.zeros((9, 9, 9), np.float32)
+  brain = np.ones((9, 9, 9), bool)
+  m = np.zeros_like(brain)
+  m[4, 4, 4] = True
+  x[4, 4, 4] = 3.0
+  x[4, 4, 5] = 1.0  # one of the 6 ring voxels (iterations=1 dilation with the cross)
+  assert gmm.ring_contrast(x, m, brain, 1) == pytest.approx(3.0 - 1.0 / 6)
+  brain[4, 4, 5] = False  # ring voxels outside the brain do not count
+  assert gmm.ring_contrast(x, m, brain, 1) == pytest.approx(3.0)
+  assert np.isnan(gmm.ring_contrast(x, np.zeros_like(m), brain, 1))
+
+
+def test_consistent_posterior_follows_the_cleaned_mask():
+  post = np.array([0.9, 0.2, 0.7, 0.0, 0.3], np.float32)
+  p = np.array([True, True, False, False, False])  # voxel 1 filled in, voxel 2 removed
+  out = gmm.consistent_posterior(post, p, 0.5)
+  np.testing.assert_allclose(out, [0.9, 0.51, 0.49, 0.0, 0.3], rtol=1e-6)
+  np.testing.assert_array_equal(out > 0.5, p)
+
+
+def test_cleanup_fills_a_dark_core_and_drops_speckle():
+  rng = np.random.default_rng(5)
+  img, brain, gt = _two_tissue_volume(rng)
+  core = np.zeros_like(gt)
+  core[12:14, 12:14, 12:14] = True  # necrotic core: dark inside the bright lesion
+  img[core] = [-1.0, 1.0]
+  img[20, 20, 20] = [3.0, -1.0]  # a single bright voxel far away
+  raw_post, raw_p, _ = gmm.pseudo_label(img, brain, [0, 1], 0, _gcfg(k=4), 'c')
+  assert not raw_p[12:14, 12:14, 12:14].any() and raw_p[20, 20, 20]
+  post, p, rep = gmm.pseudo_label(img, brain, [0, 1], 0,
+                                  _gcfg(k=4, keep_fraction=0.1, fill_holes=True), 'c')
+  np.testing.assert_array_equal(p.astype(bool), gt)  # core filled, speckle gone
+  np.testing.assert_array_equal(post > 0.5, p.astype(bool))
+  assert rep['raw_voxels'] == int(raw_p.sum()) and rep['lesion_voxels'] == int(gt.sum())
+
+
+def test_no_lesion_evidence_empties_p():
+  img, brain, gt = _two_tissue_volume(np.random.default_rng(6), lesion=False)
+  # max_mean always names a component: the brightest tissue (FLAIR 1), interleaved voxel by voxel
+  # with the other two (-1 and 0), so its ring contrast is 1 - (-1 + 0) / 2 = 1.5; a real lesion
+  # (FLAIR 3) inside all three tissues (mean 0) has 3
+  _, p0, rep0 = gmm.pseudo_label(img, brain, [0, 1], 0, _gcfg(k=3), 'c')
+  assert p0.sum() > 0 and rep0['contrast'] == pytest.approx(1.5, abs=0.05)
+  _, p, rep = gmm.pseudo_label(img, brain, [0, 1], 0, _gcfg(k=3, min_contrast=2.0), 'c')
+  assert p.sum() == 0 and rep['status'] == 'no_lesion_evidence'
+  img, brain, gt = _two_tissue_volume(np.random.default_rng(6), lesion=True)
+  _, p, rep = gmm.pseudo_label(img, brain, [0, 1], 0, _gcfg(k=4, min_contrast=2.0), 'c')
+  assert rep['status'] == 'ok' and rep['contrast'] == pytest.approx(3.0, abs=0.1)
+  assert p.sum() > 0.9 * gt.sum()
+
+
+def _three_channel_volume(seed):
+  rng = np.random.default_rng(seed)
+  img, brain, gt = _two_tissue_volume(rng)
+  third = np.where(gt, 2.0, 0.0) + rng.normal(0, 0.5, gt.shape)  # a noisy third channel
+  return np.concatenate([img, third[..., None].astype(np.float32)], -1) * brain[..., None], brain, gt
+
+
+def test_consensus_is_the_majority_of_its_members():
+  img, brain, gt = _three_channel_volume(7)
+  mods = ['flair', 't1', 't2']
+  members = ('flair,t1:4', 'flair,t2:3', 'flair,t1,t2:4', 'flair,t1ce:4')  # the last: no t1ce
+  cfg = _gcfg(ensemble=members, vote=0.5, keep_fraction=0.0, fill_holes=False, grow_mm=0.0,
+              lesion_channel='flair')
+  post, p, rep = gmm.consensus(img, brain, mods, cfg, 'c', (2.0, 2.0, 2.0))
+  assert rep['skipped_members'] == ['flair,t1ce:4'] and len(rep['members']) == 3
+  ref_masks, ref_posts = [], []
+  for chans, k in [(['flair', 't1'], 4), (['flair', 't2'], 3), (['flair', 't1', 't2'], 4)]:
+    mp, mm, _ = gmm.pseudo_label(img, brain, [mods.index(c) for c in chans], 0, _gcfg(k=k), 'c')
+    ref_masks.append(mm > 0)
+    ref_posts.append(mp)
+  want = np.sum(ref_masks, 0) >= 2  # at least half of 3
+  np.testing.assert_array_equal(p.astype(bool), want)
+  np.testing.assert_array_equal(post > 0.5, want)
+  np.testing.assert_allclose(post[want], np.maximum(np.mean(ref_posts, 0)[want], 0.51), rtol=1e-6)
+  # growing by 2 mm on a 2 mm grid adds the face neighbours (inside the brain)
+  cfg.grow_mm = 2.0
+  _, pg, _ = gmm.consensus(img, brain, mods, cfg, 'c', (2.0, 2.0, 2.0))
+  np.testing.assert_array_equal(pg.astype(bool), morphology.grow(want, 2.0, (2, 2, 2)) & brain)
+
+
+def test_consensus_of_one_member_is_the_mixture_itself():
+  img, brain, _ = _two_tissue_volume(np.random.default_rng(8))
+  post1, p1, rep1 = gmm.pseudo_label(img, brain, [0, 1], 0, _gcfg(k=4), 'c')
+  post2, p2, rep2 = gmm.consensus(img, brain, ['flair', 't1'], _gcfg(k=4, channels=('flair', 't1')),
+                                  'c', (1, 1, 1))
+  np.testing.assert_array_equal(p1, p2)
+  np.testing.assert_array_equal(post1, post2)
+  assert rep2['means'] == rep1['means'] and rep2['skipped_members'] == []
+  with pytest.raises(ValueError, match='t2'):
+    gmm.consensus(img, brain, ['flair', 't1'], _gcfg(ensemble=('flair,t2:4',)), 'c', (1, 1, 1))

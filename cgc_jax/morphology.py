@@ -1,0 +1,70 @@
+"""Spatial rules on binary lesion masks: connected components, hole filling, the lesion cleanup.
+
+Every function takes and returns `bool[X, Y, Z]` on one grid (the prepared grid in the pipeline).
+Components are 26-connected (a lesion touching itself only across a voxel corner is still one
+lesion); holes are background not connected to the volume's border, in 3D and in every axial,
+coronal and sagittal slice (a necrotic core open to one side in 3D is still enclosed in most slices).
+"""
+import numpy as np
+from scipy import ndimage
+
+_CONN26 = np.ones((3, 3, 3), bool)
+
+
+def components(mask: np.ndarray):
+  """(labels i32[X, Y, Z], sizes i64[n]) of the 26-connected components; sizes[i] is label i+1's."""
+  lab, n = ndimage.label(mask, _CONN26)
+  sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:]
+  return lab, sizes
+
+
+def remove_small(mask: np.ndarray, min_voxels: int) -> np.ndarray:
+  """Drops the components smaller than `min_voxels` (0: keep all)."""
+  mask = np.asarray(mask, bool)
+  if min_voxels <= 0 or not mask.any():
+    return mask
+  lab, sizes = components(mask)
+  return np.concatenate([[False], sizes >= min_voxels])[lab]
+
+
+def keep_major(mask: np.ndarray, fraction: float) -> np.ndarray:
+  """Keeps the components of at least `fraction` x the largest one's size (0: keep all, 1: the
+  largest only; ties all kept)."""
+  mask = np.asarray(mask, bool)
+  if fraction <= 0 or not mask.any():
+    return mask
+  lab, sizes = components(mask)
+  return np.concatenate([[False], sizes >= fraction * sizes.max()])[lab]
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+  """Fills enclosed background: in 3D, then in every slice along each of the three axes."""
+  out = ndimage.binary_fill_holes(np.asarray(mask, bool))
+  for axis in range(3):
+    moved = np.moveaxis(out, axis, 0)
+    out = np.moveaxis(np.stack([ndimage.binary_fill_holes(s) for s in moved]), 0, axis)
+  return out
+
+
+def grow(mask: np.ndarray, mm: float, spacing) -> np.ndarray:
+  """Adds every voxel within `mm` (Euclidean, voxel centres, anisotropic `spacing` in mm) of the
+  mask. At 2 mm isotropic, mm=2 adds the 6 face neighbours of each boundary voxel."""
+  mask = np.asarray(mask, bool)
+  if mm <= 0 or not mask.any():
+    return mask
+  dist = ndimage.distance_transform_edt(~mask, sampling=np.asarray(spacing, np.float64))
+  return dist <= mm + 1e-6
+
+
+def cleanup(mask: np.ndarray, brain: np.ndarray, open_iterations: int, keep_fraction: float,
+            min_voxels: int, fill: bool) -> np.ndarray:
+  """The pseudo-label cleanup, in this order: opening (cuts thin bridges and one-voxel rims along
+  the brain edge), components below `min_voxels` dropped, components below `keep_fraction` of the
+  largest dropped, holes filled (a dark necrotic core inside bright oedema), restricted to `brain`."""
+  m = np.asarray(mask, bool)
+  if open_iterations > 0:
+    m = ndimage.binary_opening(m, iterations=open_iterations)
+  m = keep_major(remove_small(m, min_voxels), keep_fraction)
+  if fill:
+    m = fill_holes(m)
+  return m & np.asarray(brain, bool)

@@ -1,0 +1,79 @@
+import numpy as np
+
+from cgc_jax import morphology
+
+
+def _blobs():
+  m = np.zeros((12, 12, 12), bool)
+  m[1:5, 1:5, 1:5] = True  # 64 voxels
+  m[8:10, 8:10, 8:10] = True  # 8 voxels
+  m[6, 6, 6] = True  # 1 voxel: touches neither (gaps of >= 1 voxel on some axis)
+  return m
+
+
+def test_components_sizes_and_26_connectivity():
+  m = np.zeros((4, 4, 4), bool)
+  m[0, 0, 0] = m[1, 1, 1] = True  # corner neighbours: one component under 26-connectivity
+  m[3, 3, 3] = True
+  lab, sizes = morphology.components(m)
+  assert sorted(sizes.tolist()) == [1, 2]
+  assert lab[0, 0, 0] == lab[1, 1, 1] != lab[3, 3, 3]
+
+
+def test_remove_small_and_keep_major_by_hand():
+  m = _blobs()
+  assert morphology.remove_small(m, 8).sum() == 64 + 8
+  assert morphology.remove_small(m, 9).sum() == 64
+  assert morphology.remove_small(m, 0).sum() == 73
+  # 8 / 64 = 0.125: kept at fraction 0.1, dropped at 0.2; the single voxel dropped at both
+  assert morphology.keep_major(m, 0.1).sum() == 72
+  assert morphology.keep_major(m, 0.2).sum() == 64
+  assert morphology.keep_major(m, 1.0).sum() == 64
+  assert not morphology.keep_major(np.zeros_like(m), 0.5).any()
+
+
+def test_fill_holes_3d_and_slicewise():
+  m = np.zeros((9, 9, 9), bool)
+  m[1:8, 1:8, 1:8] = True
+  m[3:6, 3:6, 3:6] = False  # enclosed cavity: 27 voxels
+  assert morphology.fill_holes(m).sum() == 343
+  # a cavity open to the outside along z (a tunnel) is not a 3D hole, but is one in every axial slice
+  t = np.zeros((9, 9, 9), bool)
+  t[1:8, 1:8, :] = True
+  t[4, 4, :] = False
+  assert not morphology.ndimage.binary_fill_holes(t)[4, 4, :].any()
+  assert morphology.fill_holes(t)[4, 4, :].all()
+  assert morphology.fill_holes(t).sum() == 7 * 7 * 9
+
+
+def test_cleanup_order_and_brain_restriction():
+  brain = np.ones((12, 12, 12), bool)
+  m = _blobs()
+  m[2:4, 2:4, 2:4] = False  # a hole inside the big blob
+  out = morphology.cleanup(m, brain, open_iterations=0, keep_fraction=0.5, min_voxels=2, fill=True)
+  want = np.zeros_like(m)
+  want[1:5, 1:5, 1:5] = True
+  np.testing.assert_array_equal(out, want)
+  brain[:, :, :3] = False
+  out = morphology.cleanup(m, brain, 0, 0.5, 2, True)
+  np.testing.assert_array_equal(out, want & brain)
+  # opening with the 6-neighbour cross: the 4^3 cube erodes to its 2^3 core and grows back by one
+  # face layer (8 + 6 x 4 = 32 voxels); the 2^3 blob and the single voxel erode away entirely
+  o = morphology.cleanup(_blobs(), np.ones_like(brain), 1, 0.0, 0, False)
+  assert o.sum() == 32 and o[2:4, 2:4, 2:4].all() and not o[8:10, 8:10, 8:10].any()
+
+
+def test_grow_matches_brute_force_distances():
+  rng = np.random.default_rng(0)
+  m = rng.random((9, 8, 7)) > 0.93
+  spacing = (2.0, 1.0, 3.0)
+  pts = np.argwhere(m) * spacing
+  grid = np.stack(np.meshgrid(*[np.arange(n) for n in m.shape], indexing='ij'), -1) * spacing
+  dist = np.sqrt(((grid[..., None, :] - pts) ** 2).sum(-1)).min(-1)
+  for mm in (1.0, 2.0, 3.5):
+    np.testing.assert_array_equal(morphology.grow(m, mm, spacing), dist <= mm)
+  np.testing.assert_array_equal(morphology.grow(m, 0.0, spacing), m)
+  # at 2 mm isotropic, 2 mm adds exactly the 6 face neighbours
+  one = np.zeros((5, 5, 5), bool)
+  one[2, 2, 2] = True
+  assert morphology.grow(one, 2.0, (2.0, 2.0, 2.0)).sum() == 7
