@@ -21,6 +21,7 @@ from cgc_jax import distributed
 from cgc_jax import fingerprints
 from cgc_jax import geometry
 from cgc_jax import metrics
+from cgc_jax import morphology
 from cgc_jax import prepare
 from cgc_jax import pseudo_labels
 from cgc_jax import sliding_window
@@ -64,6 +65,8 @@ def predict_cases(config, prep: store_lib.Store, cases, params, predictor, out_d
     image = np.asarray(prep.read(c, 'image', config.data.verify_checksums), np.float32)
     brain = np.asarray(prep.read(c, 'brain')) > 0
     prob = predictor.predict_volume(params, image) * brain
+    prob = morphology.filter_components(prob, geom.spacing, config.eval.min_component_mm3,
+                                        config.eval.min_component_probability)
     mask = geometry.prob_to_original_mask(prob, geom)
     if distributed.is_main():
       pseudo_labels.write_mask(mask, geom, meta, os.path.join(out_dir, f'{c}.nii.gz'))
@@ -79,7 +82,19 @@ def _fmt(s, k):
   return f'{v["mean"]:.4f} +- {v["std"]:.4f}'
 
 
-def summary_markdown(summaries: dict, seconds: float, step: int) -> str:
+def false_alarm_voxels(per_case: list) -> dict:
+  """{method: {case: voxels}} on the cases whose ground truth is empty (cases.csv rows: net_* for
+  the network, p_* for P)."""
+  out = {}
+  for prefix, name in (('p_', 'P'), ('net_', 'network')):
+    fa = {r['case']: int(r[f'{prefix}pred_voxels']) for r in per_case
+          if r.get(f'{prefix}ref_voxels') == 0}
+    if fa:
+      out[name] = fa
+  return out
+
+
+def summary_markdown(summaries: dict, seconds: float, step: int, false_alarms=None) -> str:
   lines = ['| method | cases | Dice | Sensitivity | ASSD [mm] | HD95 [mm] | ASSD NaN | empty pred |',
            '| --- | --- | --- | --- | --- | --- | --- | --- |']
   for name, s in summaries.items():
@@ -87,7 +102,13 @@ def summary_markdown(summaries: dict, seconds: float, step: int) -> str:
                  f'{_fmt(s, "assd")} | {_fmt(s, "hd95")} | {s["assd"]["nan_cases"]} | '
                  f'{s["empty_pred_cases"]} |')
   source = f'Checkpoint step {step}' if step is not None else 'Masks from eval.predictions_dir'
-  lines += ['', f'{source}; evaluation time {seconds:.1f}s.', '', CONVENTIONS]
+  lines += ['', f'{source}; evaluation time {seconds:.1f}s.']
+  if false_alarms:
+    lines += ['', 'Lesion-free cases (empty ground truth): voxels marked as lesion on the original '
+              'grid (false alarms), ' + '; '.join(
+                  f'{name}: ' + ', '.join(f'{c} {v}' for c, v in fa.items())
+                  for name, fa in false_alarms.items())]
+  lines += ['', CONVENTIONS]
   return '\n'.join(lines) + '\n'
 
 
@@ -115,7 +136,8 @@ def evaluate(config, workdir: str):
        sorted(c['case'] for c in done.get('cases', [])) == sorted(
            c for c in cases if prep.meta(c)['has_label']):
       logging.info('evaluate: up to date for checkpoint step %d (%s)', step, out_dir)
-      print(summary_markdown(done['summary'], done['seconds'], step))
+      print(summary_markdown(done['summary'], done['seconds'], step,
+                             false_alarm_voxels(done.get('cases', []))))
       return done['summary']
     predictor = sliding_window.Predictor(config, mesh)
     preds = predict_cases(config, prep, cases, params, predictor,
@@ -156,7 +178,7 @@ def evaluate(config, workdir: str):
       from cgc_jax import overlays  # pylint: disable=g-import-not-at-top
       overlays.write_all(out_dir, prep, cases, {c: v[0] for c, v in preds.items()}, p_masks,
                          per_case, p_name, n_name)
-  md = summary_markdown(summaries, seconds, step)
+  md = summary_markdown(summaries, seconds, step, false_alarm_voxels(per_case))
   logging.info('evaluation (%d cases with ground truth):\n%s', len(per_case), md)
   print(md)
   return summaries
@@ -218,7 +240,7 @@ def _write_reports(out_dir, per_case, summaries, seconds, step, fp):
                                'fingerprint': fp,
                                'conventions': CONVENTIONS, 'cases': per_case})
   store_lib.atomic_write_text(os.path.join(out_dir, 'summary.md'),
-                              summary_markdown(summaries, seconds, step))
+                              summary_markdown(summaries, seconds, step, false_alarm_voxels(per_case)))
 
 
 def predict(config, workdir: str):

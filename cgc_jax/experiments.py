@@ -32,11 +32,11 @@ from cgc_jax import evaluate
 from cgc_jax import metrics
 from cgc_jax import pipeline
 
+TABLE_NAMES = ('methods', 'ablation', 'temperature', 'length', 'weights', 'pseudo_labels')
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'configs/*.py file', lock_config=False)
 flags.DEFINE_string('workdir', None, 'base workdir (its prepared data are shared by every row)')
-flags.DEFINE_enum('table', 'methods', ['methods', 'ablation', 'temperature', 'length', 'weights',
-                                      'pseudo_labels'], 'which table')
+flags.DEFINE_enum('table', 'methods', list(TABLE_NAMES), 'which table')
 flags.DEFINE_string('channels', '', 'pseudo_labels table: extra rows with these GMM channel sets, '
                     '";"-separated, e.g. "flair,t1;flair,t1,t2"')
 flags.DEFINE_string('seeds', '0,1', 'training seeds, comma separated')
@@ -79,22 +79,37 @@ TABLES = {
                  dict(_FULL, **{'cgc.lambda_coarse': w, 'cgc.lambda_fine': w})) for w in (0.1, 1.0)],
 }
 
-# The pseudo-label variants (P only, no training): every rule of the pseudo-label stage, one
-# switch at a time and together; `config` is the config's own P.
+# The pseudo-label variants (P only, no training): each rule of the pseudo-label stage added in turn.
+_MRI_SIX = ('flair,t1:4', 'flair,t1:5', 'flair,t1,t2:4', 'flair,t1,t2:5', 'flair,t2:4', 'flair,t2:5')
+_OFF = {'gmm.ensemble': (), 'gmm.open_iterations': 0, 'gmm.keep_fraction': 0.0,
+        'gmm.fill_holes': False, 'gmm.grow_mm': 0.0, 'gmm.min_contrast': float('-inf')}
 _CLEAN = {'gmm.open_iterations': 1, 'gmm.keep_fraction': 0.1, 'gmm.fill_holes': True}
-P_ROWS = [
-    ('P as configured', 'gmm', ('P', {})),
-    ('P, mixture alone (no cleanup, no evidence rule)', 'gmm',
-     ('P', {'gmm.open_iterations': 0, 'gmm.keep_fraction': 0.0, 'gmm.fill_holes': False,
-            'gmm.min_contrast': float('-inf')})),
-    ('P, + opening', 'gmm', ('P', {'gmm.open_iterations': 1})),
-    ('P, + major components (>= 0.1 x largest)', 'gmm', ('P', {'gmm.keep_fraction': 0.1})),
-    ('P, + holes filled', 'gmm', ('P', {'gmm.fill_holes': True})),
-    ('P, + all three cleanups', 'gmm', ('P', _CLEAN)),
-    ('P, K = 5', 'gmm', ('P', {'gmm.k': 5})),
-    ('P, K = 6', 'gmm', ('P', {'gmm.k': 6})),
-]
-TABLES['pseudo_labels'] = P_ROWS
+
+
+def p_rows(config) -> list:
+  """The `pseudo_labels` table's rows for this config's kind of data (MRI: channel-set consensus;
+  CT: one channel, so the consensus is over K)."""
+  if config.data.kind == 'ct':
+    k = int(config.gmm.k)
+    members = tuple(f'ct:{j}' for j in (k - 2, k, k + 2))
+    label = f'K = {k - 2}, {k}, {k + 2}'
+  else:
+    members, label = _MRI_SIX, 'FLAIR+T1, FLAIR+T1+T2, FLAIR+T2 x K = 4, 5'
+  rows = [
+      ('one mixture (gmm.channels, gmm.k), nothing else', _OFF),
+      ('one mixture + cleanup (opening, major components, holes)', dict(_OFF, **_CLEAN)),
+      ('one mixture + cleanup + grown 2 mm', dict(_OFF, **_CLEAN, **{'gmm.grow_mm': 2.0})),
+      (f'consensus ({label}) + cleanup', dict(_OFF, **_CLEAN, **{'gmm.ensemble': members})),
+      (f'consensus ({label}) + cleanup + grown 2 mm',
+       dict(_OFF, **_CLEAN, **{'gmm.ensemble': members, 'gmm.grow_mm': 2.0})),
+  ]
+  if config.data.kind != 'ct':
+    rows.append(('consensus with T1ce members too (8) + cleanup + grown 2 mm',
+                 dict(_OFF, **_CLEAN, **{'gmm.ensemble': members + ('flair,t1,t1ce,t2:4',
+                                                                     'flair,t1,t1ce,t2:5'),
+                                         'gmm.grow_mm': 2.0})))
+  rows.append(('P as configured', {}))
+  return [(name, 'gmm', ('P', over)) for name, over in rows]
 
 # Label-free checkpoint choice, scored on track.jsonl rows: (name, eval.select signal or None).
 STOP_RULES = [('last step', None),
@@ -208,7 +223,8 @@ def _length_summary(per_seed_tracks: dict) -> dict:
 
 def channel_rows(spec: str) -> list:
   """'flair,t1;flair,t1,t2' -> pseudo_labels rows with those GMM channel sets (cleanup as configured)."""
-  return [(f'P, channels {"+".join(ch)}', 'gmm', ('P', {'gmm.channels': ch}))
+  return [(f'one mixture of {"+".join(ch)} (K as configured) + cleanup', 'gmm',
+           ('P', dict(_OFF, **_CLEAN, **{'gmm.channels': ch})))
           for ch in (tuple(c.strip() for c in g.split(',') if c.strip()) for g in spec.split(';'))
           if ch]
 
@@ -227,7 +243,7 @@ def run_table(config, base: str, table: str, seeds: list, track_every: int = -1,
               rows=None) -> dict:
   pipeline.run(config, base, 'prepare')
   results = {}
-  for name, source, overrides in rows or TABLES[table]:
+  for name, source, overrides in rows or TABLES.get(table) or p_rows(config):
     t0 = time.time()
     p_over = overrides[1] if isinstance(overrides, tuple) else None
     pwd = p_workdir(config, base, source, p_over)
@@ -352,8 +368,8 @@ def _main():
   config = FLAGS.config
   seeds = [int(s) for s in FLAGS.seeds.split(',') if s.strip()]
   rows = None
-  if FLAGS.table == 'pseudo_labels' and FLAGS.channels:
-    rows = TABLES['pseudo_labels'] + channel_rows(FLAGS.channels)
+  if FLAGS.table == 'pseudo_labels':
+    rows = p_rows(config) + (channel_rows(FLAGS.channels) if FLAGS.channels else [])
   results = run_table(config, FLAGS.workdir, FLAGS.table, seeds, FLAGS.track_every, rows)
   out = os.path.join(FLAGS.workdir, 'experiments')
   os.makedirs(out, exist_ok=True)

@@ -145,6 +145,10 @@ def base_config() -> ml_collections.ConfigDict:
   #                    every N training steps, to WORKDIR/train/track.jsonl
   e.confident = 0.01  # track: P's confident voxels have posterior <= this or >= 1 - this
   e.pictures = True  # PNG overlays
+  # Lesion-free scans stay empty: components of the network's mask smaller than this (mm^3) or with
+  # a mean lesion probability below this are dropped before the mask is written (0 = keep all).
+  e.min_component_mm3 = 0.0
+  e.min_component_probability = 0.0
   e.input_root = ''  # predict mode: folder of new scans (layout as data.layout)
   e.predictions_dir = ''  # evaluate mode: score <case>.nii.gz masks from this folder instead of the network
 

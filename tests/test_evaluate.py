@@ -103,3 +103,15 @@ def test_an_empty_prediction_gives_no_flip_evidence(tiny_workdir, tmp_path, monk
   assert all(np.isnan(r['flip_agreement']) for r in row['cases'].values())
   later = dict(step=6, flip_agreement=0.8)
   assert evaluate.pick([row, later], 'flip_agreement')['step'] == 6
+
+
+def test_false_alarm_voxels_on_lesion_free_cases_only():
+  rows = [{'case': 'a', 'net_ref_voxels': 0, 'net_pred_voxels': 12, 'p_ref_voxels': 0,
+           'p_pred_voxels': 0},
+          {'case': 'b', 'net_ref_voxels': 30, 'net_pred_voxels': 25, 'p_ref_voxels': 30,
+           'p_pred_voxels': 28},
+          {'case': 'c', 'net_ref_voxels': 0, 'net_pred_voxels': 0}]  # no P for c
+  fa = evaluate.false_alarm_voxels(rows)
+  assert fa == {'P': {'a': 0}, 'network': {'a': 12, 'c': 0}}
+  md = evaluate.summary_markdown({}, 1.0, 5, fa)
+  assert 'P: a 0; network: a 12, c 0' in md

@@ -77,3 +77,18 @@ def test_grow_matches_brute_force_distances():
   one = np.zeros((5, 5, 5), bool)
   one[2, 2, 2] = True
   assert morphology.grow(one, 2.0, (2.0, 2.0, 2.0)).sum() == 7
+
+
+def test_filter_components_by_volume_and_confidence():
+  prob = np.zeros((10, 10, 10), np.float32)
+  prob[1:4, 1:4, 1:4] = 0.9  # 27 voxels, sure
+  prob[6:8, 6:8, 6:8] = 0.6  # 8 voxels, unsure
+  prob[0, 9, 9] = 0.99  # 1 voxel
+  prob[5, 0, 0] = 0.3  # below the threshold: never a component, left as it is
+  sp = (2.0, 2.0, 2.0)  # 8 mm^3 per voxel
+  out = morphology.filter_components(prob, sp, min_mm3=64.0, min_probability=0.0)
+  assert out[1:4, 1:4, 1:4].min() == np.float32(0.9) and out[6:8, 6:8, 6:8].min() == np.float32(0.6)
+  assert out[0, 9, 9] == 0 and out[5, 0, 0] == np.float32(0.3)  # 8 mm^3 < 64 mm^3: dropped
+  out = morphology.filter_components(prob, sp, min_mm3=0.0, min_probability=0.75)
+  assert out[6:8, 6:8, 6:8].max() == 0 and out[0, 9, 9] == np.float32(0.99)
+  np.testing.assert_array_equal(morphology.filter_components(prob, sp, 0.0, 0.0), prob)
