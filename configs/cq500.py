@@ -29,4 +29,8 @@ def get_config():
   c.model.base = 16
   c.train.crop = (96, 96, 64)
   c.cgc.patch = (6, 6, 2)
+  # Lesion-free scans stay empty: a network blob whose mean lesion probability is under 0.7 is
+  # dropped. On shifted CT phantoms (other seed, 10 mm deformation, more noise; 5 of 10 lesion-free)
+  # this removed the one false alarm and no true bleed (Dice 0.780 -> 0.880, sensitivity unchanged).
+  c.eval.min_component_probability = 0.7
   return c
