@@ -28,7 +28,8 @@ TINY = os.path.join(ROOT, 'tests', 'tiny.py')
 
 def _env(**extra):
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # not this process's 8 devices
-  env.update(JAX_PLATFORMS='cpu', **extra)
+  # the launcher starts ${PYTHON:-python}: this interpreter, so an unactivated venv works
+  env.update(JAX_PLATFORMS='cpu', PYTHON=sys.executable, **extra)
   return env
 
 
