@@ -133,6 +133,7 @@ def evaluate(config, workdir: str):
     params, step = restore_params(config, workdir, mesh, nch)
     done = _load_json(os.path.join(out_dir, 'summary.json'))
     if done and done.get('fingerprint') == fp and done.get('checkpoint_step') == step and \
+       done.get('inputs') == _inputs(prep, labels, cases) and \
        sorted(c['case'] for c in done.get('cases', [])) == sorted(
            c for c in cases if prep.meta(c)['has_label']):
       logging.info('evaluate: up to date for checkpoint step %d (%s)', step, out_dir)
@@ -173,7 +174,8 @@ def evaluate(config, workdir: str):
   summaries = {k: metrics.summarise(v) for k, v in rows.items() if v}
   seconds = time.time() - t0
   if distributed.is_main():
-    _write_reports(out_dir, per_case, summaries, seconds, step, fp)
+    _write_reports(out_dir, per_case, summaries, seconds, step, fp,
+                   _inputs(prep, labels, cases) if not external else None)
     if config.eval.pictures and not external:
       from cgc_jax import overlays  # pylint: disable=g-import-not-at-top
       overlays.write_all(out_dir, prep, cases, {c: v[0] for c, v in preds.items()}, p_masks,
@@ -227,7 +229,13 @@ def _load_json(path):
     return json.load(f)
 
 
-def _write_reports(out_dir, per_case, summaries, seconds, step, fp):
+def _inputs(prep: store_lib.Store, labels: store_lib.Store, cases: list) -> dict:
+  """{case: [prepared shard identity, P shard identity or None]}: a redone case re-evaluates."""
+  return {c: [prep.identity(c), labels.identity(c) if labels.is_complete(c) else None]
+          for c in cases}
+
+
+def _write_reports(out_dir, per_case, summaries, seconds, step, fp, inputs=None):
   os.makedirs(out_dir, exist_ok=True)
   buf = io.StringIO()
   keys = sorted({k for r in per_case for k in r} - {'case'})
@@ -237,7 +245,7 @@ def _write_reports(out_dir, per_case, summaries, seconds, step, fp):
   store_lib.atomic_write_text(os.path.join(out_dir, 'cases.csv'), buf.getvalue())
   store_lib.atomic_write_json(os.path.join(out_dir, 'summary.json'),
                               {'summary': summaries, 'seconds': seconds, 'checkpoint_step': step,
-                               'fingerprint': fp,
+                               'fingerprint': fp, 'inputs': inputs,
                                'conventions': CONVENTIONS, 'cases': per_case})
   store_lib.atomic_write_text(os.path.join(out_dir, 'summary.md'),
                               summary_markdown(summaries, seconds, step, false_alarm_voxels(per_case)))

@@ -87,6 +87,7 @@ def prepare_case(files: readers.CaseFiles, data_cfg, store_root: str, fingerprin
     if outside:
       logging.warning('%s: %d lesion voxels lie outside the brain box', files.case_id, outside)
   meta = {'geometry': geom.to_json(), 'modalities': list(data_cfg.modalities),
+          'inputs': case_inputs(files),
           'files': {'images': files.images, 'label': files.label},
           'approximate_brain': approximate, 'has_label': lc.label is not None,
           'warnings': [str(w) for w in lc.warnings],
@@ -95,6 +96,12 @@ def prepare_case(files: readers.CaseFiles, data_cfg, store_root: str, fingerprin
   store_lib.Store(store_root, fingerprint).write(files.case_id, arrays, meta)
   return {'warnings': meta['warnings'], 'approximate_brain': approximate,
           'mb': sum(a.nbytes for a in arrays.values()) / 1e6}
+
+
+def case_inputs(files: readers.CaseFiles) -> dict:
+  """The identity of a case's input files (path, size, mtime): a prepared shard is current only
+  for these."""
+  return store_lib.file_identity(list(files.images.values()) + [files.label])
 
 
 def _report_failures(results: dict, what: str):
@@ -130,23 +137,27 @@ def run(config, workdir, root=None, store=None) -> list:
   data_cfg = reader_config(config)
   files = case_files(config, workdir, root)
   store = store or prepared_store(config, workdir)
-  todo = start_cases(config, store, [f.case_id for f in files], 'prepare')
+  inputs = {f.case_id: case_inputs(f) for f in files}
+  todo = start_cases(config, store, [f.case_id for f in files], 'prepare', inputs)
   by_id = {f.case_id: f for f in files}
   jobs = [(c, (by_id[c], data_cfg, store.root, store.fingerprint)) for c in todo]
   results = parallel.map_cases(prepare_case, jobs, config.data.num_workers, 'prepare',
                                expected_types=(readers.DataError,))
-  return finish_cases(config, store, [f.case_id for f in files], results, 'prepare')
+  return finish_cases(config, store, [f.case_id for f in files], results, 'prepare', inputs)
 
 
-def start_cases(config, store: store_lib.Store, cases: list, what: str) -> list:
+def start_cases(config, store: store_lib.Store, cases: list, what: str, inputs=None) -> list:
   """Clears writes left by killed runs and returns THIS process's share of the cases still to do.
 
-  Cases are split round robin across JAX processes; process 0 cleans, the others wait for it.
+  A case is done when its shard is complete for this fingerprint and, with `inputs` ({case: input
+  identity}), was made from those same inputs. Cases are split round robin across JAX processes;
+  process 0 cleans, the others wait for it.
   """
+  inputs = inputs or {}
   from cgc_jax import distributed  # pylint: disable=g-import-not-at-top  (workers skip JAX)
   # every process lists the work BEFORE the barrier, i.e. before anyone writes: the same list
   # everywhere, so the round-robin shares cover each case exactly once
-  todo = [c for c in cases if not store.is_complete(c)]
+  todo = [c for c in cases if not store.is_complete(c, inputs.get(c))]
   if distributed.is_main():
     store.clean_partial()
   distributed.sync(f'{what}-start', '', config.dist.barrier_timeout_s)
@@ -156,7 +167,8 @@ def start_cases(config, store: store_lib.Store, cases: list, what: str) -> list:
   return mine
 
 
-def finish_cases(config, store: store_lib.Store, cases: list, results: dict, what: str) -> list:
+def finish_cases(config, store: store_lib.Store, cases: list, results: dict, what: str,
+                 inputs=None) -> list:
   """Waits for every process's share, writes the manifest (process 0), raises on any failure.
 
   Good cases are kept whatever failed; every process raises the same error listing all failures.
@@ -170,7 +182,7 @@ def finish_cases(config, store: store_lib.Store, cases: list, results: dict, wha
   try:
     distributed.sync(what, err, config.dist.barrier_timeout_s)
   finally:
-    done = [c for c in cases if store.is_complete(c)]
+    done = [c for c in cases if store.is_complete(c, (inputs or {}).get(c))]
     if distributed.is_main():
       store.write_manifest(done)
   if err:

@@ -90,8 +90,18 @@ def case_pseudo_label(case_id, config, prep_root, prep_fp, out_root, out_fp):
   os.makedirs(os.path.join(out_root, 'reports'), exist_ok=True)
   store_lib.atomic_write_json(os.path.join(out_root, 'reports', f'{case_id}.json'), report)
   out.write(case_id, {'p': p.astype(np.uint8), 'posterior': post.astype(np.float16)},
-            {'report': report})
+            {'report': report, 'inputs': case_inputs(config, prep, case_id)})
   return report
+
+
+def case_inputs(config, prep: store_lib.Store, case_id: str) -> dict:
+  """What a case's P is made from: its prepared shard (by content) and, for source=nifti, the mask
+  file. A redone prepared case or a replaced mask makes the P shard stale."""
+  out = {'prepared': prep.identity(case_id)}
+  if config.pseudo_labels.source == 'nifti':
+    out['mask'] = store_lib.file_identity(
+        [os.path.join(config.pseudo_labels.nifti_dir, f'{case_id}.nii.gz')])
+  return out
 
 
 def write_mask(mask, geom, prep_meta, path):
@@ -125,11 +135,12 @@ def run(config, workdir) -> list:
     raise prepare.StageError(f'{prep.root}: no prepared cases: run --mode=prepare first')
   out = pl_store(config, workdir)
   logging.info('pseudo_labels: source %s', config.pseudo_labels.source)
-  todo = prepare.start_cases(config, out, cases, 'pseudo_labels')
+  inputs = {c: case_inputs(config, prep, c) for c in cases}
+  todo = prepare.start_cases(config, out, cases, 'pseudo_labels', inputs)
   jobs = [(c, (c, config, prep.root, prep.fingerprint, out.root, out.fingerprint)) for c in todo]
   results = parallel.map_cases(case_pseudo_label, jobs, config.data.num_workers, 'pseudo_labels',
                                expected_types=(readers.DataError, gmm.GMMError))
-  done = prepare.finish_cases(config, out, cases, results, 'pseudo_labels')
+  done = prepare.finish_cases(config, out, cases, results, 'pseudo_labels', inputs)
   from cgc_jax import distributed  # pylint: disable=g-import-not-at-top
   if not distributed.is_main():  # process 0 logs and writes the summary
     return done

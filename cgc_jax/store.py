@@ -11,6 +11,7 @@ written, so a killed writer leaves only a `.tmp-*` folder, which is never read a
 next run. A shard counts as complete only when `cases/<case_id>/meta.json` exists and its
 fingerprint matches; checksums are verified when a shard is opened (once per process).
 """
+import hashlib
 import json
 import os
 import shutil
@@ -47,6 +48,22 @@ def atomic_write_json(path: str, obj):
   atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
+def file_identity(paths) -> dict:
+  """{real path: [size, mtime_ns]} of input files (None for a missing one): cheap, and changes when
+  a file is replaced or rewritten."""
+  out = {}
+  for p in paths:
+    if not p:
+      continue
+    real = os.path.realpath(p)
+    try:
+      st = os.stat(real)
+      out[real] = [int(st.st_size), int(st.st_mtime_ns)]
+    except OSError:
+      out[real] = None
+  return out
+
+
 class Store:
   """A folder of per-case shards. `fingerprint` identifies the config that produced them."""
 
@@ -58,9 +75,20 @@ class Store:
   def case_dir(self, case_id: str) -> str:
     return os.path.join(self.root, 'cases', case_id)
 
-  def is_complete(self, case_id: str) -> bool:
+  def is_complete(self, case_id: str, inputs: Optional[dict] = None) -> bool:
+    """The shard exists, was made with this fingerprint and, when `inputs` is given, from exactly
+    these inputs (a replaced scan, or another folder's case of the same id, is not complete)."""
     meta = self.meta(case_id, missing_ok=True)
-    return meta is not None and meta.get('fingerprint') == self.fingerprint
+    return (meta is not None and meta.get('fingerprint') == self.fingerprint and
+            (inputs is None or meta.get('inputs') == inputs))
+
+  def identity(self, case_id: str) -> str:
+    """A digest of a complete shard's content (its arrays' checksums, its fingerprint and inputs):
+    what a downstream stage records to notice that this shard was redone."""
+    meta = self.meta(case_id)
+    blob = json.dumps([meta.get('fingerprint'), meta.get('inputs'),
+                       sorted((k, v['crc32']) for k, v in meta['arrays'].items())], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
   def meta(self, case_id: str, missing_ok: bool = False) -> Optional[dict]:
     path = os.path.join(self.case_dir(case_id), 'meta.json')

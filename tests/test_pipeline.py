@@ -50,6 +50,48 @@ def test_all_stages_end_to_end_then_skip_then_predict(tmp_path):
   b = nib.load(os.path.join(wd, 'eval', 'predictions', masks[0])).get_fdata()
   np.testing.assert_array_equal(a, b)
 
+  # a second folder of new scans that repeats a case id: its own scan is prepared and predicted
+  # (before: the first folder's prepared case was reused, and the mask had the other scan's grid)
+  case = masks[0][:-len('.nii.gz')]
+  other = str(tmp_path / 'other')
+  _pad_case(os.path.join(wd, 'phantoms', case), os.path.join(other, case), case)
+  cfg.eval.input_root = other
+  pipeline.run(cfg, wd, 'predict')
+  got = nib.load(os.path.join(wd, 'predict', 'masks', masks[0]))
+  want = nib.load(os.path.join(other, case, f'{case}_flair.nii.gz'))
+  assert got.shape == want.shape != src.shape
+  np.testing.assert_allclose(got.affine, want.affine)
+
+  # a scan replaced at the same path: that case (only) is prepared, labelled and evaluated again
+  cfg.eval.input_root = ''
+  _pad_case(os.path.join(other, case), os.path.join(wd, 'phantoms', case), case)
+  prep_meta = {c: os.stat(os.path.join(wd, 'prepared', 'cases', c, 'meta.json')).st_mtime_ns
+               for c in os.listdir(os.path.join(wd, 'prepared', 'cases'))}
+  p_meta = {c: os.stat(os.path.join(wd, 'pseudo_labels', 'cases', c, 'meta.json')).st_mtime_ns
+            for c in prep_meta}
+  pipeline.run(cfg, wd, 'all')
+  for c in prep_meta:
+    changed = os.stat(os.path.join(wd, 'prepared', 'cases', c, 'meta.json')).st_mtime_ns != \
+        prep_meta[c]
+    p_changed = os.stat(os.path.join(wd, 'pseudo_labels', 'cases', c, 'meta.json')).st_mtime_ns != \
+        p_meta[c]
+    assert changed == p_changed == (c == case), c
+  new = nib.load(os.path.join(wd, 'phantoms', case, f'{case}_flair.nii.gz')).shape  # padded twice
+  with open(os.path.join(wd, 'prepared', 'cases', case, 'meta.json')) as f:
+    assert tuple(json.load(f)['geometry']['original_shape']) == new != want.shape
+  assert nib.load(os.path.join(wd, 'eval', 'predictions', masks[0])).shape == new
+
+
+def _pad_case(src_dir, dst_dir, case):
+  """Copies a phantom case with every volume padded by 2 voxels on each side of each axis."""
+  os.makedirs(dst_dir, exist_ok=True)
+  for name in os.listdir(src_dir):
+    img = nib.load(os.path.join(src_dir, name))
+    data = np.pad(np.asarray(img.dataobj), 2)
+    aff = img.affine.copy()
+    aff[:3, 3] -= aff[:3, :3] @ np.array([2.0, 2.0, 2.0])
+    nib.save(nib.Nifti1Image(data, aff), os.path.join(dst_dir, name))
+
 
 def test_every_shipped_config_is_consistent():
   """Each configs/*.py loads; its crop fits the U-Net's poolings and its mini-patch the bottleneck."""
