@@ -17,7 +17,8 @@ def get_config():
   c.data.layout = 'brats'
   c.data.modalities = ('flair', 't1', 't1ce', 't2')
   c.data.target_spacing = (1.0, 1.0, 1.0)
-  c.gmm.channels = ('flair', 't1', 't1ce', 't2')
+  c.gmm.channels = ('flair', 't1')
+  common.mri_pseudo_labels(c)
   c.model.base = 32
   c.model.dtype = 'bfloat16'
   c.train.crop = (192, 192, 64)

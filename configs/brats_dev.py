@@ -15,16 +15,8 @@ def get_config():
   c.data.layout = 'brats'
   c.data.modalities = ('flair', 't1', 't1ce', 't2')
   c.data.target_spacing = (2.0, 2.0, 2.0)
-  # Pseudo-labels: a consensus of six mixtures (three channel sets x K = 4, 5), each cleaned, then
-  # a majority vote, grown by one voxel and hole-filled (see docs/results.md, P table). T1ce is left
-  # out: enhancing rims and vessels give it bright non-lesion components that pull the mixture.
-  c.gmm.channels = ('flair', 't1')
-  c.gmm.ensemble = ('flair,t1:4', 'flair,t1:5', 'flair,t1,t2:4', 'flair,t1,t2:5', 'flair,t2:4',
-                    'flair,t2:5')
-  c.gmm.open_iterations = 1
-  c.gmm.keep_fraction = 0.1
-  c.gmm.fill_holes = True
-  c.gmm.grow_mm = 2.0
+  c.gmm.channels = ('flair', 't1')  # the single-mixture fallback (gmm.ensemble=())
+  common.mri_pseudo_labels(c)
   c.model.base = 8
   c.train.steps = 120
   c.train.batch_size = 2

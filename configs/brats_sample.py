@@ -23,6 +23,7 @@ def get_config():
   c.data.label_values = (0, 1)
   c.data.target_spacing = (2.0, 2.0, 2.0)
   c.gmm.channels = ('flair', 't1')
+  common.mri_pseudo_labels(c)  # FLAIR + T1 only: the two FLAIR+T1 members
   c.model.base = 8
   c.train.steps = 120
   c.train.batch_size = 2

@@ -172,3 +172,28 @@ def base_config() -> ml_collections.ConfigDict:
   s.barrier_timeout_s = 3600  # offline stages: wait this long for the other processes' cases
 
   return c
+
+
+# The pseudo-label recipe for real brain MRI (chosen on 20 BraTS 2018 development cases, checked on
+# 5 others; docs/results.md, table `pseudo_labels`): a consensus of mixtures over three channel sets
+# and K = 4, 5 (members whose channels a dataset lacks are skipped: FLAIR + T1 data keep two), each
+# cleaned, majority-voted, grown by 2 mm (the mixture stops short of the faint oedema edge: recall
+# 0.72 -> 0.86 at precision 0.87 -> 0.79) and hole-filled. T1ce is left out: enhancing rims and
+# vessels give it bright non-lesion components (8 members with T1ce: 0.740 against 0.785).
+MRI_CONSENSUS = ('flair,t1:4', 'flair,t1:5', 'flair,t1,t2:4', 'flair,t1,t2:5', 'flair,t2:4',
+                 'flair,t2:5')
+
+
+def mri_pseudo_labels(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Sets the real-MRI pseudo-label recipe on config `c` (in place) and returns it."""
+  g = c.gmm
+  g.ensemble = MRI_CONSENSUS
+  g.open_iterations = 1
+  g.keep_fraction = 0.1
+  g.fill_holes = True
+  g.grow_mm = 2.0
+  # Lesion evidence: every real lesion seen so far stands >= 0.69 z above its surroundings in FLAIR,
+  # the brightest tissue of a lesion-free phantom brain 0.48-0.76: 0.5 only empties clear cases.
+  g.min_contrast = 0.5
+  return c
+
