@@ -28,8 +28,9 @@ from cgc_jax import sliding_window
 from cgc_jax import store as store_lib
 from cgc_jax import train
 
-CONVENTIONS = ('Dice and sensitivity on the original grid; ASSD and HD95 in mm (medpy definition: '
-               'surface = mask minus its 6-connected erosion). Both masks empty: Dice 1, ASSD 0; '
+CONVENTIONS = ('Dice and sensitivity on the original grid; ASSD and HD95 in mm (medpy >= 0.5 '
+               'definitions: surface = mask minus its 6-connected erosion; ASSD = mean of the '
+               'surface distances of both directions pooled). Both masks empty: Dice 1, ASSD 0; '
                'exactly one empty: Dice 0, ASSD NaN (counted in "ASSD NaN", excluded from its mean).')
 
 

@@ -152,11 +152,28 @@ def run(config, workdir: str, mode: str = 'all'):
   distributed.sync('workdir-lock', err, config.dist.barrier_timeout_s)
   if err:
     raise WorkdirError(err)
+  log_handler = _record_run(config, workdir) if distributed.is_main() else None
   try:
     _run_stages(config, workdir, mode, t0)
   finally:
+    if log_handler:
+      std_logging.getLogger().removeHandler(log_handler)
+      log_handler.close()
     if lock:
       lock.__exit__()
+
+
+def _record_run(config, workdir: str):
+  """WORKDIR/config.json (the resolved config of the latest run) and WORKDIR/log.txt (every log
+  line, appended: the terminal's record survives the terminal). Returns the log file handler."""
+  store_lib.atomic_write_json(os.path.join(workdir, 'config.json'),
+                              json.loads(config.to_json_best_effort()))
+  handler = std_logging.FileHandler(os.path.join(workdir, 'log.txt'))
+  handler.setFormatter(std_logging.Formatter('%(asctime)s %(levelname)s %(module)s: %(message)s'))
+  handler.setLevel(std_logging.INFO)
+  handler.addFilter(_quiet)
+  std_logging.getLogger().addHandler(handler)
+  return handler
 
 
 def _run_stages(config, workdir, mode, t0):

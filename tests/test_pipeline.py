@@ -3,6 +3,7 @@ import json
 import os
 import time
 
+from absl import logging
 import nibabel as nib
 import numpy as np
 
@@ -14,6 +15,7 @@ from conftest import tiny_config
 def test_all_stages_end_to_end_then_skip_then_predict(tmp_path):
   wd = str(tmp_path / 'wd')
   cfg = tiny_config(**{'eval.pictures': True})
+  logging.set_verbosity(logging.INFO)  # as under the command line (absl's app.run)
   pipeline.run(cfg, wd, 'all')
   with open(os.path.join(wd, 'eval', 'summary.json')) as f:
     summary = json.load(f)
@@ -37,6 +39,11 @@ def test_all_stages_end_to_end_then_skip_then_predict(tmp_path):
   with open(os.path.join(wd, 'pseudo_labels', 'summary.json')) as f:
     p_summary = json.load(f)['summary']
   assert abs(p_summary['dice']['mean'] - summary['summary']['GMM w/ threshold (P)']['dice']['mean']) < 1e-9
+  # the run's resolved config and its log are kept in the workdir
+  with open(os.path.join(wd, 'config.json')) as f:
+    assert json.load(f)['train']['steps'] == cfg.train.steps
+  log = open(os.path.join(wd, 'log.txt')).read()
+  assert 'prepare: 3 cases' in log and 'evaluation (3 cases with ground truth)' in log
   # a second `all` finds everything done and current
   t0 = time.time()
   pipeline.run(cfg, wd, 'all')
