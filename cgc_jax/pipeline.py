@@ -123,6 +123,19 @@ class WorkdirLock:
       os.remove(self.path)
 
 
+# Modes that may run beside a run holding the workdir lock, the holder modes they may share it with
+# (whose outputs they only read), and the one folder they write.
+_SHAREABLE = {'predict': ('train', 'all', 'evaluate'), 'evaluate': ('train',)}
+SHARED_OUTPUT = {'predict': 'predict', 'evaluate': 'eval'}
+
+
+def can_share(mode: str, holder_mode: str) -> bool:
+  """Whether --mode=`mode` may use a workdir while a run in `holder_mode` holds it: predict writes
+  only WORKDIR/predict/, evaluate only WORKDIR/eval/ (so not beside an `all` run, which ends with
+  its own evaluation); both read checkpoints, which orbax publishes complete or not at all."""
+  return holder_mode in _SHAREABLE.get(mode, ())
+
+
 def _running(pid: int) -> bool:
   try:
     os.kill(pid, 0)
@@ -148,6 +161,12 @@ def run(config, workdir: str, mode: str = 'all'):
       lock.__enter__()
     except WorkdirError as e:
       err, lock = str(e), None
+      holder = WorkdirLock(workdir, mode)._read() or {}  # pylint: disable=protected-access
+      if can_share(mode, holder.get('mode', '')):
+        logging.warning('%s: another run (pid %s, mode %s) holds the workdir: --mode=%s reads its '
+                        'finished checkpoints and writes only %s/', workdir, holder.get('pid'),
+                        holder.get('mode'), mode, SHARED_OUTPUT[mode])
+        err = ''
   # every process learns at once whether process 0 got the workdir (not after a heartbeat timeout)
   distributed.sync('workdir-lock', err, config.dist.barrier_timeout_s)
   if err:

@@ -50,7 +50,9 @@ def test_all_stages_end_to_end_then_skip_then_predict(tmp_path):
   assert time.time() - t0 < 60
   # predict: new scans (here the phantom folder) -> masks on their own grids, no labels needed
   cfg.eval.input_root = os.path.join(wd, 'phantoms')
-  pipeline.run(cfg, wd, 'predict')
+  with pipeline.WorkdirLock(wd, 'train'):  # beside a training run that holds the workdir
+    pipeline.run(cfg, wd, 'predict')
+    assert os.path.exists(os.path.join(wd, '.lock'))  # still the training run's
   masks = sorted(os.listdir(os.path.join(wd, 'predict', 'masks')))
   assert len(masks) == 3
   a = nib.load(os.path.join(wd, 'predict', 'masks', masks[0])).get_fdata()

@@ -218,6 +218,11 @@ def test_second_run_refuses_and_a_stale_lock_is_cleared(tiny_workdir, tmp_path):
     assert r.returncode == 2 and 'Traceback' not in r.stderr
     assert f'in use by another run (host {os.uname().nodename}, pid {os.getpid()}, mode train' in r.stderr
   assert not os.path.exists(os.path.join(wd, '.lock'))  # released on exit
+  # predict and evaluate may read a workdir whose training is still running; nothing else may
+  assert pipeline.can_share('predict', 'train') and pipeline.can_share('evaluate', 'train')
+  assert pipeline.can_share('predict', 'all') and not pipeline.can_share('evaluate', 'all')
+  assert not pipeline.can_share('train', 'train') and not pipeline.can_share('all', 'predict')
+  assert not pipeline.can_share('predict', 'predict')
   dead = subprocess.Popen(['true'])
   dead.wait()
   with open(os.path.join(wd, '.lock'), 'w') as f:  # left by a killed run on this host
