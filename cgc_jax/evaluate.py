@@ -390,4 +390,5 @@ def track_during_training(config, workdir, mesh):
       os.makedirs(os.path.dirname(path), exist_ok=True)
       with open(path, 'a') as fh:
         fh.write(json.dumps({'step': step, **means, 'cases': rows}) + '\n')
+    return means
   return f

@@ -22,6 +22,7 @@ import optax
 from cgc_jax import cgc
 from cgc_jax import checkpoint
 from cgc_jax import distributed
+from cgc_jax import run_log
 from cgc_jax import fingerprints
 from cgc_jax import input_pipeline
 from cgc_jax import prepare
@@ -163,18 +164,6 @@ class _Sigterm:
       signal.signal(signal.SIGTERM, self.prev)
 
 
-def _metrics_log(workdir, start):
-  """Opens train/metrics.jsonl for append, dropping rows past `start` (they will be redone)."""
-  path = os.path.join(workdir, 'train', 'metrics.jsonl')
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  if os.path.exists(path):
-    with open(path) as f:
-      rows = [line for line in f if line.strip() and json.loads(line).get('step', 0) <= start]
-    with open(path, 'w') as f:
-      f.writelines(rows)
-  return open(path, 'a')
-
-
 def train_and_evaluate(config, workdir: str, periodic_eval=None) -> TrainState:
   """Trains to config.train.steps, resuming from the newest checkpoint. Returns the final state."""
   distributed.initialize(config.dist)
@@ -210,7 +199,7 @@ def train_and_evaluate(config, workdir: str, periodic_eval=None) -> TrainState:
   data = distributed.data_sharding(mesh)
   base_key = jax.random.key(tcfg.seed + 1)
   voxels = tcfg.batch_size * math.prod(tcfg.crop)
-  log = _metrics_log(workdir, start) if distributed.is_main() else None
+  log = run_log.RunLog(workdir, start) if distributed.is_main() else None
   t0, t_last, s_last = time.time(), time.time(), start
   logging.info('train: %d cases, steps %d -> %d, global batch %d of %s on %d devices', len(cases),
                start, tcfg.steps, tcfg.batch_size, tuple(tcfg.crop), jax.device_count())
@@ -233,8 +222,7 @@ def train_and_evaluate(config, workdir: str, periodic_eval=None) -> TrainState:
           t_last, s_last = now, done
           m['lr'] = float(sched(done - 1))
           if log:
-            log.write(json.dumps(dict(step=done, time=now - t0, **m)) + '\n')
-            log.flush()
+            log.write(done, dict(time=now - t0, **m))
           logging.info('train step %d/%d: loss %.4f (seg %.4f%s%s) | %.2f steps/s, %.2e voxels/s, '
                        'ETA %.0fs', done, tcfg.steps, m['loss'], m['seg'],
                        f', coarse {m["coarse"]:.4f}' if 'coarse' in m else '',
@@ -243,7 +231,9 @@ def train_and_evaluate(config, workdir: str, periodic_eval=None) -> TrainState:
         if done % tcfg.checkpoint_every == 0 or done == tcfg.steps or term.hit:
           ckpt.save(done, state, _record(config, done, sampler))
         if periodic_eval is not None and config.eval.every_steps and done % config.eval.every_steps == 0:
-          periodic_eval(state.params, done)
+          means = periodic_eval(state.params, done)
+          if log:
+            log.track(done, means)
         if term.hit:
           raise Preempted(f'SIGTERM: saved step {done}; re-run the same command to continue')
   finally:  # whatever ends the loop, saves already started are committed
