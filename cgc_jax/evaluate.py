@@ -56,6 +56,15 @@ def restore_params(config, workdir, mesh, num_channels: int):
   return state.params['unet'], s
 
 
+def segment_prepared(config, predictor, params, image, brain, geom):
+  """One prepared case -> (lesion probability f32[X', Y', Z'] on the prepared grid, inside the brain
+  and after the component rules of config.eval; mask u8 on the ORIGINAL grid)."""
+  prob = predictor.predict_volume(params, np.asarray(image, np.float32)) * (np.asarray(brain) > 0)
+  prob = morphology.filter_components(prob, geom.spacing, config.eval.min_component_mm3,
+                                      config.eval.min_component_probability)
+  return prob, geometry.prob_to_original_mask(prob, geom)
+
+
 def predict_cases(config, prep: store_lib.Store, cases, params, predictor, out_dir):
   """Predicts every case; returns {case: (prob on prepared grid, mask on original grid)}."""
   out = {}
@@ -65,10 +74,7 @@ def predict_cases(config, prep: store_lib.Store, cases, params, predictor, out_d
     geom = geometry.Geometry.from_json(meta['geometry'])
     image = np.asarray(prep.read(c, 'image', config.data.verify_checksums), np.float32)
     brain = np.asarray(prep.read(c, 'brain')) > 0
-    prob = predictor.predict_volume(params, image) * brain
-    prob = morphology.filter_components(prob, geom.spacing, config.eval.min_component_mm3,
-                                        config.eval.min_component_probability)
-    mask = geometry.prob_to_original_mask(prob, geom)
+    prob, mask = segment_prepared(config, predictor, params, image, brain, geom)
     if distributed.is_main():
       pseudo_labels.write_mask(mask, geom, meta, os.path.join(out_dir, f'{c}.nii.gz'))
     out[c] = (prob, mask)

@@ -58,32 +58,52 @@ def reader_config(config):
   return config.data
 
 
-def prepare_case(files: readers.CaseFiles, data_cfg, store_root: str, fingerprint: str,
-                 write: bool = True) -> dict:
-  """Loads, verifies and preprocesses one case; writes its shard unless write=False."""
-  lc = readers.load_case(files, data_cfg)
-  shape = lc.channels[0].shape
-  brain, approximate = geometry.brain_mask(lc.channels, data_cfg)  # on the original grid
+def preprocess(channels: list, affine: np.ndarray, data_cfg, label=None):
+  """One case's arrays on its original grid -> (arrays on the prepared grid, Geometry, approximate).
+
+  channels: C arrays f32[X, Y, Z] in data_cfg.modalities order, any orientation; affine: f64[4, 4];
+  label: u8[X, Y, Z] or None. Returned arrays: image f[X', Y', Z', C] (data_cfg.store_dtype), brain
+  u8, and with a label: label u8 (prepared grid) and label_native u8 (cropped canonical grid).
+  `geometry.to_original(..., geom)` maps any prepared-grid array back. Raises DataError on an empty
+  brain mask.
+  """
+  shape = channels[0].shape
+  brain, approximate = geometry.brain_mask(channels, data_cfg)  # on the original grid
   if not brain.any():
-    raise readers.DataError(f'{files.images[data_cfg.modalities[0]]}: empty brain mask (no voxel '
-                            'inside the brain in every channel): failed brain extraction?')
-  if not write:
-    return {'warnings': [str(w) for w in lc.warnings]}
-  brain_c, canon_affine, ornt = geometry.to_canonical(brain.view(np.uint8), lc.affine)
-  geom = geometry.plan(brain_c > 0, lc.affine, shape, ornt, canon_affine,
+    raise readers.DataError('empty brain mask (no voxel inside the brain in every channel): '
+                            'failed brain extraction?')
+  brain_c, canon_affine, ornt = geometry.to_canonical(brain.view(np.uint8), affine)
+  geom = geometry.plan(brain_c > 0, affine, shape, ornt, canon_affine,
                        data_cfg.crop_margin_mm, tuple(data_cfg.target_spacing))
   # crop the original arrays first, then reorient only the box (the same voxels, far less work)
   box = geometry.original_box(geom)
-  canon = np.stack([geometry.to_canonical(ch[box], lc.affine)[0] for ch in lc.channels], -1)
+  canon = np.stack([geometry.to_canonical(ch[box], affine)[0] for ch in channels], -1)
   brain_p = geometry.crop_and_resample(brain_c, geom, order=0)
   image = geometry.resample_cropped(canon, geom, order=1)
   image = geometry.normalise(image, brain_p > 0, data_cfg).astype(data_cfg.store_dtype)
   arrays = {'image': image, 'brain': brain_p}
-  if lc.label is not None:
-    native, _, _ = geometry.to_canonical(lc.label[box], lc.affine)
+  if label is not None:
+    native, _, _ = geometry.to_canonical(label[box], affine)
     arrays['label'] = geometry.resample_cropped(native, geom, order=0)
     arrays['label_native'] = native
-    outside = int(lc.label.sum()) - int(native.sum())
+  return arrays, geom, approximate
+
+
+def prepare_case(files: readers.CaseFiles, data_cfg, store_root: str, fingerprint: str,
+                 write: bool = True) -> dict:
+  """Loads, verifies and preprocesses one case; writes its shard unless write=False."""
+  lc = readers.load_case(files, data_cfg)
+  try:
+    if not write:  # verify: the brain mask check only
+      if not geometry.brain_mask(lc.channels, data_cfg)[0].any():
+        raise readers.DataError('empty brain mask (no voxel inside the brain in every channel): '
+                                'failed brain extraction?')
+      return {'warnings': [str(w) for w in lc.warnings]}
+    arrays, geom, approximate = preprocess(lc.channels, lc.affine, data_cfg, lc.label)
+  except readers.DataError as e:
+    raise readers.DataError(f'{files.images[data_cfg.modalities[0]]}: {e}') from e
+  if lc.label is not None:
+    outside = int(lc.label.sum()) - int(arrays['label_native'].sum())
     if outside:
       logging.warning('%s: %d lesion voxels lie outside the brain box', files.case_id, outside)
   meta = {'geometry': geom.to_json(), 'modalities': list(data_cfg.modalities),

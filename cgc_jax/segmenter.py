@@ -1,0 +1,81 @@
+"""A trained model as a Python function, for notebooks and other programs.
+
+    from cgc_jax.segmenter import Segmenter
+    seg = Segmenter.from_workdir('runs/demo')        # config and checkpoint from the workdir
+    mask = seg({'flair': flair, 't1': t1, 't1ce': t1ce, 't2': t2}, affine)
+
+Volumes are the scan's own arrays (any orientation, as nibabel loads them), one per modality the
+model was trained on, all on one grid with `affine`; the mask comes back on that same grid, exactly
+what `--mode=predict` writes for the same files.
+"""
+import json
+import os
+
+import ml_collections
+import numpy as np
+
+from cgc_jax import distributed
+from cgc_jax import evaluate
+from cgc_jax import prepare
+from cgc_jax import sliding_window
+
+
+class Segmenter:
+  """Example (run by tests/test_segmenter.py on a tiny trained workdir `workdir` and a case folder
+  `case_dir` of the BraTS layout):
+
+      import os
+      import nibabel as nib
+      from cgc_jax.segmenter import Segmenter
+      seg = Segmenter.from_workdir(workdir)
+      name = os.path.basename(case_dir)
+      scans = {m: nib.load(os.path.join(case_dir, f'{name}_{m}.nii.gz')) for m in seg.modalities}
+      mask = seg({m: s.get_fdata() for m, s in scans.items()}, scans['flair'].affine)
+      prob = seg.probability({m: s.get_fdata() for m, s in scans.items()}, scans['flair'].affine)
+  """
+
+  def __init__(self, config, params, step: int):
+    self.config = config
+    self.params = params
+    self.step = step
+    self.modalities = tuple(config.data.modalities)
+    self._predictor = sliding_window.Predictor(config, distributed.mesh())
+
+  @classmethod
+  def from_workdir(cls, workdir: str, step: int = -1):
+    """Restores the config the workdir was run with (WORKDIR/config.json) and a checkpoint
+    (step -1: as the config's eval.select says, normally the newest)."""
+    path = os.path.join(workdir, 'config.json')
+    if not os.path.exists(path):
+      raise prepare.StageError(f'{path}: missing: not a cgc_jax workdir, or trained before runs '
+                               'recorded their config')
+    with open(path) as f:
+      config = ml_collections.ConfigDict(json.load(f))
+    config.eval.step = step
+    distributed.initialize(config.dist)
+    params, s = evaluate.restore_params(config, workdir, distributed.mesh(),
+                                        len(config.data.modalities))
+    return cls(config, params, s)
+
+  def _prepare(self, volumes: dict, affine):
+    missing = [m for m in self.modalities if m not in volumes]
+    if missing:
+      raise ValueError(f'volumes lack {missing}: the model was trained on {list(self.modalities)}')
+    channels = [np.asarray(volumes[m], np.float32) for m in self.modalities]
+    arrays, geom, _ = prepare.preprocess(channels, np.asarray(affine, np.float64), self.config.data)
+    return arrays, geom
+
+  def __call__(self, volumes: dict, affine) -> np.ndarray:
+    """{modality: f[X, Y, Z]} on one grid + affine f64[4, 4] -> lesion mask u8[X, Y, Z], same grid."""
+    arrays, geom = self._prepare(volumes, affine)
+    _, mask = evaluate.segment_prepared(self.config, self._predictor, self.params,
+                                        arrays['image'], arrays['brain'], geom)
+    return mask
+
+  def probability(self, volumes: dict, affine) -> np.ndarray:
+    """As __call__, but the lesion probability f32[X, Y, Z] (0 outside the brain box)."""
+    from cgc_jax import geometry  # pylint: disable=g-import-not-at-top
+    arrays, geom = self._prepare(volumes, affine)
+    prob, _ = evaluate.segment_prepared(self.config, self._predictor, self.params,
+                                        arrays['image'], arrays['brain'], geom)
+    return geometry.to_original(prob.astype(np.float32), geom, order=1)

@@ -1,0 +1,31 @@
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from cgc_jax import pipeline
+from cgc_jax import segmenter
+
+from conftest import tiny_config
+
+pytestmark = pytest.mark.slow
+
+
+def test_docstring_example_gives_the_predict_stage_masks(tmp_path):
+  wd = str(tmp_path / 'wd')
+  cfg = tiny_config(**{'eval.pictures': False})
+  pipeline.run(cfg, wd, 'all')
+  code = segmenter.Segmenter.__doc__.split('\n\n', 1)[1]
+  code = '\n'.join(line[6:] for line in code.splitlines() if line.strip())
+  case = sorted(c for c in os.listdir(os.path.join(wd, 'phantoms')) if c.startswith('phantom_'))[0]
+  env = {'workdir': wd, 'case_dir': os.path.join(wd, 'phantoms', case)}
+  exec(code, env)  # pylint: disable=exec-used
+  want = nib.load(os.path.join(wd, 'eval', 'predictions', f'{case}.nii.gz'))
+  assert env['mask'].shape == want.shape and env['mask'].dtype == np.uint8
+  np.testing.assert_array_equal(env['mask'], np.asarray(want.dataobj))
+  assert env['prob'].shape == want.shape
+  np.testing.assert_array_equal(env['prob'] > 0.5, env['mask'] > 0)
+  assert env['seg'].step == cfg.train.steps
+  with pytest.raises(ValueError, match='t2'):
+    env['seg']({'flair': env['scans']['flair'].get_fdata()}, env['scans']['flair'].affine)
