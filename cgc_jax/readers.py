@@ -9,6 +9,7 @@ import dataclasses
 import glob
 import gzip
 import os
+import re
 import zlib
 from typing import Optional
 
@@ -57,12 +58,92 @@ def _case_dirs(root: str, layout: str) -> list:
   return dirs
 
 
+_NNUNET_CHANNEL = re.compile(r'^(?P<case>.+)_(?P<channel>\d{4})\.nii(\.gz)?$')
+
+
+def is_nnunet_folder(root: str) -> bool:
+  """A folder of nnU-Net raw-layout images (CASE_0000.nii.gz, ...), or one holding imagesTr/ or
+  imagesTs/."""
+  if not os.path.isdir(root):
+    return False
+  if any(os.path.isdir(os.path.join(root, d)) for d in ('imagesTr', 'imagesTs')):
+    return True
+  return any(_NNUNET_CHANNEL.match(n) for n in os.listdir(root))
+
+
+def discover_nnunet(data_cfg, root: str) -> list:
+  """The nnU-Net raw layout: ROOT/imagesTr/CASE_XXXX.nii.gz (and imagesTs/), channel XXXX =
+  data.modalities[XXXX], labels from ROOT/labelsTr/CASE.nii.gz when present; or a bare folder of
+  CASE_XXXX files. Missing channels are listed per case, as for the other layouts."""
+  folders = [os.path.join(root, d) for d in ('imagesTr', 'imagesTs')
+             if os.path.isdir(os.path.join(root, d))] or [root]
+  cases = {}
+  for folder in folders:
+    for name in sorted(os.listdir(folder)):
+      m = _NNUNET_CHANNEL.match(name)
+      if m:
+        cases.setdefault(m['case'], (folder, {}))[1][int(m['channel'])] = os.path.join(folder, name)
+  if not cases:
+    raise DataError(f'{root}: no CASE_0000.nii.gz images found (nnU-Net raw layout)')
+  out = []
+  for case_id, (folder, chans) in sorted(cases.items()):
+    images, missing = {}, []
+    for i, mod in enumerate(data_cfg.modalities):
+      path = chans.get(i, os.path.join(folder, f'{case_id}_{i:04d}.nii.gz'))
+      images[mod] = path
+      if i not in chans:
+        missing.append(path)
+    label = os.path.join(root, 'labelsTr', f'{case_id}.nii.gz')
+    out.append(CaseFiles(case_id, images, label if os.path.exists(label) else None, missing))
+  return out
+
+
+def _case_files(data_cfg, d: str) -> CaseFiles:
+  """The configured files of the case in folder `d` (case id = the folder's name)."""
+  case_id = os.path.basename(d.rstrip('/'))
+  images, missing = {}, []
+  for m in data_cfg.modalities:
+    if m not in data_cfg.filenames:
+      raise DataError(f'config.data.filenames has no entry for modality {m!r}')
+    path = os.path.join(d, data_cfg.filenames[m].format(case=case_id))
+    images[m] = path
+    if not os.path.exists(path):
+      missing.append(path)
+  label = None
+  if data_cfg.label:
+    label = os.path.join(d, data_cfg.label.format(case=case_id))
+    if not os.path.exists(label):
+      label = None  # labels are optional: evaluation-only
+  return CaseFiles(case_id, images, label, missing)
+
+
+def _is_case_folder(data_cfg, d: str) -> bool:
+  """`d` itself holds a case (its first modality's file), rather than case folders."""
+  first = data_cfg.modalities[0]
+  return (first in data_cfg.filenames and os.path.exists(os.path.join(
+      d, data_cfg.filenames[first].format(case=os.path.basename(d.rstrip('/'))))))
+
+
 def discover(data_cfg, root: Optional[str] = None) -> list:
-  """Lists the cases under `root` (default data_cfg.root) as CaseFiles, sorted by case id."""
+  """Lists the cases under `root` (default data_cfg.root) as CaseFiles, sorted by case id.
+
+  Layouts: brats, folder, cq500 (config.data.layout); a root in the nnU-Net raw layout
+  (imagesTr/imagesTs, CASE_XXXX.nii.gz channels in data.modalities order) is read as such whatever
+  the configured layout, so a model trained on BraTS predicts an nnU-Net dataset as it is."""
   layout = data_cfg.layout
   root = root or data_cfg.root
   if layout not in ('brats', 'folder', 'cq500'):
     raise DataError(f'unknown config.data.layout {layout!r} (brats | folder | cq500 | phantoms)')
+  if root and is_nnunet_folder(root):
+    return discover_nnunet(data_cfg, root)
+  if root and os.path.isfile(root):  # one scan: a single-modality config's whole case
+    if len(data_cfg.modalities) != 1:
+      raise DataError(f'{root}: a single file gives one channel, the config needs '
+                      f'{list(data_cfg.modalities)}: give the case folder instead')
+    case_id = re.sub(r'\.nii(\.gz)?$', '', os.path.basename(root))
+    return [CaseFiles(case_id, {data_cfg.modalities[0]: root}, None, [])]
+  if root and os.path.isdir(root) and _is_case_folder(data_cfg, root):
+    return [_case_files(data_cfg, root)]
   cases = []
   seen = {}
   for d in _case_dirs(root, layout):
@@ -70,20 +151,7 @@ def discover(data_cfg, root: Optional[str] = None) -> list:
     if case_id in seen:
       raise DataError(f'{d}: case id {case_id!r} also at {seen[case_id]}')
     seen[case_id] = d
-    images, missing = {}, []
-    for m in data_cfg.modalities:
-      if m not in data_cfg.filenames:
-        raise DataError(f'config.data.filenames has no entry for modality {m!r}')
-      path = os.path.join(d, data_cfg.filenames[m].format(case=case_id))
-      images[m] = path
-      if not os.path.exists(path):
-        missing.append(path)
-    label = None
-    if data_cfg.label:
-      label = os.path.join(d, data_cfg.label.format(case=case_id))
-      if not os.path.exists(label):
-        label = None  # labels are optional: evaluation-only
-    cases.append(CaseFiles(case_id, images, label, missing))
+    cases.append(_case_files(data_cfg, d))
   return cases
 
 

@@ -189,3 +189,41 @@ def test_header_without_spatial_information_is_named_and_geometry_comes_from_ano
   assert len(msgs) == 1, msgs
   assert 'FLAIR.nii.gz' in msgs[0] and 'no spatial information' in msgs[0]
   assert 'T1.nii.gz' in msgs[0]  # where the geometry came from
+
+
+def test_nnunet_raw_layout_channels_by_index(tmp_path):
+  c = folder_config(tmp_path)
+  c.data.modalities = ('flair', 't1')
+  for split in ('imagesTr', 'imagesTs'):
+    os.makedirs(tmp_path / split)
+  os.makedirs(tmp_path / 'labelsTr')
+  rng = np.random.default_rng(0)
+  for case, split in (('BRATS_001', 'imagesTr'), ('BRATS_002', 'imagesTs')):
+    for ch in range(2):
+      _save(rng.random((6, 6, 6)).astype(np.float32) + 1, str(tmp_path / split / f'{case}_{ch:04d}.nii.gz'))
+  _save(np.zeros((6, 6, 6), np.uint8), str(tmp_path / 'labelsTr' / 'BRATS_001.nii.gz'))
+  os.remove(tmp_path / 'imagesTs' / 'BRATS_002_0001.nii.gz')
+  cases = readers.discover(c.data)
+  assert [f.case_id for f in cases] == ['BRATS_001', 'BRATS_002']
+  a, b = cases
+  assert a.images == {'flair': str(tmp_path / 'imagesTr' / 'BRATS_001_0000.nii.gz'),
+                      't1': str(tmp_path / 'imagesTr' / 'BRATS_001_0001.nii.gz')}
+  assert a.label == str(tmp_path / 'labelsTr' / 'BRATS_001.nii.gz') and not a.missing
+  assert b.label is None and b.missing == [str(tmp_path / 'imagesTs' / 'BRATS_002_0001.nii.gz')]
+  # a bare folder of CASE_XXXX files (e.g. only the test images)
+  bare = readers.discover(c.data, str(tmp_path / 'imagesTr'))
+  assert [f.case_id for f in bare] == ['BRATS_001'] and bare[0].label is None
+
+
+def test_a_case_folder_or_a_single_file_as_the_root(tmp_path):
+  d = _good_case(tmp_path, 'only')
+  c = folder_config(tmp_path)
+  cases = readers.discover(c.data, d)  # the case folder itself
+  assert [f.case_id for f in cases] == ['only'] and cases[0].images['flair'].endswith('FLAIR.nii.gz')
+  with pytest.raises(readers.DataError, match='give the case folder'):
+    readers.discover(c.data, os.path.join(d, 'FLAIR.nii.gz'))
+  c.data.modalities = ('ct',)
+  c.data.kind = 'ct'
+  one = readers.discover(c.data, os.path.join(d, 'T1.nii.gz'))
+  assert [(f.case_id, f.images, f.label) for f in one] == [
+      ('T1', {'ct': os.path.join(d, 'T1.nii.gz')}, None)]
