@@ -6,7 +6,6 @@ Modes: all (default: every stage whose output is missing or stale), verify, prep
 train, evaluate, predict. Any config field can be overridden: `--config.train.steps=200`.
 """
 
-import os
 import sys
 
 from absl import app
@@ -29,28 +28,9 @@ def main(argv):
   pipeline.cli(lambda: pipeline.run(FLAGS.config, FLAGS.workdir, FLAGS.mode), FLAGS.verbose)
 
 
-def resolve_config(argv: list) -> list:
-  """`--config=NAME` (no such file) -> the packaged configs/NAME.py; anything else unchanged.
-
-  A `:variant` suffix is kept (ml_collections passes it to get_config)."""
-  here = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')  # installed package
-  repo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
-  out = []
-  for a in argv:
-    if a.startswith('--config=') and '.' not in a[len('--config='):].split(':')[0].split('/')[-1]:
-      name, _, variant = a[len('--config='):].partition(':')
-      for d in (here, repo):
-        path = os.path.join(d, f'{name}.py')
-        if not os.path.exists(name) and os.path.exists(path):
-          a = f'--config={path}' + (f':{variant}' if variant else '')
-          break
-    out.append(a)
-  return out
-
-
 def run():
   """The `cgc-jax` console script."""
-  app.run(main, argv=resolve_config(sys.argv))
+  app.run(main, argv=pipeline.resolve_config(sys.argv))
 
 
 if __name__ == '__main__':

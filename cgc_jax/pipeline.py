@@ -55,6 +55,26 @@ def cli(fn, verbose: bool):
     sys.exit(2)
 
 
+def resolve_config(argv: list) -> list:
+  """`--config=NAME` (no such file) -> the packaged configs/NAME.py; anything else unchanged.
+
+  A `:variant` suffix is kept (ml_collections passes it to get_config)."""
+  here = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')  # installed package
+  repo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
+  out = []
+  for a in argv:
+    if a.startswith('--config=') and '.' not in a[len('--config='):].split(':')[0].split('/')[-1]:
+      name, _, variant = a[len('--config='):].partition(':')
+      for d in (here, repo):
+        path = os.path.join(d, f'{name}.py')
+        if not os.path.exists(name) and os.path.exists(path):
+          a = f'--config={path}' + (f':{variant}' if variant else '')
+          break
+    out.append(a)
+  return out
+
+
+
 def _check_workdir(workdir: str, min_free_gb: float):
   """Before any work: the workdir can be created and written, and has room."""
   try:

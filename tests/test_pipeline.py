@@ -9,6 +9,7 @@ import numpy as np
 
 from cgc_jax import pipeline
 
+from conftest import ROOT
 from conftest import tiny_config
 
 
@@ -119,3 +120,13 @@ def test_every_shipped_config_is_consistent():
     assert all(1 <= p <= b for p, b in zip(c.cgc.patch, bottleneck)), (name, c.cgc.patch, bottleneck)
     assert c.train.batch_size >= 1 and c.train.steps >= 1, name
     assert set(c.gmm.channels) <= set(c.data.modalities), name
+
+
+def test_config_names_resolve_to_shipped_configs_and_paths_stay():
+  demo = os.path.join(ROOT, 'configs', 'demo.py')
+  assert pipeline.resolve_config(['x', '--config=demo', '--workdir=w']) == [
+      'x', f'--config={demo}', '--workdir=w']
+  assert pipeline.resolve_config(['--config=demo:small']) == [f'--config={demo}:small']
+  assert pipeline.resolve_config(['--config=configs/demo.py']) == ['--config=configs/demo.py']
+  assert pipeline.resolve_config(['--config=nosuch']) == ['--config=nosuch']  # absl names the problem
+  assert pipeline.resolve_config(['--config.train.steps=3']) == ['--config.train.steps=3']
