@@ -20,6 +20,7 @@ from cgc_jax import checkpoint
 from cgc_jax import distributed
 from cgc_jax import fingerprints
 from cgc_jax import geometry
+from cgc_jax import gmm
 from cgc_jax import metrics
 from cgc_jax import morphology
 from cgc_jax import prepare
@@ -56,17 +57,35 @@ def restore_params(config, workdir, mesh, num_channels: int):
   return state.params['unet'], s
 
 
-def segment_prepared(config, predictor, params, image, brain, geom):
+def lesion_evidence(config, image, brain, geom, modalities, case_id: str, report=None) -> bool:
+  """The case-level gate (eval.gate_on_p_evidence): False when the pseudo-label mixture found no
+  lesion evidence in this case (its status 'no_lesion_evidence', gmm.min_contrast). `report`: the
+  pseudo-label stage's report for the case when it has one; otherwise (new scans) the mixture
+  consensus is fitted now, as the stage would."""
+  if not config.eval.gate_on_p_evidence or config.pseudo_labels.source != 'gmm':
+    return True
+  if report is None:
+    _, _, report = gmm.consensus(np.asarray(image, np.float32), np.asarray(brain) > 0,
+                                 list(modalities), config.gmm, case_id, geom.spacing,
+                                 pseudo_labels.hu_scale(config))
+  return report.get('status') != 'no_lesion_evidence'
+
+
+def segment_prepared(config, predictor, params, image, brain, geom, evidence: bool = True):
   """One prepared case -> (lesion probability f32[X', Y', Z'] on the prepared grid, inside the brain
-  and after the component rules of config.eval; mask u8 on the ORIGINAL grid)."""
+  and after the component rules of config.eval; mask u8 on the ORIGINAL grid). evidence=False (the
+  case-level gate said no lesion): an empty mask."""
   prob = predictor.predict_volume(params, np.asarray(image, np.float32)) * (np.asarray(brain) > 0)
   prob = morphology.filter_components(prob, geom.spacing, config.eval.min_component_mm3,
                                       config.eval.min_component_probability)
+  if not evidence:
+    prob = np.zeros_like(prob)
   return prob, geometry.prob_to_original_mask(prob, geom)
 
 
-def predict_cases(config, prep: store_lib.Store, cases, params, predictor, out_dir):
-  """Predicts every case; returns {case: (prob on prepared grid, mask on original grid)}."""
+def predict_cases(config, prep: store_lib.Store, cases, params, predictor, out_dir, reports=None):
+  """Predicts every case; returns {case: (prob on prepared grid, mask on original grid)}.
+  reports: {case: pseudo-label report} where the P stage ran (its evidence is reused)."""
   out = {}
   t0 = time.time()
   for i, c in enumerate(cases):
@@ -74,13 +93,16 @@ def predict_cases(config, prep: store_lib.Store, cases, params, predictor, out_d
     geom = geometry.Geometry.from_json(meta['geometry'])
     image = np.asarray(prep.read(c, 'image', config.data.verify_checksums), np.float32)
     brain = np.asarray(prep.read(c, 'brain')) > 0
-    prob, mask = segment_prepared(config, predictor, params, image, brain, geom)
+    evidence = lesion_evidence(config, image, brain, geom, meta['modalities'], c,
+                               (reports or {}).get(c))
+    prob, mask = segment_prepared(config, predictor, params, image, brain, geom, evidence)
     if distributed.is_main():
       pseudo_labels.write_mask(mask, geom, meta, os.path.join(out_dir, f'{c}.nii.gz'))
     out[c] = (prob, mask)
     el = time.time() - t0
-    logging.info('predict: %d/%d cases (%.2f case/s, ETA %.0fs) %s', i + 1, len(cases),
-                 (i + 1) / el, (len(cases) - i - 1) * el / (i + 1), c)
+    logging.info('predict: %d/%d cases (%.2f case/s, ETA %.0fs) %s%s', i + 1, len(cases),
+                 (i + 1) / el, (len(cases) - i - 1) * el / (i + 1), c,
+                 '' if evidence else ' (no lesion evidence: empty mask)')
   return out
 
 
@@ -148,8 +170,9 @@ def evaluate(config, workdir: str):
                              false_alarm_voxels(done.get('cases', []))))
       return done['summary']
     predictor = sliding_window.Predictor(config, mesh)
+    reports = {c: labels.meta(c)['report'] for c in cases if labels.is_complete(c)}
     preds = predict_cases(config, prep, cases, params, predictor,
-                          os.path.join(out_dir, 'predictions'))
+                          os.path.join(out_dir, 'predictions'), reports)
   rows = {'GMM w/ threshold (P)' if config.pseudo_labels.source == 'gmm'
           else f'P ({config.pseudo_labels.source})': [],
           f'predictions ({external})' if external else 'CGC network': []}

@@ -55,11 +55,8 @@ def case_pseudo_label(case_id, config, prep_root, prep_fp, out_root, out_fp):
   src = config.pseudo_labels.source
   g = config.gmm
   if src == 'gmm':
-    hu = None
-    if config.data.kind == 'ct':
-      lo, hi = config.data.ct_window
-      hu = (lo, hi - lo)
-    post, p, report = gmm.consensus(image, brain, list(mods), g, case_id, geom.spacing, hu_scale=hu)
+    post, p, report = gmm.consensus(image, brain, list(mods), g, case_id, geom.spacing,
+                                    hu_scale=hu_scale(config))
   elif src == 'threshold':
     post = (threshold_z(image[..., mods.index(g.lesion_channel)], brain) >
             config.pseudo_labels.threshold_z).astype(np.float32)
@@ -92,6 +89,14 @@ def case_pseudo_label(case_id, config, prep_root, prep_fp, out_root, out_fp):
   out.write(case_id, {'p': p.astype(np.uint8), 'posterior': post.astype(np.float16)},
             {'report': report, 'inputs': case_inputs(config, prep, case_id)})
   return report
+
+
+def hu_scale(config):
+  """CT: (HU at 0, HU per unit) of the prepared [0, 1] window, for the mixture's HU rule; else None."""
+  if config.data.kind != 'ct':
+    return None
+  lo, hi = config.data.ct_window
+  return (lo, hi - lo)
 
 
 def case_inputs(config, prep: store_lib.Store, case_id: str) -> dict:

@@ -65,17 +65,21 @@ class Segmenter:
     arrays, geom, _ = prepare.preprocess(channels, np.asarray(affine, np.float64), self.config.data)
     return arrays, geom
 
-  def __call__(self, volumes: dict, affine) -> np.ndarray:
-    """{modality: f[X, Y, Z]} on one grid + affine f64[4, 4] -> lesion mask u8[X, Y, Z], same grid."""
+  def _segment(self, volumes: dict, affine, case_id: str):
     arrays, geom = self._prepare(volumes, affine)
-    _, mask = evaluate.segment_prepared(self.config, self._predictor, self.params,
-                                        arrays['image'], arrays['brain'], geom)
-    return mask
+    evidence = evaluate.lesion_evidence(self.config, arrays['image'], arrays['brain'], geom,
+                                        self.modalities, case_id)
+    prob, mask = evaluate.segment_prepared(self.config, self._predictor, self.params,
+                                           arrays['image'], arrays['brain'], geom, evidence)
+    return prob, mask, geom
 
-  def probability(self, volumes: dict, affine) -> np.ndarray:
+  def __call__(self, volumes: dict, affine, case_id: str = '') -> np.ndarray:
+    """{modality: f[X, Y, Z]} on one grid + affine f64[4, 4] -> lesion mask u8[X, Y, Z], same grid.
+    case_id seeds the mixture of the lesion-evidence gate, as the pipeline does per case."""
+    return self._segment(volumes, affine, case_id)[1]
+
+  def probability(self, volumes: dict, affine, case_id: str = '') -> np.ndarray:
     """As __call__, but the lesion probability f32[X, Y, Z] (0 outside the brain box)."""
     from cgc_jax import geometry  # pylint: disable=g-import-not-at-top
-    arrays, geom = self._prepare(volumes, affine)
-    prob, _ = evaluate.segment_prepared(self.config, self._predictor, self.params,
-                                        arrays['image'], arrays['brain'], geom)
+    prob, _, geom = self._segment(volumes, affine, case_id)
     return geometry.to_original(prob.astype(np.float32), geom, order=1)

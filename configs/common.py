@@ -149,6 +149,9 @@ def base_config() -> ml_collections.ConfigDict:
   # a mean lesion probability below this are dropped before the mask is written (0 = keep all).
   e.min_component_mm3 = 0.0
   e.min_component_probability = 0.0
+  # Case-level gate: where the pseudo-label mixture finds no lesion evidence (gmm.min_contrast), the
+  # network's mask is emptied too (new scans: the mixture is fitted at prediction time).
+  e.gate_on_p_evidence = False
   e.input_root = ''  # predict mode: folder of new scans (layout as data.layout)
   e.predictions_dir = ''  # evaluate mode: score <case>.nii.gz masks from this folder instead of the network
 
@@ -195,5 +198,6 @@ def mri_pseudo_labels(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   # Lesion evidence: every real lesion seen so far stands >= 0.69 z above its surroundings in FLAIR,
   # the brightest tissue of a lesion-free phantom brain 0.48-0.76: 0.5 only empties clear cases.
   g.min_contrast = 0.5
+  c.eval.gate_on_p_evidence = True  # and the network's mask is emptied with it
   return c
 

@@ -28,6 +28,7 @@ def get_config():
   c.gmm.keep_fraction = 0.1
   c.gmm.fill_holes = True
   c.gmm.min_contrast = 0.6
+  c.eval.gate_on_p_evidence = True  # the network's mask is emptied where P found no lesion
   c.model.base = 8
   c.train.steps = 120
   c.train.batch_size = 2

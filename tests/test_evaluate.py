@@ -115,3 +115,40 @@ def test_false_alarm_voxels_on_lesion_free_cases_only():
   assert fa == {'P': {'a': 0}, 'network': {'a': 12, 'c': 0}}
   md = evaluate.summary_markdown({}, 1.0, 5, fa)
   assert 'P: a 0; network: a 12, c 0' in md
+
+
+class _ConstantPredictor:
+  def predict_volume(self, params, image):
+    del params
+    return np.full(image.shape[:3], 0.9, np.float32)
+
+
+def test_lesion_evidence_gate_empties_the_network_mask():
+  from cgc_jax import prepare as prep_lib  # pylint: disable=g-import-not-at-top
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  cfg = tiny_config(**{'eval.gate_on_p_evidence': True, 'data.target_spacing': ()})
+  rng = np.random.default_rng(0)
+  vols = []
+  for _ in range(4):
+    v = np.zeros((30, 30, 30), np.float32)
+    v[4:26, 4:26, 4:26] = 1 + 0.05 * rng.random((22, 22, 22))
+    v[15:26, 4:26, 4:26] += 1  # a brighter half: the mixture's "lesion", 2 z above its ring
+    vols.append(v)
+  arrays, geom, _ = prep_lib.preprocess(vols, np.eye(4), cfg.data)
+  args = (cfg, arrays['image'], arrays['brain'], geom, list(cfg.data.modalities), 'c')
+  assert not evaluate.lesion_evidence(*args, report={'status': 'no_lesion_evidence'})
+  assert evaluate.lesion_evidence(*args, report={'status': 'ok'})
+  cfg.eval.gate_on_p_evidence = False
+  assert evaluate.lesion_evidence(*args, report={'status': 'no_lesion_evidence'})
+  # without a report the mixture is fitted now: the bright half stands ~2 z above its ring, not 5
+  cfg.eval.gate_on_p_evidence = True
+  cfg.gmm.min_contrast = 5.0
+  assert not evaluate.lesion_evidence(*args)
+  cfg.gmm.min_contrast = float('-inf')
+  assert evaluate.lesion_evidence(*args)
+  prob, mask = evaluate.segment_prepared(cfg, _ConstantPredictor(), None, arrays['image'],
+                                         arrays['brain'], geom, evidence=True)
+  assert mask.shape == (30, 30, 30) and mask.sum() == 22**3  # 0.9 everywhere in the brain
+  prob, mask = evaluate.segment_prepared(cfg, _ConstantPredictor(), None, arrays['image'],
+                                         arrays['brain'], geom, evidence=False)
+  assert not prob.any() and not mask.any()
