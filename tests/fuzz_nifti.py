@@ -4,7 +4,8 @@
 cases that each carry one corruption, and returns one `Fuzzed(case_id, kind, path, must_fail)` per
 broken case: `path` is the file that was damaged (the one an error must name), `must_fail` is True
 when the case must be refused, None when the damage may leave a valid file (random header bytes that
-hit unused fields): then a clean load or a clean refusal both count as handled.
+hit unused fields): then a clean load or a clean refusal both count as handled; False when the case
+must load with a warning that names the file (a header without spatial information).
 """
 import dataclasses
 import gzip
@@ -162,10 +163,13 @@ def write_dataset(root, seed=0) -> list:
     path, _, _ = new('zero_size', 't1')
     _save(np.zeros(shape, np.float32), path)
   for changes in ({'srow_x': np.zeros(4, np.float32)},  # sform with a zero column
-                  {'sform_code': 0, 'pixdim': (1, 0.0)},  # qform with a zero voxel size
-                  {'sform_code': 0, 'qform_code': 0, 'pixdim': (3, 0.0)}):  # plain pixdim, zero
+                  {'sform_code': 0, 'pixdim': (1, 0.0)}):  # qform with a zero voxel size
     path, _, _ = new('affine_zero_scale', 'flair')
     _header_field(path, *next(iter(changes.items())), **dict(list(changes.items())[1:]))
+  # no spatial information at all (qform and sform codes 0, a zero pixdim): the case loads with the
+  # geometry of its other channels and a warning that names this file
+  path, _, _ = new('no_spatial_information', 'flair', must_fail=False)
+  _header_field(path, 'sform_code', 0, qform_code=0, pixdim=(3, 0.0))
   for v in (3, 5, 7, 255, 1000, -1, 0.5):
     path, arrays, _ = new('label_values', 'seg')
     seg = arrays['seg'].astype(np.float32)

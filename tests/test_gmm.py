@@ -10,7 +10,10 @@ from conftest import tiny_config
 
 
 def _gcfg(**kw):
+  """The test config's mixture settings with the spatial rules off (the plain mixture); kw on top."""
   c = tiny_config().gmm
+  c.open_iterations, c.keep_fraction, c.fill_holes = 0, 0.0, False
+  c.min_contrast, c.grow_mm, c.ensemble = float('-inf'), 0.0, ()
   for k, v in kw.items():
     c[k] = v
   return c

@@ -66,10 +66,12 @@ def test_fuzzed_nifti_every_one_handled_in_process(fuzzed):
   unhandled = []
   for f in broken:
     try:
-      prepare.prepare_case(files[f.case_id], cfg.data, '', '', write=False)
+      r = prepare.prepare_case(files[f.case_id], cfg.data, '', '', write=False)
       outcome['loaded'] += 1
       if f.must_fail:
         unhandled.append(f'{f.case_id}: loaded, but must be refused')
+      if f.must_fail is False and not any(f.path in w for w in r['warnings']):
+        unhandled.append(f'{f.case_id}: loaded without a warning naming {f.path}: {r["warnings"]}')
     except readers.DataError as e:
       msg = str(e)
       if f.path not in msg or '\n\n' in msg or 'Traceback' in msg:
