@@ -22,6 +22,8 @@ from conftest import ROOT
 from conftest import copy_inputs
 from conftest import tiny_config
 
+pytestmark = pytest.mark.slow  # real subprocesses: the whole file
+
 LAUNCH = os.path.join(ROOT, 'launch', 'local.sh')
 TINY = os.path.join(ROOT, 'tests', 'tiny.py')
 

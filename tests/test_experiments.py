@@ -3,6 +3,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from cgc_jax import evaluate
 from cgc_jax import experiments
@@ -32,6 +33,7 @@ def test_row_summary_pools_cases_and_reports_the_spread_of_seed_means():
   assert '| r | 0.7250 +- 0.1479 | 0.1250 | 1.0000 +- 0.0000 | 2.00 +- 0.00 | 12 |' in md
 
 
+@pytest.mark.slow
 def test_a_table_shares_the_offline_stages(tiny_workdir, tmp_path, monkeypatch):
   base = str(tmp_path / 'base')
   copy_inputs(tiny_workdir, base)

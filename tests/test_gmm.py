@@ -135,6 +135,7 @@ def test_min_component_size():
   assert out.sum() == 27 and not out[0, 0, 0]
 
 
+@pytest.mark.slow
 def test_workers_do_not_change_p(tmp_path, tiny_workdir):
   import shutil  # pylint: disable=g-import-not-at-top
   out = {}

@@ -6,6 +6,7 @@ import time
 from absl import logging
 import nibabel as nib
 import numpy as np
+import pytest
 
 from cgc_jax import pipeline
 
@@ -13,6 +14,7 @@ from conftest import ROOT
 from conftest import tiny_config
 
 
+@pytest.mark.slow
 def test_all_stages_end_to_end_then_skip_then_predict(tmp_path):
   wd = str(tmp_path / 'wd')
   cfg = tiny_config(**{'eval.pictures': True})

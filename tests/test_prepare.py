@@ -6,6 +6,7 @@ import time
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 from cgc_jax import geometry
 from cgc_jax import prepare
@@ -52,6 +53,7 @@ def test_anisotropic_phantoms_round_trip(tmp_path):
   assert 2 * (approx & label).sum() / (approx.sum() + label.sum()) > 0.85
 
 
+@pytest.mark.slow
 def test_sigkill_midway_then_rerun_finishes_without_redoing(tmp_path):
   wd = tmp_path / 'wd'
   args = [sys.executable, '-m', 'cgc_jax.main', '--config=configs/demo.py', f'--workdir={wd}',

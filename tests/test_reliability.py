@@ -86,6 +86,7 @@ def test_fuzzed_nifti_every_one_handled_in_process(fuzzed):
     prepare.prepare_case(files[case], cfg.data, '', '', write=False)
 
 
+@pytest.mark.slow
 def test_fuzzed_nifti_verify_prepare_predict_from_the_command_line(fuzzed, tiny_workdir, tmp_path):
   root, broken = fuzzed
   must_fail = [f for f in broken if f.must_fail]
@@ -133,6 +134,7 @@ def _wait_for(path, text, proc, timeout=300):
   raise AssertionError(f'{text!r} never appeared')
 
 
+@pytest.mark.slow
 def test_kill_9_at_any_moment_then_the_same_command_completes(tiny_workdir, tmp_path):
   """kill -9 during prepare, pseudo_labels, a train step, an async checkpoint save and evaluation;
   SIGTERM during training exits 0; the same command then finishes with what one clean run gives."""

@@ -37,6 +37,7 @@ def _one_step(cfg, devices, batch):
   return jax.device_get(state.params), jax.device_get(metrics)
 
 
+@pytest.mark.slow
 def test_one_device_equals_eight_devices(tiny_workdir):
   assert jax.device_count() == 8
   cfg = tiny_config()
@@ -70,6 +71,7 @@ class _Interrupt(Exception):
   pass
 
 
+@pytest.mark.slow
 def test_exact_resume_sigterm_finished_and_incompatible(tiny_workdir, tmp_path):
   cfg = tiny_config()
   ref_wd, wd = str(tmp_path / 'ref'), str(tmp_path / 'run')
@@ -114,6 +116,7 @@ def test_exact_resume_sigterm_finished_and_incompatible(tiny_workdir, tmp_path):
     train.train_and_evaluate(tiny_config(**{'model.base': 8}), wd)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_step_and_cases(tiny_workdir, tmp_path):
   cfg = tiny_config(**{'train.lr': 1e30, 'train.grad_clip': 1e30, 'train.warmup_steps': 0})
   wd = str(tmp_path / 'nan')

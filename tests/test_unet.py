@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from cgc_jax import unet
 
@@ -50,6 +51,7 @@ def test_projection_head_is_unit_norm_and_zero_safe():
   assert all(np.all(np.isfinite(np.asarray(a))) for a in jax.tree.leaves(g))
 
 
+@pytest.mark.slow
 def test_instance_and_group_norm_are_batch_independent():
   for norm in ('instance', 'group'):
     net = unet.UNet3D(base=4, levels=2, norm=norm, conv_impl='sum2d')
