@@ -11,25 +11,17 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # pylint: disable=g-import-not-at-top
+import brats_dev  # pylint: disable=g-import-not-at-top
 
 
 def get_config():
-  c = common.base_config()
+  """brats_dev.py's recipe on the folder layout with FLAIR + T1 only (the consensus keeps its two
+  FLAIR + T1 members)."""
+  c = brats_dev.get_config()
   c.data.layout = 'folder'
   c.data.modalities = ('flair', 't1')
   c.data.filenames.flair = 'FLAIR.nii.gz'
   c.data.filenames.t1 = 'T1.nii.gz'
   c.data.label = 'GT_W.nii.gz'
   c.data.label_values = (0, 1)
-  c.data.target_spacing = (2.0, 2.0, 2.0)
-  c.gmm.channels = ('flair', 't1')
-  common.mri_pseudo_labels(c)  # FLAIR + T1 only: the two FLAIR+T1 members
-  c.model.base = 8
-  c.train.steps = 120
-  c.train.batch_size = 2
-  c.train.crop = (80, 96, 72)  # ~whole brain at 2 mm
-  c.train.checkpoint_every = 40
-  c.cgc.patch = (4, 4, 3)  # bottleneck is 10x12x9 cells
-  c.eval.tta_flip = True  # 8 flips: ~1 extra minute on 2 cores at this size
   return c
