@@ -3,10 +3,11 @@
     python -m cgc_jax.main --config=configs/brats_dev.py \
         --config.data.root=../shared/data/brats2018_dev --workdir=runs/brats_dev
 
-Every stage on the 20 development cases in 8 min 28 s on 2 CPU cores (prepare 7 s, pseudo-labels
-50 s, train 120 steps 6 min, evaluate with flip TTA 1.5 min). Measured on each scan's original 1 mm
-grid (2026-11-30, seed 0): P (the pseudo-label recipe, mri_pseudo_labels in common.py) Dice
-0.785 +- 0.175, network 0.790 +- 0.140; the single FLAIR + T1 mixture this replaces gave P 0.654.
+Every stage on the 20 development cases in 7 min 26 s on 2 idle CPU cores (prepare 7 s,
+pseudo-labels 50 s, train 120 steps 4 min 50 s, evaluate with flip TTA 1.5 min). Measured on each
+scan's original 1 mm grid (2026-11-30): P (the pseudo-label recipe, mri_pseudo_labels in common.py)
+Dice 0.785 +- 0.175; network 0.790 +- 0.140 (seed 0), 0.783 +- 0.157 (seed 1); the single FLAIR + T1
+mixture this replaces gave P 0.654.
 Why 2 mm and base 8: a whole brain fits one 80x96x72 crop, and a step takes ~3 s on 2 cores.
 """
 import os
