@@ -20,11 +20,11 @@ from sklearn import cluster
 from sklearn import mixture
 from sklearn.exceptions import ConvergenceWarning
 
+from cgc_jax import errors
 from cgc_jax import morphology
 
 
-class GMMError(Exception):
-  """The mixture could not be fitted; the message names the case."""
+GMMError = errors.GMMError  # defined in errors.py (every user-facing error in one place)
 
 
 def case_seed(seed: int, case_id: str) -> np.random.SeedSequence:

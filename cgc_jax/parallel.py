@@ -10,13 +10,10 @@ import traceback
 
 from absl import logging
 
+from cgc_jax import errors
 
-class CaseFailure(Exception):
-  """A case failed in a worker; `expected` marks known bad-input errors (no traceback needed)."""
 
-  def __init__(self, case_id: str, message: str, tb: str = '', expected: bool = False):
-    super().__init__(f'{case_id}: {message}')
-    self.case_id, self.message, self.tb, self.expected = case_id, message, tb, expected
+CaseFailure = errors.CaseFailure  # defined in errors.py (every user-facing error in one place)
 
 
 def _call(fn, case_id, args, expected_types):

@@ -22,13 +22,10 @@ from cgc_jax import store as store_lib
 MODES = ('all', 'verify', 'prepare', 'pseudo_labels', 'train', 'evaluate', 'predict')
 
 
-class WorkdirError(Exception):
-  """The workdir cannot be used (read-only, full, locked by another run)."""
+WorkdirError = errors.WorkdirError  # defined in errors.py (every user-facing error in one place)
 
 
-USER_ERRORS = (readers.DataError, prepare.StageError, parallel.CaseFailure, WorkdirError,
-               store_lib.CorruptShardError, errors.IncompatibleCheckpointError,
-               errors.DistributedError)
+USER_ERRORS = errors.USER_ERRORS
 
 
 def _quiet(record) -> bool:

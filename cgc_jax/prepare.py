@@ -15,6 +15,7 @@ import os
 from absl import logging
 import numpy as np
 
+from cgc_jax import errors
 from cgc_jax import fingerprints
 from cgc_jax import geometry
 from cgc_jax import parallel
@@ -22,13 +23,7 @@ from cgc_jax import readers
 from cgc_jax import store as store_lib
 
 
-class StageError(Exception):
-  """A stage could not finish; the message lists every failed case and why. `done`: the cases that
-  did complete (kept on disk)."""
-
-  def __init__(self, message: str, done=()):
-    super().__init__(message)
-    self.done = list(done)
+StageError = errors.StageError  # defined in errors.py (every user-facing error in one place)
 
 
 def prepared_store(config, workdir) -> store_lib.Store:

@@ -16,6 +16,8 @@ from typing import Optional
 import nibabel as nib
 import numpy as np
 
+from cgc_jax import errors
+
 
 @dataclasses.dataclass
 class CaseFiles:
@@ -37,8 +39,7 @@ class Problem:
     return f'{self.severity.upper()}: {self.path}: {self.message}'
 
 
-class DataError(Exception):
-  """Bad input data; the message lists every problem with its file."""
+DataError = errors.DataError  # defined in errors.py (every user-facing error in one place)
 
 
 def _case_dirs(root: str, layout: str) -> list:

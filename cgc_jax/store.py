@@ -20,6 +20,8 @@ from typing import Optional
 
 import numpy as np
 
+from cgc_jax import errors
+
 
 def crc32_file(path: str, chunk: int = 1 << 22) -> int:
   crc = 0
@@ -31,8 +33,7 @@ def crc32_file(path: str, chunk: int = 1 << 22) -> int:
       crc = zlib.crc32(b, crc)
 
 
-class CorruptShardError(Exception):
-  """A shard's array does not match its recorded checksum or shape."""
+CorruptShardError = errors.CorruptShardError  # defined in errors.py (every user-facing error in one place)
 
 
 def atomic_write_text(path: str, text: str):

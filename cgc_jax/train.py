@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cgc_jax import errors
 from cgc_jax import cgc
 from cgc_jax import checkpoint
 from cgc_jax import distributed
@@ -30,12 +31,10 @@ from cgc_jax import pseudo_labels
 from cgc_jax import unet
 
 
-class Preempted(Exception):
-  """SIGTERM arrived: the state was saved at the current step."""
+Preempted = errors.Preempted  # defined in errors.py (every user-facing error in one place)
 
 
-class NonFiniteError(Exception):
-  """A loss became NaN/Inf; the last good checkpoint is kept."""
+NonFiniteError = errors.NonFiniteError  # defined in errors.py (every user-facing error in one place)
 
 
 @flax.struct.dataclass

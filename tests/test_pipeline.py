@@ -133,3 +133,27 @@ def test_config_names_resolve_to_shipped_configs_and_paths_stay():
   assert pipeline.resolve_config(['--config=configs/demo.py']) == ['--config=configs/demo.py']
   assert pipeline.resolve_config(['--config=nosuch']) == ['--config=nosuch']  # absl names the problem
   assert pipeline.resolve_config(['--config.train.steps=3']) == ['--config.train.steps=3']
+
+
+def test_offline_stage_modules_do_not_load_jax():
+  """Worker processes of prepare and pseudo_labels import these; they must not pay for JAX."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  code = ('import sys\n'
+          'import cgc_jax.prepare, cgc_jax.pseudo_labels, cgc_jax.readers, cgc_jax.gmm, '
+          'cgc_jax.morphology, cgc_jax.geometry, cgc_jax.store, cgc_jax.parallel, cgc_jax.metrics, '
+          'cgc_jax.errors, cgc_jax.pipeline\n'
+          'print(sorted(m for m in sys.modules if m.split(".")[0] in ("jax", "flax", "orbax")))')
+  r = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+                     timeout=120)
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.strip() == '[]'
+
+
+def test_every_user_facing_error_lives_in_errors():
+  from cgc_jax import errors, gmm, parallel, prepare, readers, store  # pylint: disable=g-import-not-at-top
+  assert readers.DataError is errors.DataError and prepare.StageError is errors.StageError
+  assert store.CorruptShardError is errors.CorruptShardError and gmm.GMMError is errors.GMMError
+  assert parallel.CaseFailure is errors.CaseFailure and pipeline.WorkdirError is errors.WorkdirError
+  assert pipeline.USER_ERRORS == errors.USER_ERRORS
+  assert {e.__module__ for e in errors.USER_ERRORS} == {'cgc_jax.errors'}
