@@ -62,7 +62,17 @@ class Segmenter:
     if missing:
       raise ValueError(f'volumes lack {missing}: the model was trained on {list(self.modalities)}')
     channels = [np.asarray(volumes[m], np.float32) for m in self.modalities]
-    arrays, geom, _ = prepare.preprocess(channels, np.asarray(affine, np.float64), self.config.data)
+    for m, ch in zip(self.modalities, channels):
+      if ch.ndim != 3 or ch.shape != channels[0].shape:
+        raise ValueError(f'volume {m!r}: shape {ch.shape}, expected 3D and the same as '
+                         f'{self.modalities[0]!r} {channels[0].shape}')
+      bad = int((~np.isfinite(ch)).sum())
+      if bad:
+        raise ValueError(f'volume {m!r}: {bad} NaN or Inf voxels')
+    affine = np.asarray(affine, np.float64)
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+      raise ValueError(f'affine: expected a finite 4x4 matrix, got shape {affine.shape}')
+    arrays, geom, _ = prepare.preprocess(channels, affine, self.config.data)
     return arrays, geom
 
   def _segment(self, volumes: dict, affine, case_id: str):

@@ -27,5 +27,16 @@ def test_docstring_example_gives_the_predict_stage_masks(tmp_path):
   assert env['prob'].shape == want.shape
   np.testing.assert_array_equal(env['prob'] > 0.5, env['mask'] > 0)
   assert env['seg'].step == cfg.train.steps
+  vols = {m: s.get_fdata() for m, s in env['scans'].items()}
+  aff = env['scans']['flair'].affine
   with pytest.raises(ValueError, match='t2'):
-    env['seg']({'flair': env['scans']['flair'].get_fdata()}, env['scans']['flair'].affine)
+    env['seg']({'flair': vols['flair']}, aff)
+  bad = dict(vols, t1=np.where(vols['t1'] > 0, np.nan, 0))
+  with pytest.raises(ValueError, match=r"volume 't1': \d+ NaN or Inf voxels"):
+    env['seg'](bad, aff)
+  with pytest.raises(ValueError, match=r"volume 't2': shape \(3, 4, 5\)"):
+    env['seg'](dict(vols, t2=np.zeros((3, 4, 5))), aff)
+  with pytest.raises(ValueError, match='affine'):
+    env['seg'](vols, np.eye(3))
+  with pytest.raises(segmenter.prepare.StageError, match='config.json'):
+    segmenter.Segmenter.from_workdir(str(tmp_path / 'nothing'))
