@@ -278,7 +278,8 @@ def _write_reports(out_dir, per_case, summaries, seconds, step, fp, inputs=None)
                                'fingerprint': fp, 'inputs': inputs,
                                'conventions': CONVENTIONS, 'cases': per_case})
   store_lib.atomic_write_text(os.path.join(out_dir, 'summary.md'),
-                              summary_markdown(summaries, seconds, step, false_alarm_voxels(per_case)))
+                              summary_markdown(summaries, seconds, step,
+                                               false_alarm_voxels(per_case)))
 
 
 def predict(config, workdir: str):

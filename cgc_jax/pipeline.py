@@ -71,7 +71,6 @@ def resolve_config(argv: list) -> list:
   return out
 
 
-
 def _check_workdir(workdir: str, min_free_gb: float):
   """Before any work: the workdir can be created and written, and has room."""
   try:
@@ -188,7 +187,9 @@ def run(config, workdir: str, mode: str = 'all'):
   distributed.sync('workdir-lock', err, config.dist.barrier_timeout_s)
   if err:
     raise WorkdirError(err)
-  log_handler = _record_run(config, workdir) if distributed.is_main() else None
+  # a run sharing another's workdir (predict beside training) leaves that run's config.json alone
+  owner = lock is not None or not config.workdir.lock
+  log_handler = _record_run(config, workdir, owner) if distributed.is_main() else None
   try:
     _run_stages(config, workdir, mode, t0)
   finally:
@@ -199,11 +200,13 @@ def run(config, workdir: str, mode: str = 'all'):
       lock.__exit__()
 
 
-def _record_run(config, workdir: str):
-  """WORKDIR/config.json (the resolved config of the latest run) and WORKDIR/log.txt (every log
-  line, appended: the terminal's record survives the terminal). Returns the log file handler."""
-  store_lib.atomic_write_json(os.path.join(workdir, 'config.json'),
-                              json.loads(config.to_json_best_effort()))
+def _record_run(config, workdir: str, write_config: bool = True):
+  """WORKDIR/config.json (the resolved config of the latest run that held the workdir) and
+  WORKDIR/log.txt (every log line, appended: the terminal's record survives the terminal). Returns
+  the log file handler."""
+  if write_config:
+    store_lib.atomic_write_json(os.path.join(workdir, 'config.json'),
+                                json.loads(config.to_json_best_effort()))
   handler = std_logging.FileHandler(os.path.join(workdir, 'log.txt'))
   handler.setFormatter(std_logging.Formatter('%(asctime)s %(levelname)s %(module)s: %(message)s'))
   handler.setLevel(std_logging.INFO)

@@ -56,6 +56,8 @@ def test_all_stages_end_to_end_then_skip_then_predict(tmp_path):
   with pipeline.WorkdirLock(wd, 'train'):  # beside a training run that holds the workdir
     pipeline.run(cfg, wd, 'predict')
     assert os.path.exists(os.path.join(wd, '.lock'))  # still the training run's
+  with open(os.path.join(wd, 'config.json')) as f:  # ... and so is config.json
+    assert json.load(f)['eval']['input_root'] == ''
   masks = sorted(os.listdir(os.path.join(wd, 'predict', 'masks')))
   assert len(masks) == 3
   a = nib.load(os.path.join(wd, 'predict', 'masks', masks[0])).get_fdata()
