@@ -236,12 +236,8 @@ def pseudo_label(image: np.ndarray, brain: np.ndarray, channels: list, lesion_ch
   contrast = ring_contrast(image[..., channels[lesion_channel]], raw, brain, gcfg.ring_voxels)
   p = morphology.cleanup(raw, brain, gcfg.open_iterations, gcfg.keep_fraction,
                          gcfg.min_component_voxels, gcfg.fill_holes)
-  status = 'ok'
-  if p.any() and contrast < gcfg.min_contrast:
-    status = 'no_lesion_evidence'  # the lesion component is ordinary tissue: a lesion-free scan
-    p[...] = False
   post = consistent_posterior(post, p, gcfg.threshold)
-  report.update(status=status, **info, lesion_components=comps, means=gm.means_.tolist(),
+  report.update(status='ok', **info, lesion_components=comps, means=gm.means_.tolist(),
                 weights=gm.weights_.tolist(), contrast=contrast, raw_voxels=int(raw.sum()),
                 lesion_fraction=float(p.sum() / n), lesion_voxels=int(p.sum()),
                 seconds=time.time() - t0)
@@ -283,7 +279,6 @@ def consensus(image: np.ndarray, brain: np.ndarray, modalities: list, gcfg, case
                      f' need channels (and lesion channel {gcfg.lesion_channel!r}) among the '
                      f'prepared modalities {modalities}')
   member_cfg = gcfg.copy_and_resolve_references()
-  member_cfg.min_contrast = float('-inf')  # judged once, on the consensus
   posts, masks, members = [], [], []
   for ch, k in usable:
     member_cfg.k = k

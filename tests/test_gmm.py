@@ -249,10 +249,14 @@ def test_no_lesion_evidence_empties_p():
   # (FLAIR 3) inside all three tissues (mean 0) has 3
   _, p0, rep0 = gmm.pseudo_label(img, brain, [0, 1], 0, _gcfg(k=3), 'c')
   assert p0.sum() > 0 and rep0['contrast'] == pytest.approx(1.5, abs=0.05)
-  _, p, rep = gmm.pseudo_label(img, brain, [0, 1], 0, _gcfg(k=3, min_contrast=2.0), 'c')
+  _, p, rep = gmm.consensus(img, brain, ['flair', 't1'],
+                              _gcfg(k=3, min_contrast=2.0, channels=('flair', 't1')), 'c',
+                              (1, 1, 1))
   assert p.sum() == 0 and rep['status'] == 'no_lesion_evidence'
   img, brain, gt = _two_tissue_volume(np.random.default_rng(6), lesion=True)
-  _, p, rep = gmm.pseudo_label(img, brain, [0, 1], 0, _gcfg(k=4, min_contrast=2.0), 'c')
+  _, p, rep = gmm.consensus(img, brain, ['flair', 't1'],
+                              _gcfg(k=4, min_contrast=2.0, channels=('flair', 't1')), 'c',
+                              (1, 1, 1))
   assert rep['status'] == 'ok' and rep['contrast'] == pytest.approx(3.0, abs=0.1)
   assert p.sum() > 0.9 * gt.sum()
 
