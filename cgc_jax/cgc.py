@@ -20,6 +20,33 @@ def seg_loss(logits, p, weight):
   return jnp.sum(weight * ce) / jnp.maximum(jnp.sum(weight), 1.0)
 
 
+def gce_loss(logits, p, weight, q: float):
+  """Generalised cross-entropy (Zhang & Sabuncu 2018) against P: robust to wrong labels.
+
+  Same contract as seg_loss; per voxel p * (1 - prob_1^q) / q + (1 - p) * (1 - prob_0^q) / q, which
+  tends to cross-entropy as q -> 0 and to the (bounded, noise-tolerant) MAE at q = 1.
+  """
+  prob = jax.nn.softmax(logits, axis=-1)
+  l1 = (1.0 - jnp.power(prob[..., 1] + 1e-7, q)) / q
+  l0 = (1.0 - jnp.power(prob[..., 0] + 1e-7, q)) / q
+  loss = p * l1 + (1.0 - p) * l0
+  return jnp.sum(weight * loss) / jnp.maximum(jnp.sum(weight), 1.0)
+
+
+def bootstrap_target(logits, p, beta: float):
+  """Hard bootstrapping (Reed et al. 2015): target = (1 - beta) * P + beta * the network's own hard
+  decision, held constant (no gradient). logits f32[B, X, Y, Z, 2], p f32[B, X, Y, Z] -> same as p.
+  """
+  own = jax.lax.stop_gradient((logits[..., 1] > logits[..., 0]).astype(p.dtype))
+  return (1.0 - beta) * p + beta * own
+
+
+def confidence_weight(posterior, gamma: float):
+  """Voxel weight |2 * posterior - 1| ** gamma: 1 where the mixture is sure, 0 where it is 50/50.
+  posterior f32[...] in [0, 1] -> f32[...]."""
+  return jnp.power(jnp.abs(2.0 * posterior - 1.0), gamma)
+
+
 def soft_dice_loss(logits, p, weight, smooth: float = 1.0):
   """1 - soft Dice of the lesion probability against P, per crop, averaged over the batch.
 

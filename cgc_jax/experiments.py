@@ -2,8 +2,8 @@
 
     python -m cgc_jax.experiments --config=configs/demo.py --workdir=runs/demo --table=methods
 
-Tables: methods, ablation, temperature, length, weights (see TABLES). The prepare stage runs once in
---workdir; each pseudo-label source runs once (WORKDIR/experiments/p_<source>/); each trained
+Tables: methods, ablation, temperature, length, weights, refine (see TABLES). The prepare stage
+runs once in --workdir; each pseudo-label source runs once (WORKDIR/experiments/p_<source>/); each trained
 configuration and seed runs once, in WORKDIR/experiments/runs/<train fingerprint>/ (linking to those
 shared stages; train + evaluate), and every table row that names it links there
 (WORKDIR/experiments/<table>/<row>/seed<s>): the full CGC run of `methods` is the tau = 0.2 row of
@@ -53,6 +53,8 @@ def _z(fraction):
   return ('z', fraction)  # resolved against the config's bottleneck in _apply
 
 
+ROUNDS = 'self_training.rounds'  # an override: train this many rounds, each on the last one's masks
+
 # Row: (name, P source, overrides or None for a P-only row)
 TABLES = {
     'methods': [
@@ -74,6 +76,16 @@ TABLES = {
     'temperature': [(f'full CGC, tau = {t}', 'gmm', dict(_FULL, **{'cgc.tau': t}))
                     for t in (0.07, 0.1, 0.2, 0.3, 0.7, 0.9)],
     'length': [('backbone + P', 'gmm', _BACKBONE), ('full CGC', 'gmm', _FULL)],
+    # beyond the paper: learning from noisy P without memorising it (each row one switch on top
+    # of the configured recipe; ROUNDS rows retrain on the previous round's network masks)
+    'refine': [
+        ('configured recipe', 'gmm', {}),
+        ('generalised cross-entropy, q = 0.7', 'gmm', {'train.gce_q': 0.7}),
+        ('hard bootstrapping, beta = 0.2', 'gmm', {'train.bootstrap': 0.2}),
+        ('voxel weights from the GMM posterior, gamma = 1', 'gmm', {'train.confidence_gamma': 1.0}),
+        ('self-training, round 2 (trained on round 1\'s masks)', 'gmm', {ROUNDS: 2}),
+        ('twice the steps', 'gmm', {'train.steps': ('x', 2)}),
+    ],
     # not a paper table: how much the CGC terms' weight (both lambdas) matters
     'weights': [(f'full CGC, lambda = {w}', 'gmm',
                  dict(_FULL, **{'cgc.lambda_coarse': w, 'cgc.lambda_fine': w})) for w in (0.1, 1.0)],
@@ -124,8 +136,12 @@ def _apply(config, overrides: dict):
   bottleneck = [s // 2**(c.model.levels - 1) for s in c.train.crop]
   for key, value in overrides.items():
     section, field = key.split('.')
+    if key == ROUNDS:
+      continue  # handled by run_table
     if isinstance(value, tuple) and value and value[0] == 'z':
       value = tuple(max(1, b // value[1]) for b in bottleneck)
+    if isinstance(value, tuple) and value and value[0] == 'x':  # a multiple of the configured value
+      value = type(c[section][field])(c[section][field] * value[1])
     c[section][field] = value
   return c
 
@@ -181,6 +197,19 @@ def run_dir(base: str, config) -> str:
   """The one workdir of a trained configuration (any table, any row name)."""
   from cgc_jax import fingerprints  # pylint: disable=g-import-not-at-top
   return os.path.join(base, 'experiments', 'runs', fingerprints.of(config, 'train'))
+
+
+def _train_run(c, base: str, pwd: str) -> str:
+  """Trains and evaluates config `c` on the pseudo-labels of workdir `pwd`; returns its workdir."""
+  wd = run_dir(base, c)
+  os.makedirs(wd, exist_ok=True)
+  for d in ('prepared', 'phantoms', 'pseudo_labels'):
+    if os.path.exists(os.path.join(pwd, d)):
+      _link(os.path.join(pwd, d), os.path.join(wd, d))
+  logging.info('experiments: training %s (P from %s, seed %s)', wd, c.pseudo_labels.source,
+               c.train.seed)
+  pipeline.run(c, wd, 'all')
+  return wd
 
 
 def score_rules(tracks: list) -> dict:
@@ -252,28 +281,33 @@ def run_table(config, base: str, table: str, seeds: list, track_every: int = -1,
       results[name]['seconds_per_case'] = _p_seconds(pwd)
       results[name]['per_case'] = {r['case']: r['dice'] for r in _p_rows(pwd)}
       continue
-    per_seed, tracks = {}, {}
+    per_seed, tracks, rounds_p = {}, {}, {}
     for seed in seeds:
       c = _apply(config, overrides)
       c.pseudo_labels.source = source
       c.train.seed = int(seed)
       c.eval.every_steps = max(1, c.train.steps // 6) if track_every < 0 else track_every
-      wd = run_dir(base, c)
-      os.makedirs(wd, exist_ok=True)
-      for d in ('prepared', 'phantoms', 'pseudo_labels'):
-        if os.path.exists(os.path.join(pwd, d)):
-          _link(os.path.join(pwd, d), os.path.join(wd, d))
+      wd, round_p = _train_run(c, base, pwd), []
+      for _ in range(1, int(overrides.get(ROUNDS, 1))):  # self-training: P = last round's masks
+        c = c.copy_and_resolve_references()
+        c.pseudo_labels.source = 'nifti'
+        c.pseudo_labels.nifti_dir = os.path.join(wd, 'eval', 'predictions')
+        rpwd = p_workdir(c, base, 'nifti', {'pseudo_labels.nifti_dir': c.pseudo_labels.nifti_dir})
+        round_p.append(float(np.mean([r['dice'] for r in _p_rows(rpwd)])))
+        wd = _train_run(c, base, rpwd)
       row_link = os.path.join(base, 'experiments', table, _slug(name), f'seed{seed}')
       os.makedirs(os.path.dirname(row_link), exist_ok=True)
       _link(wd, row_link)
-      logging.info('experiments %s: %s, seed %s (%s)', table, name, seed, wd)
-      pipeline.run(c, wd, 'all')
       with open(os.path.join(wd, 'eval', 'summary.json')) as f:
         cases = json.load(f)['cases']
       per_seed[seed] = [{k[len('net_'):]: v for k, v in r.items() if k.startswith('net_')}
                         for r in cases]
       tracks[seed] = evaluate.read_track(wd)
+      if round_p:
+        rounds_p[seed] = round_p
     results[name] = _row_summary(per_seed, time.time() - t0)
+    if rounds_p:  # the Dice of each later round's P (the previous round's masks), per seed
+      results[name]['round_p_dice'] = rounds_p
     if table == 'length':
       results[name]['along_training'] = _length_summary(tracks)
   if table == 'length':
@@ -296,6 +330,8 @@ def markdown(table: str, results: dict, config) -> str:
            '| --- | --- | --- | --- | --- | --- |']
   for name, s in results.items():
     sd = s['dice_std_across_seeds']
+    if s.get('round_p_dice'):  # self-training: how good the last round's labels were
+      name += ' (its P: {:.4f})'.format(np.mean([r[-1] for r in s['round_p_dice'].values()]))
     lines.append(f'| {name} | {s["dice"]["mean"]:.4f} +- {s["dice"]["std"]:.4f} | '
                  f'{"-" if math.isnan(sd) else f"{sd:.4f}"} | {s["sensitivity"]["mean"]:.4f} +- '
                  f'{s["sensitivity"]["std"]:.4f} | {s["assd"]["mean"]:.2f} +- {s["assd"]["std"]:.2f} | '

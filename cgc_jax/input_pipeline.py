@@ -9,7 +9,8 @@ not depend on how many processes or threads build it. Each process builds only i
 (on first use); crops read the memory-mapped shards, so a crop reads about the crop only. Host threads build the next `prefetch` batches ahead.
 
 Example contract (one slot): image f32[X, Y, Z, C], p f32[X, Y, Z] (P in {0, 1}),
-brain f32[X, Y, Z]; (X, Y, Z) = train.crop. Cases smaller than the crop are zero-padded (brain 0).
+brain f32[X, Y, Z], and posterior f32[X, Y, Z] (P's soft posterior) when train.confidence_gamma > 0;
+(X, Y, Z) = train.crop. Cases smaller than the crop are zero-padded (brain 0).
 """
 import collections
 import concurrent.futures as cf
@@ -51,11 +52,13 @@ class CropSampler:
         image = self._prep.read(cid, 'image', self._verify)
         brain = self._prep.read(cid, 'brain', self._verify)
         p = self._labels.read(cid, 'p', self._verify)
+        post = (self._labels.read(cid, 'posterior', self._verify)
+                if self.cfg.confidence_gamma else None)
         coords = np.argwhere(np.asarray(p) > 0)
         if len(coords) > _MAX_FG_COORDS:
           rng = np.random.default_rng([self.cfg.seed, len(coords)])
           coords = coords[np.sort(rng.choice(len(coords), _MAX_FG_COORDS, replace=False))]
-        self._cases[ci] = (image, p, brain, coords.astype(np.int32))
+        self._cases[ci] = (image, p, brain, coords.astype(np.int32), post)
       return self._cases[ci]
 
   def _case_of(self, g: int) -> int:
@@ -71,7 +74,7 @@ class CropSampler:
     cfg = self.cfg
     ci = self._case_of(step * cfg.batch_size + slot)
     rng = np.random.default_rng([cfg.seed, 2, step, slot])
-    image, p, brain, fg = self._case(ci)
+    image, p, brain, fg, post = self._case(ci)
     shape = image.shape[:3]
     lo = [min(0, s - c) for s, c in zip(shape, self.crop)]
     hi = [max(0, s - c) for s, c in zip(shape, self.crop)]
@@ -89,6 +92,10 @@ class CropSampler:
     out_img[dst] = image[src]
     out_p[dst] = p[src]
     out_b[dst] = brain[src]
+    extra = {}
+    if post is not None:  # outside the scan: posterior 0 (a sure "normal", brain weight 0 anyway)
+      extra['posterior'] = np.zeros(self.crop, np.float32)
+      extra['posterior'][dst] = post[src]
     flips = rng.random(3) < 0.5
     c = out_img.shape[-1]
     scale = 1.0 + rng.uniform(-cfg.intensity_scale, cfg.intensity_scale, c).astype(np.float32)
@@ -100,8 +107,9 @@ class CropSampler:
         out_img = np.flip(out_img, axes)
         out_p = np.flip(out_p, axes)
         out_b = np.flip(out_b, axes)
-    return {'image': np.ascontiguousarray(out_img), 'p': np.ascontiguousarray(out_p),
-            'brain': np.ascontiguousarray(out_b)}
+        extra = {k: np.flip(v, axes) for k, v in extra.items()}
+    out = {'image': out_img, 'p': out_p, 'brain': out_b, **extra}
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
   def local_batch(self, step: int) -> dict:
     """This process's slots of the global batch of `step`, stacked: image f32[B_local, ...]."""

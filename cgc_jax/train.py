@@ -91,15 +91,23 @@ def abstract_state(config, mesh, num_channels: int, tx) -> TrainState:
 def loss_fn(params, batch, config):
   """Total CGC loss and its components for one global batch.
 
-  batch: image f32[B, X, Y, Z, C], p f32[B, X, Y, Z], brain f32[B, X, Y, Z].
+  batch: image f32[B, X, Y, Z, C], p f32[B, X, Y, Z], brain f32[B, X, Y, Z] (and posterior
+  f32[B, X, Y, Z], P's soft posterior, when train.confidence_gamma > 0).
   """
   net, coarse_head, proj_head = unet.build(config.model)
   logits, feats = net.apply({'params': params['unet']}, batch['image'])
-  weight = batch['brain'] if config.train.loss_region == 'brain' else jnp.ones_like(batch['p'])
-  l_seg = cgc.seg_loss(logits, batch['p'], weight)
-  if config.train.dice_weight:
-    l_dice = cgc.soft_dice_loss(logits, batch['p'], weight)
-    l_seg = l_seg + config.train.dice_weight * l_dice
+  t = config.train
+  weight = batch['brain'] if t.loss_region == 'brain' else jnp.ones_like(batch['p'])
+  if t.confidence_gamma:
+    weight = weight * cgc.confidence_weight(batch['posterior'], t.confidence_gamma)
+  target = cgc.bootstrap_target(logits, batch['p'], t.bootstrap) if t.bootstrap else batch['p']
+  if t.gce_q:
+    l_seg = cgc.gce_loss(logits, target, weight, t.gce_q)
+  else:
+    l_seg = cgc.seg_loss(logits, target, weight)
+  if t.dice_weight:
+    l_dice = cgc.soft_dice_loss(logits, target, weight)
+    l_seg = l_seg + t.dice_weight * l_dice
   k = config.cgc
   lesion, normal = cgc.cell_masks(batch['p'], batch['brain'], feats.shape[1:4], k.cell_threshold,
                                   k.normal_in_brain)

@@ -119,6 +119,10 @@ def base_config() -> ml_collections.ConfigDict:
   t.intensity_shift = 0.1  # per-channel additive jitter (+-, z-score units)
   t.loss_region = 'brain'  # brain: cross-entropy inside the brain mask only | all
   t.dice_weight = 1.0  # soft-Dice term added to the cross-entropy on P (0 = the paper's CE only)
+  # Learning from noisy P (all off by default = the paper's recipe plus soft Dice):
+  t.gce_q = 0.0  # >0: generalised cross-entropy with this q instead of cross-entropy (q=1: MAE)
+  t.bootstrap = 0.0  # >0: target = (1 - b) * P + b * the network's own hard decision
+  t.confidence_gamma = 0.0  # >0: voxel weight |2 * posterior - 1| ** gamma (unsure P counts less)
   t.lr = 3e-3  # peak learning rate (AdamW)
   t.warmup_steps = 10
   t.end_lr_fraction = 0.05  # cosine decays to lr * this

@@ -28,6 +28,38 @@ def test_seg_loss_matches_numpy():
   assert float(cgc.soft_dice_loss(logits, p, w)) == pytest.approx(want_d, abs=1e-5)
 
 
+def test_gce_loss_matches_numpy_and_tends_to_ce():
+  rng = np.random.default_rng(1)
+  logits = rng.normal(size=(2, 4, 4, 4, 2)).astype(np.float32)
+  p = (rng.random((2, 4, 4, 4)) > 0.7).astype(np.float32)
+  w = (rng.random((2, 4, 4, 4)) > 0.3).astype(np.float32)
+  prob = np.exp(_np_log_softmax(logits.astype(np.float64)))
+  for q in (0.3, 0.7, 1.0):
+    per = p * (1 - prob[..., 1]**q) / q + (1 - p) * (1 - prob[..., 0]**q) / q
+    want = (w * per).sum() / w.sum()
+    assert float(cgc.gce_loss(logits, p, w, q)) == pytest.approx(want, abs=1e-5)
+  # q = 1 is the mean absolute error 1 - prob(label); small q approaches cross-entropy
+  mae = (w * (1 - np.where(p > 0, prob[..., 1], prob[..., 0]))).sum() / w.sum()
+  assert float(cgc.gce_loss(logits, p, w, 1.0)) == pytest.approx(mae, abs=1e-5)
+  ce = float(cgc.seg_loss(logits, p, w))
+  assert float(cgc.gce_loss(logits, p, w, 1e-3)) == pytest.approx(ce, rel=2e-3)
+
+
+def test_bootstrap_target_and_confidence_weight():
+  logits = np.zeros((1, 2, 1, 1, 2), np.float32)
+  logits[0, 0, 0, 0] = (2.0, -1.0)  # network says normal
+  logits[0, 1, 0, 0] = (-1.0, 2.0)  # network says lesion
+  p = np.array([1.0, 1.0], np.float32).reshape(1, 2, 1, 1)
+  got = np.asarray(cgc.bootstrap_target(jnp.asarray(logits), jnp.asarray(p), 0.2)).ravel()
+  np.testing.assert_allclose(got, [0.8, 1.0])
+  g = jax.grad(lambda x: cgc.bootstrap_target(x, jnp.asarray(p), 0.2).sum())(jnp.asarray(logits))
+  assert not np.any(np.asarray(g))  # the network's own decision is a constant target
+  post = np.array([0.0, 0.25, 0.5, 0.9, 1.0], np.float32)
+  np.testing.assert_allclose(np.asarray(cgc.confidence_weight(post, 2.0)),
+                             [1.0, 0.25, 0.0, 0.64, 1.0], atol=1e-6)
+  np.testing.assert_allclose(np.asarray(cgc.confidence_weight(post, 0.0)), np.ones(5))
+
+
 def _np_region(feats, lesion, normal):
   b, d = feats.shape[0], feats.shape[-1]
   vecs, labels, valid = [], [], []

@@ -60,3 +60,15 @@ def test_padding_and_foreground_sampling(tiny_workdir):
         assert s.local_batch(step)['p'][j].sum() > 0  # fg_fraction 1: every lesion case shows P
   cfg0 = tiny_config(**{'train.fg_fraction': 0.0})
   assert _sampler(tiny_workdir, cfg0).local_batch(0)['p'].shape == (8, 16, 16, 16)
+
+
+def test_posterior_crops_follow_p_when_confidence_weights_are_on(tiny_workdir):
+  cfg = tiny_config(**{'train.confidence_gamma': 1.0})
+  batch = _sampler(tiny_workdir, cfg).local_batch(3)
+  plain = _sampler(tiny_workdir, tiny_config()).local_batch(3)
+  assert 'posterior' not in plain and batch['posterior'].shape == batch['p'].shape
+  for k in plain:  # the extra array changes nothing else
+    np.testing.assert_array_equal(plain[k], batch[k])
+  # P is the posterior above gmm.threshold: the two crops share position and flips voxel for voxel
+  assert batch['p'].sum() > 0
+  np.testing.assert_array_equal(batch['posterior'] > cfg.gmm.threshold, batch['p'] > 0)
