@@ -32,7 +32,7 @@ from cgc_jax import evaluate
 from cgc_jax import metrics
 from cgc_jax import pipeline
 
-TABLE_NAMES = ('methods', 'ablation', 'temperature', 'length', 'weights', 'pseudo_labels')
+TABLE_NAMES = ('methods', 'ablation', 'temperature', 'length', 'weights', 'refine', 'pseudo_labels')
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'configs/*.py file', lock_config=False)
 flags.DEFINE_string('workdir', None, 'base workdir (its prepared data are shared by every row)')

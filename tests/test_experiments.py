@@ -133,3 +133,7 @@ def test_self_training_round_two_learns_from_round_ones_masks(tiny_workdir, tmp_
   assert pl['source'] == 'nifti'
   assert os.path.realpath(pl['nifti_dir']) == os.path.join(r1, 'eval', 'predictions')
   assert '(its P: ' in experiments.markdown('mini', res, cfg)
+
+
+def test_every_table_can_be_named_on_the_command_line():
+  assert set(experiments.TABLES) | {'pseudo_labels'} == set(experiments.TABLE_NAMES)
