@@ -74,8 +74,8 @@ def bench_prepare(config):
 
 
 def bench_gmm(config):
-  from cgc_jax import gmm, prepare, metrics  # pylint: disable=g-import-not-at-top
-  prep = prepare.prepared_store(config, FLAGS.workdir)
+  from cgc_jax import gmm, metrics, paths  # pylint: disable=g-import-not-at-top
+  prep = paths.prepared_store(config, FLAGS.workdir)
   cases = prep.complete_cases()[:FLAGS.max_cases or None]
   if not cases:
     raise app.UsageError(f'no prepared cases in {FLAGS.workdir}: run --mode=prepare first')
@@ -142,15 +142,15 @@ def config_channels(config):
 def bench_train(config):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from cgc_jax import distributed, train, unet  # pylint: disable=g-import-not-at-top
+  from cgc_jax import distributed, train, train_state, unet  # pylint: disable=g-import-not-at-top
   mesh = distributed.mesh()
   if FLAGS.batch:
     config.train.batch_size = FLAGS.batch
   b = config.train.batch_size
   nch = config_channels(config)
   crop = tuple(config.train.crop)
-  tx, _ = train.make_optimizer(config.train)
-  state = train.create_state(config, mesh, nch, tx)
+  tx, _ = train_state.make_optimizer(config.train)
+  state = train_state.create_state(config, mesh, nch, tx)
   rng = np.random.default_rng(0)
   p = np.zeros((b,) + crop, np.float32)
   p[:, crop[0] // 4: crop[0] // 2, crop[1] // 4: crop[1] // 2] = 1
@@ -219,11 +219,11 @@ def bench_train(config):
 
 def bench_inference(config):
   import jax  # pylint: disable=g-import-not-at-top
-  from cgc_jax import distributed, sliding_window, train  # pylint: disable=g-import-not-at-top
+  from cgc_jax import distributed, sliding_window, train_state  # pylint: disable=g-import-not-at-top
   mesh = distributed.mesh()
   shape = tuple(int(v) for v in FLAGS.volume.split(','))
   nch = config_channels(config)
-  params = train.init_params(config, jax.random.key(0), nch)['unet']
+  params = train_state.init_params(config, jax.random.key(0), nch)['unet']
   params = jax.device_put(params, distributed.replicated(mesh))
   image = np.random.default_rng(0).normal(size=shape + (nch,)).astype(np.float32)
   rows = []

@@ -18,16 +18,17 @@ import numpy as np
 
 from cgc_jax import checkpoint
 from cgc_jax import distributed
+from cgc_jax import errors
 from cgc_jax import fingerprints
 from cgc_jax import geometry
 from cgc_jax import gmm
 from cgc_jax import metrics
 from cgc_jax import morphology
-from cgc_jax import prepare
-from cgc_jax import pseudo_labels
+from cgc_jax import nifti
+from cgc_jax import paths
 from cgc_jax import sliding_window
 from cgc_jax import store as store_lib
-from cgc_jax import train
+from cgc_jax import train_state
 
 CONVENTIONS = ('Dice and sensitivity on the original grid; ASSD and HD95 in mm (medpy >= 0.5 '
                'definitions: surface = mask minus its 6-connected erosion; ASSD = mean of the '
@@ -37,16 +38,16 @@ CONVENTIONS = ('Dice and sensitivity on the original grid; ASSD and HD95 in mm (
 
 def restore_params(config, workdir, mesh, num_channels: int):
   """Params of checkpoint config.eval.step (-1: newest readable), replicated on `mesh`."""
-  tx, _ = train.make_optimizer(config.train)
-  target = train.abstract_state(config, mesh, num_channels, tx)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), config.train.keep_checkpoints)
+  tx, _ = train_state.make_optimizer(config.train)
+  target = train_state.abstract_state(config, mesh, num_channels, tx)
+  ckpt = checkpoint.Checkpointer(paths.checkpoints(workdir), config.train.keep_checkpoints)
   if ckpt.latest_step() is None:
-    raise prepare.StageError(f'{ckpt.directory}: no checkpoint: run --mode=train first')
+    raise errors.StageError(f'{ckpt.directory}: no checkpoint: run --mode=train first')
   step = None if config.eval.step < 0 else config.eval.step
   if step is None and config.eval.select != 'latest':
     step = selected_step(config, workdir, ckpt.all_steps())
   if step is not None and step not in ckpt.all_steps():
-    raise prepare.StageError(f'{ckpt.directory}: no checkpoint at step {step} (have '
+    raise errors.StageError(f'{ckpt.directory}: no checkpoint at step {step} (have '
                              f'{ckpt.all_steps()})')
   state, record, s = ckpt.restore(target, step)
   ckpt.close()
@@ -67,7 +68,7 @@ def lesion_evidence(config, image, brain, geom, modalities, case_id: str, report
   if report is None:
     _, _, report = gmm.consensus(np.asarray(image, np.float32), np.asarray(brain) > 0,
                                  list(modalities), config.gmm, case_id, geom.spacing,
-                                 pseudo_labels.hu_scale(config))
+                                 gmm.hu_scale(config))
   return report.get('status') != 'no_lesion_evidence'
 
 
@@ -97,7 +98,10 @@ def predict_cases(config, prep: store_lib.Store, cases, params, predictor, out_d
                                (reports or {}).get(c))
     prob, mask = segment_prepared(config, predictor, params, image, brain, geom, evidence)
     if distributed.is_main():
-      pseudo_labels.write_mask(mask, geom, meta, os.path.join(out_dir, f'{c}.nii.gz'))
+      nifti.write_mask(mask, geom, meta, os.path.join(out_dir, f'{c}.nii.gz'))
+      if config.eval.get('save_probabilities', False):  # lesion probability on the original grid (0 outside)
+        nifti.write_image(geometry.to_original(prob.astype(np.float32), geom, order=1), geom, meta,
+                          os.path.join(out_dir, f'{c}_prob.nii.gz'))
     out[c] = (prob, mask)
     el = time.time() - t0
     logging.info('predict: %d/%d cases (%.2f case/s, ETA %.0fs) %s%s', i + 1, len(cases),
@@ -146,11 +150,11 @@ def evaluate(config, workdir: str):
   distributed.initialize(config.dist)
   mesh = distributed.mesh()
   t0 = time.time()
-  prep = prepare.prepared_store(config, workdir)
-  labels = pseudo_labels.pl_store(config, workdir)
+  prep = paths.prepared_store(config, workdir)
+  labels = paths.pl_store(config, workdir)
   cases = prep.complete_cases()
   if not cases:
-    raise prepare.StageError(f'{prep.root}: no prepared cases')
+    raise errors.StageError(f'{prep.root}: no prepared cases')
   external = config.eval.predictions_dir
   out_dir = os.path.join(workdir, 'eval_predictions' if external else 'eval')
   fp = fingerprints.of(config, 'evaluate')
@@ -247,7 +251,7 @@ def external_masks(folder: str, prep: store_lib.Store, cases: list) -> dict:
       masks[c] = mask > 0.5
   if missing or wrong:
     lines = ([f'missing ({len(missing)}): {", ".join(missing)}'] if missing else []) + wrong
-    raise prepare.StageError(f'{folder}: predictions do not match the cases to evaluate; nothing '
+    raise errors.StageError(f'{folder}: predictions do not match the cases to evaluate; nothing '
                              'was scored:\n  ' + '\n  '.join(lines))
   return masks
 
@@ -282,29 +286,23 @@ def _write_reports(out_dir, per_case, summaries, seconds, step, fp, inputs=None)
                                                false_alarm_voxels(per_case)))
 
 
-def predict(config, workdir: str):
-  """--mode=predict: new scans in config.eval.input_root -> masks on their own grids."""
-  if not config.eval.input_root:
-    raise prepare.StageError('--mode=predict needs --config.eval.input_root=/folder/of/new/scans')
+def predict(config, workdir: str, store: store_lib.Store, cases: list) -> str:
+  """--mode=predict on new scans already prepared into `store` (the pipeline prepares them from
+  eval.input_root): masks on their own grids, optional probability maps and overlay pictures.
+  Returns the output folder."""
   distributed.initialize(config.dist)
   mesh = distributed.mesh()
-  root = os.path.join(workdir, 'predict')
-  store = store_lib.Store(os.path.join(root, 'prepared'), fingerprints.of(config, 'prepare'))
-  failed = None
-  try:
-    cases = prepare.run(config, workdir, root=config.eval.input_root, store=store)
-  except prepare.StageError as e:  # bad scans: predict the good ones, then report the bad ones
-    failed, cases = e, e.done
+  out_dir = paths.predict_output(config, workdir)
   if cases:
     nch = store.meta(cases[0])['arrays']['image']['shape'][-1]
     params, step = restore_params(config, workdir, mesh, nch)
     predictor = sliding_window.Predictor(config, mesh)
-    predict_cases(config, store, cases, params, predictor, os.path.join(root, 'masks'))
-    logging.info('predict: %d masks from checkpoint step %d in %s', len(cases), step,
-                 os.path.join(root, 'masks'))
-  if failed:
-    raise prepare.StageError(f'{failed}\npredict: masks were written for the {len(cases)} readable '
-                             'scans only', cases)
+    preds = predict_cases(config, store, cases, params, predictor, out_dir)
+    if distributed.is_main() and config.eval.pictures:
+      from cgc_jax import overlays  # pylint: disable=g-import-not-at-top  (matplotlib)
+      overlays.write_predictions(out_dir, store, cases, {c: v[0] for c, v in preds.items()})
+    logging.info('predict: %d masks from checkpoint step %d in %s', len(cases), step, out_dir)
+  return out_dir
 
 
 # eval.select: label-free checkpoint choice from train/track.jsonl (signal -> better is max | min).
@@ -344,10 +342,10 @@ def selected_step(config, workdir, steps: list) -> int:
   """The checkpointed step that eval.select's label-free signal prefers (no ground truth used)."""
   rule = config.eval.select
   if rule not in SELECT_RULES:
-    raise prepare.StageError(f'eval.select={rule!r}: expected latest or one of {sorted(SELECT_RULES)}')
+    raise errors.StageError(f'eval.select={rule!r}: expected latest or one of {sorted(SELECT_RULES)}')
   track = [r for r in read_track(workdir) if r['step'] in steps]
   if not track:
-    raise prepare.StageError(
+    raise errors.StageError(
         f'eval.select={rule}: no train/track.jsonl row at a kept checkpoint (steps {steps}) in '
         f'{workdir}: train with eval.every_steps a multiple of train.checkpoint_every and '
         'train.keep_checkpoints >= train.steps / train.checkpoint_every')
@@ -376,8 +374,8 @@ def track_during_training(config, workdir, mesh):
       (posterior >= 1 - eval.confident or <= eval.confident, brain only), lesion and normal voxels
       weighted equally (a case without confident lesion voxels: the normal term alone).
   """
-  prep = prepare.prepared_store(config, workdir)
-  labels = pseudo_labels.pl_store(config, workdir)
+  prep = paths.prepared_store(config, workdir)
+  labels = paths.pl_store(config, workdir)
   cases = [c for c in prep.complete_cases() if labels.is_complete(c)]
   if not cases:
     return None

@@ -14,7 +14,8 @@ _STAGE_FIELDS = {
     'evaluate': ('data', 'gmm', 'pseudo_labels', 'model', 'cgc', 'train', 'eval'),
 }
 _IGNORED = {'num_workers', 'verify_checksums', 'log_every', 'prefetch', 'export_nifti',
-            'every_steps', 'confident', 'input_root', 'pictures',
+            'every_steps', 'confident', 'input_root', 'pictures', 'output_dir',
+            'save_probabilities', 'progress_every_s',
             'conv_impl'}  # conv_impl: same arithmetic, only speed differs
 
 

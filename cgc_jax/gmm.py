@@ -333,3 +333,11 @@ def consistent_posterior(post: np.ndarray, p: np.ndarray, threshold: float) -> n
   eps = 0.01
   return np.where(p, np.maximum(post, threshold + eps),
                   np.minimum(post, threshold - eps)).astype(np.float32)
+
+
+def hu_scale(config):
+  """CT: (HU at 0, HU per unit) of the prepared [0, 1] window, for the mixture's HU rule; else None."""
+  if config.data.kind != 'ct':
+    return None
+  lo, hi = config.data.ct_window
+  return (lo, hi - lo)

@@ -4,6 +4,9 @@ package (a path works everywhere).
 
 Modes: all (default: every stage whose output is missing or stale), verify, prepare, pseudo_labels,
 train, evaluate, predict. Any config field can be overridden: `--config.train.steps=200`.
+
+Predict needs only a trained workdir (its config.json is restored when --config is not given):
+    cgc-jax --mode=predict --workdir=W --input=scan_dir_or_file --output=masks/ [--probabilities]
 """
 
 import sys
@@ -19,13 +22,27 @@ config_flags.DEFINE_config_file('config', None, 'Path to a configs/*.py file.', 
 flags.DEFINE_string('workdir', None, 'Run folder: prepared data, labels, checkpoints, reports.')
 flags.DEFINE_enum('mode', 'all', pipeline.MODES, 'Stage(s) to run.')
 flags.DEFINE_bool('verbose', False, 'Show Python tracebacks for data and stage errors, and orbax INFO logs.')
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.DEFINE_string('input', None, 'Predict: new scans (a NIfTI file, a case folder, a folder of cases '
+                    'or an nnU-Net imagesTs folder); sets eval.input_root.')
+flags.DEFINE_string('output', None, 'Predict: folder for the masks; sets eval.output_dir.')
+flags.DEFINE_bool('probabilities', False, 'Predict: also write <case>_prob.nii.gz (lesion '
+                  'probability); sets eval.save_probabilities.')
+flags.mark_flags_as_required(['workdir'])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  pipeline.cli(lambda: pipeline.run(FLAGS.config, FLAGS.workdir, FLAGS.mode), FLAGS.verbose)
+  if FLAGS.config is None and FLAGS.mode != 'predict':
+    raise app.UsageError('--config is required (only --mode=predict restores it from the workdir)')
+
+  def job():
+    config = FLAGS.config or pipeline.workdir_config(FLAGS.workdir)
+    if FLAGS.input or FLAGS.output or FLAGS.probabilities:
+      config = pipeline.with_predict_paths(config, FLAGS.input, FLAGS.output, FLAGS.probabilities)
+    return pipeline.run(config, FLAGS.workdir, FLAGS.mode)
+
+  pipeline.cli(job, FLAGS.verbose)
 
 
 def run():

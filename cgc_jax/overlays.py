@@ -53,3 +53,15 @@ def write_all(out_dir, prep, cases, probs, p_masks, per_case, p_name, n_name):
     fig.tight_layout()
     fig.savefig(os.path.join(d, 'dice.png'))
     plt.close(fig)
+
+
+def write_predictions(out_dir, prep, cases, probs):
+  """Predict mode: out_dir/pictures/<case>.png, the first channel with the network's contour on the
+  slice of largest predicted area (no ground truth, no P). probs: case -> f32[X, Y, Z] prepared grid."""
+  d = os.path.join(out_dir, 'pictures')
+  os.makedirs(d, exist_ok=True)
+  for c in cases:
+    image = np.asarray(prep.read(c, 'image')[..., 0], np.float32)
+    mask = probs[c] > 0.5
+    case_figure(image, {'network': mask}, f'{c}  {int(mask.sum())} lesion voxels (prepared grid)',
+                os.path.join(d, f'{c}.png'))

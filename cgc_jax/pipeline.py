@@ -15,6 +15,7 @@ from absl import logging
 
 from cgc_jax import errors
 from cgc_jax import parallel
+from cgc_jax import paths
 from cgc_jax import prepare
 from cgc_jax import readers
 from cgc_jax import store as store_lib
@@ -69,6 +70,30 @@ def resolve_config(argv: list) -> list:
           break
     out.append(a)
   return out
+
+
+def workdir_config(workdir: str):
+  """The config a workdir's last run recorded (WORKDIR/config.json), as a ConfigDict."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise errors.StageError(f'{path}: missing: not a cgc_jax workdir, or trained before runs '
+                            'recorded their config; pass --config=the training config')
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def with_predict_paths(config, input_path=None, output_dir=None, probabilities=False):
+  """A copy of `config` reading new scans from `input_path` and writing masks (and with
+  `probabilities`, probability maps) to `output_dir`."""
+  c = config.copy_and_resolve_references()
+  if probabilities:
+    c.eval.save_probabilities = True
+  if input_path:
+    c.eval.input_root = os.path.abspath(input_path)
+  if output_dir:
+    c.eval.output_dir = os.path.abspath(output_dir)
+  return c
 
 
 def _check_workdir(workdir: str, min_free_gb: float):
@@ -236,6 +261,25 @@ def _run_stages(config, workdir, mode, t0):
     from cgc_jax import evaluate  # pylint: disable=g-import-not-at-top
     evaluate.evaluate(config, workdir)
   if mode == 'predict':
-    from cgc_jax import evaluate  # pylint: disable=g-import-not-at-top
-    evaluate.predict(config, workdir)
+    _predict(config, workdir)
   logging.info('%s done in %.1fs (workdir %s)', mode, time.time() - t0, workdir)
+
+
+def _predict(config, workdir: str):
+  """--mode=predict: prepares the new scans of eval.input_root apart from the training data
+  (WORKDIR/predict/prepared/), then writes a mask per readable scan; unreadable scans are listed
+  in one error after the good ones are written."""
+  if not config.eval.input_root:
+    raise errors.StageError('--mode=predict needs the new scans: --input=PATH (a NIfTI file, a case '
+                            'folder or a folder of cases; or --config.eval.input_root=PATH)')
+  from cgc_jax import evaluate  # pylint: disable=g-import-not-at-top
+  store = paths.predict_store(config, workdir)
+  failed = None
+  try:
+    cases = prepare.run(config, workdir, root=config.eval.input_root, store=store)
+  except errors.StageError as e:  # bad scans: predict the good ones, then report the bad ones
+    failed, cases = e, e.done
+  evaluate.predict(config, workdir, store, cases)
+  if failed:
+    raise errors.StageError(f'{failed}\npredict: masks were written for the {len(cases)} readable '
+                            'scans only', cases)

@@ -15,10 +15,11 @@ import os
 from absl import logging
 import numpy as np
 
+from cgc_jax import bookkeeping
 from cgc_jax import errors
-from cgc_jax import fingerprints
 from cgc_jax import geometry
 from cgc_jax import parallel
+from cgc_jax import paths
 from cgc_jax import readers
 from cgc_jax import store as store_lib
 
@@ -26,8 +27,6 @@ from cgc_jax import store as store_lib
 StageError = errors.StageError  # defined in errors.py (every user-facing error in one place)
 
 
-def prepared_store(config, workdir) -> store_lib.Store:
-  return store_lib.Store(os.path.join(workdir, 'prepared'), fingerprints.of(config, 'prepare'))
 
 
 def case_files(config, workdir, root=None) -> list:
@@ -119,22 +118,6 @@ def case_inputs(files: readers.CaseFiles) -> dict:
   return store_lib.file_identity(list(files.images.values()) + [files.label])
 
 
-def _report_failures(results: dict, what: str):
-  failures = [r for r in results.values() if isinstance(r, parallel.CaseFailure)]
-  for cid, r in results.items():
-    if not isinstance(r, parallel.CaseFailure):
-      for w in r.get('warnings', []):
-        logging.warning('%s: %s', cid, w)
-      if r.get('approximate_brain'):
-        logging.warning('%s: brain mask is APPROXIMATE (HU window, largest component): the CT was '
-                        'not brain-extracted', cid)
-  if failures:
-    lines = []
-    for f in failures:
-      lines.append(f.message if f.expected else f'{f.case_id}: {f.message}\n{f.tb}')
-    raise StageError(f'{what}: {len(failures)} of {len(results)} cases failed:\n' + '\n'.join(lines))
-
-
 def verify(config, workdir, root=None):
   """--mode=verify: checks every case, writes nothing, raises StageError listing every problem."""
   data_cfg = reader_config(config)
@@ -142,7 +125,7 @@ def verify(config, workdir, root=None):
   jobs = [(f.case_id, (f, data_cfg, '', '', False)) for f in files]
   results = parallel.map_cases(prepare_case, jobs, config.data.num_workers, 'verify',
                                expected_types=(readers.DataError,))
-  _report_failures(results, 'verify')
+  bookkeeping.report_failures(results, 'verify')
   logging.info('verify: %d cases OK', len(files))
   return [f.case_id for f in files]
 
@@ -151,55 +134,11 @@ def run(config, workdir, root=None, store=None) -> list:
   """The prepare stage. Returns the prepared case ids (complete shards)."""
   data_cfg = reader_config(config)
   files = case_files(config, workdir, root)
-  store = store or prepared_store(config, workdir)
+  store = store or paths.prepared_store(config, workdir)
   inputs = {f.case_id: case_inputs(f) for f in files}
-  todo = start_cases(config, store, [f.case_id for f in files], 'prepare', inputs)
+  todo = bookkeeping.start_cases(config, store, [f.case_id for f in files], 'prepare', inputs)
   by_id = {f.case_id: f for f in files}
   jobs = [(c, (by_id[c], data_cfg, store.root, store.fingerprint)) for c in todo]
   results = parallel.map_cases(prepare_case, jobs, config.data.num_workers, 'prepare',
                                expected_types=(readers.DataError,))
-  return finish_cases(config, store, [f.case_id for f in files], results, 'prepare', inputs)
-
-
-def start_cases(config, store: store_lib.Store, cases: list, what: str, inputs=None) -> list:
-  """Clears writes left by killed runs and returns THIS process's share of the cases still to do.
-
-  A case is done when its shard is complete for this fingerprint and, with `inputs` ({case: input
-  identity}), was made from those same inputs. Cases are split round robin across JAX processes;
-  process 0 cleans, the others wait for it.
-  """
-  inputs = inputs or {}
-  from cgc_jax import distributed  # pylint: disable=g-import-not-at-top  (workers skip JAX)
-  # every process lists the work BEFORE the barrier, i.e. before anyone writes: the same list
-  # everywhere, so the round-robin shares cover each case exactly once
-  todo = [c for c in cases if not store.is_complete(c, inputs.get(c))]
-  if distributed.is_main():
-    store.clean_partial()
-  distributed.sync(f'{what}-start', '', config.dist.barrier_timeout_s)
-  mine = distributed.share(todo)
-  logging.info('%s: %d cases, %d already done, %d to do (%d in this process)', what, len(cases),
-               len(cases) - len(todo), len(todo), len(mine))
-  return mine
-
-
-def finish_cases(config, store: store_lib.Store, cases: list, results: dict, what: str,
-                 inputs=None) -> list:
-  """Waits for every process's share, writes the manifest (process 0), raises on any failure.
-
-  Good cases are kept whatever failed; every process raises the same error listing all failures.
-  """
-  from cgc_jax import distributed  # pylint: disable=g-import-not-at-top
-  err = ''
-  try:
-    _report_failures(results, what)
-  except StageError as e:
-    err = str(e)
-  try:
-    distributed.sync(what, err, config.dist.barrier_timeout_s)
-  finally:
-    done = [c for c in cases if store.is_complete(c, (inputs or {}).get(c))]
-    if distributed.is_main():
-      store.write_manifest(done)
-  if err:
-    raise StageError(err, done)
-  return done
+  return bookkeeping.finish_cases(config, store, [f.case_id for f in files], results, 'prepare', inputs)

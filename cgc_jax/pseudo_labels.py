@@ -9,37 +9,35 @@ import json
 import os
 
 from absl import logging
-import nibabel as nib
 import numpy as np
 
+from cgc_jax import bookkeeping
+from cgc_jax import errors
 from cgc_jax import fingerprints
 from cgc_jax import geometry
 from cgc_jax import gmm
 from cgc_jax import metrics
 from cgc_jax import morphology
+from cgc_jax import nifti
 from cgc_jax import parallel
-from cgc_jax import prepare
-from cgc_jax import readers
+from cgc_jax import paths
 from cgc_jax import store as store_lib
 
 
-def pl_store(config, workdir) -> store_lib.Store:
-  return store_lib.Store(os.path.join(workdir, 'pseudo_labels'),
-                         fingerprints.of(config, 'pseudo_labels'))
 
 
 def _from_nifti(path, geom: geometry.Geometry):
   if not os.path.exists(path):
-    raise readers.DataError(f'{path}: no mask for this case in pseudo_labels.nifti_dir')
+    raise errors.DataError(f'{path}: no mask for this case in pseudo_labels.nifti_dir')
   problems = []
-  v = readers._load_volume(path, problems)  # pylint: disable=protected-access
+  v = nifti.load_volume(path, problems)
   if v is None:
-    raise readers.DataError('\n'.join(str(p) for p in problems))
+    raise errors.DataError('\n'.join(str(p) for p in problems))
   data, affine, _, _ = v
   if data.shape != tuple(geom.original_shape):
-    raise readers.DataError(f'{path}: shape {data.shape} is not the case\'s {geom.original_shape}')
+    raise errors.DataError(f'{path}: shape {data.shape} is not the case\'s {geom.original_shape}')
   if not np.allclose(affine, np.asarray(geom.original_affine), atol=1e-3):
-    raise readers.DataError(f'{path}: affine differs from the case\'s original affine')
+    raise errors.DataError(f'{path}: affine differs from the case\'s original affine')
   canon, _, _ = geometry.to_canonical((data > 0).astype(np.uint8), affine)
   return geometry.crop_and_resample(canon, geom, order=0).astype(np.float32)
 
@@ -56,7 +54,7 @@ def case_pseudo_label(case_id, config, prep_root, prep_fp, out_root, out_fp):
   g = config.gmm
   if src == 'gmm':
     post, p, report = gmm.consensus(image, brain, list(mods), g, case_id, geom.spacing,
-                                    hu_scale=hu_scale(config))
+                                    hu_scale=gmm.hu_scale(config))
   elif src == 'threshold':
     post = (threshold_z(image[..., mods.index(g.lesion_channel)], brain) >
             config.pseudo_labels.threshold_z).astype(np.float32)
@@ -68,7 +66,7 @@ def case_pseudo_label(case_id, config, prep_root, prep_fp, out_root, out_fp):
     report = {'status': 'ok', 'lesion_fraction': float(p.sum() / max(brain.sum(), 1))}
   elif src == 'ground_truth':
     if not meta['has_label']:
-      raise readers.DataError(f'{case_id}: pseudo_labels.source=ground_truth but the case has no label')
+      raise errors.DataError(f'{case_id}: pseudo_labels.source=ground_truth but the case has no label')
     post = np.asarray(prep.read(case_id, 'label'), np.float32)
     p = (post > 0.5).astype(np.uint8)
     report = {'status': 'ok', 'lesion_fraction': float(p.sum() / max(brain.sum(), 1))}
@@ -80,7 +78,7 @@ def case_pseudo_label(case_id, config, prep_root, prep_fp, out_root, out_fp):
   if config.pseudo_labels.export_nifti or meta['has_label']:
     mask = geometry.prob_to_original_mask(post, geom, 0.5 if src != 'gmm' else g.threshold)
   if config.pseudo_labels.export_nifti:
-    write_mask(mask, geom, meta, os.path.join(out_root, 'nifti', f'{case_id}.nii.gz'))
+    nifti.write_mask(mask, geom, meta, os.path.join(out_root, 'nifti', f'{case_id}.nii.gz'))
   if meta['has_label']:
     ref = geometry.to_original(np.asarray(prep.read(case_id, 'label_native')), geom.native())
     report['metrics'] = metrics.all_metrics(mask, ref, geom.original_spacing)
@@ -91,14 +89,6 @@ def case_pseudo_label(case_id, config, prep_root, prep_fp, out_root, out_fp):
   return report
 
 
-def hu_scale(config):
-  """CT: (HU at 0, HU per unit) of the prepared [0, 1] window, for the mixture's HU rule; else None."""
-  if config.data.kind != 'ct':
-    return None
-  lo, hi = config.data.ct_window
-  return (lo, hi - lo)
-
-
 def case_inputs(config, prep: store_lib.Store, case_id: str) -> dict:
   """What a case's P is made from: its prepared shard (by content) and, for source=nifti, the mask
   file. A redone prepared case or a replaced mask makes the P shard stale."""
@@ -107,18 +97,6 @@ def case_inputs(config, prep: store_lib.Store, case_id: str) -> dict:
     out['mask'] = store_lib.file_identity(
         [os.path.join(config.pseudo_labels.nifti_dir, f'{case_id}.nii.gz')])
   return out
-
-
-def write_mask(mask, geom, prep_meta, path):
-  """Writes `mask: u8` (already on the case's ORIGINAL grid) with the original affine, atomically."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  img = nib.Nifti1Image(mask, np.asarray(geom.original_affine))
-  hdr = prep_meta.get('header', {})
-  img.set_qform(np.asarray(geom.original_affine), code=max(hdr.get('qform_code', 1), 1))
-  img.set_sform(np.asarray(geom.original_affine), code=max(hdr.get('sform_code', 1), 1))
-  tmp = path[:-7] + f'.tmp-{os.getpid()}.nii.gz'
-  nib.save(img, tmp)
-  os.replace(tmp, path)
 
 
 def threshold_z(x, brain):
@@ -134,18 +112,18 @@ def threshold_z(x, brain):
 
 def run(config, workdir) -> list:
   """The pseudo_labels stage over all prepared cases; logs the "GMM w/ threshold" row."""
-  prep = prepare.prepared_store(config, workdir)
+  prep = paths.prepared_store(config, workdir)
   cases = prep.complete_cases()
   if not cases:
-    raise prepare.StageError(f'{prep.root}: no prepared cases: run --mode=prepare first')
-  out = pl_store(config, workdir)
+    raise errors.StageError(f'{prep.root}: no prepared cases: run --mode=prepare first')
+  out = paths.pl_store(config, workdir)
   logging.info('pseudo_labels: source %s', config.pseudo_labels.source)
   inputs = {c: case_inputs(config, prep, c) for c in cases}
-  todo = prepare.start_cases(config, out, cases, 'pseudo_labels', inputs)
+  todo = bookkeeping.start_cases(config, out, cases, 'pseudo_labels', inputs)
   jobs = [(c, (c, config, prep.root, prep.fingerprint, out.root, out.fingerprint)) for c in todo]
   results = parallel.map_cases(case_pseudo_label, jobs, config.data.num_workers, 'pseudo_labels',
-                               expected_types=(readers.DataError, gmm.GMMError))
-  done = prepare.finish_cases(config, out, cases, results, 'pseudo_labels', inputs)
+                               expected_types=(errors.DataError, gmm.GMMError))
+  done = bookkeeping.finish_cases(config, out, cases, results, 'pseudo_labels', inputs)
   from cgc_jax import distributed  # pylint: disable=g-import-not-at-top
   if not distributed.is_main():  # process 0 logs and writes the summary
     return done
@@ -167,7 +145,7 @@ def run(config, workdir) -> list:
 
 
 def load_reports(config, workdir) -> dict:
-  out = pl_store(config, workdir)
+  out = paths.pl_store(config, workdir)
   return {c: out.meta(c)['report'] for c in out.complete_cases()}
 
 

@@ -17,6 +17,7 @@ import nibabel as nib
 import numpy as np
 
 from cgc_jax import errors
+from cgc_jax import nifti
 
 
 @dataclasses.dataclass
@@ -26,17 +27,6 @@ class CaseFiles:
   images: dict  # modality -> path
   label: Optional[str]
   missing: list = dataclasses.field(default_factory=list)
-
-
-@dataclasses.dataclass
-class Problem:
-  """One problem found in one file; severity 'error' stops the case, 'warning' is logged."""
-  path: str
-  message: str
-  severity: str = 'error'
-
-  def __str__(self):
-    return f'{self.severity.upper()}: {self.path}: {self.message}'
 
 
 DataError = errors.DataError  # defined in errors.py (every user-facing error in one place)
@@ -156,64 +146,6 @@ def discover(data_cfg, root: Optional[str] = None) -> list:
   return cases
 
 
-def _open_nifti(path: str):
-  """nib.load, except that a .gz file is decompressed whole first, so that a truncated stream or a
-  CRC mismatch is an error even when the voxel data happen to be complete (nibabel stops reading at
-  the last voxel and never sees the damaged trailer)."""
-  if not path.endswith('.gz'):
-    return nib.load(path)
-  with gzip.open(path, 'rb') as f:
-    raw = f.read()  # verifies the stream's CRC and length at its end
-  klass = nib.Nifti2Image if raw[:4] in (b'\x1c\x02\x00\x00', b'\x00\x00\x02\x1c') else nib.Nifti1Image
-  return klass.from_bytes(raw)
-
-
-def _load_volume(path: str, problems: list):
-  """Loads one NIfTI as float32 3D + (affine, spacing, header); problems appended, None on failure."""
-  try:
-    img = _open_nifti(path)
-  except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-    problems.append(Problem(path, f'truncated or damaged gzip stream ({type(e).__name__}: {e})'))
-    return None
-  except Exception as e:  # nibabel raises many types for garbage headers
-    problems.append(Problem(path, f'not a readable NIfTI file ({type(e).__name__}: {e})'))
-    return None
-  dtype = img.get_data_dtype()
-  if dtype.kind not in 'iuf':  # complex, RGB, bool: not a scalar intensity image
-    problems.append(Problem(path, f'unsupported voxel type {dtype} (expected integer or real '
-                            'scalars)'))
-    return None
-  shape = img.shape
-  if len(shape) == 4 and shape[3] == 1:
-    pass
-  elif len(shape) != 3:
-    problems.append(Problem(path, f'expected a 3D volume, got shape {shape}'))
-    return None
-  if min(shape[:3]) < 1:
-    problems.append(Problem(path, f'zero-size volume, shape {shape}'))
-    return None
-  try:
-    data = np.asarray(img.dataobj, dtype=np.float32)
-  except Exception as e:  # truncated gzip: EOFError, zlib.error, OSError, ValueError
-    problems.append(Problem(path, f'corrupt or truncated data ({type(e).__name__}: {e})'))
-    return None
-  data = data.reshape(shape[:3])
-  affine = np.asarray(img.affine, dtype=np.float64)
-  spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
-  if not np.all(np.isfinite(affine)) or np.any(spacing < 1e-6):
-    problems.append(Problem(path, f'degenerate affine (voxel sizes {spacing.tolist()})'))
-    return None
-  return data, affine, spacing, img.header
-
-
-def has_spatial_info(header) -> bool:
-  """False for a NIfTI header whose qform and sform codes are both 0 (no orientation, no position)."""
-  try:
-    return int(header['qform_code']) > 0 or int(header['sform_code']) > 0
-  except (KeyError, TypeError, ValueError):  # not a NIfTI header: trust its affine
-    return True
-
-
 @dataclasses.dataclass
 class LoadedCase:
   case_id: str
@@ -233,21 +165,21 @@ class LoadedCase:
 
 def load_case(files: CaseFiles, data_cfg) -> LoadedCase:
   """Loads and verifies one case. Raises DataError listing EVERY problem found (each with its file)."""
-  problems = [Problem(p, 'missing file (configured modality)') for p in files.missing]
+  problems = [nifti.Problem(p, 'missing file (configured modality)') for p in files.missing]
   vols = {}
   for m, path in files.images.items():
     if path in files.missing:
       continue
-    v = _load_volume(path, problems)
+    v = nifti.load_volume(path, problems)
     if v is not None:
       vols[m] = v
   label = None
   if files.label:
-    label = _load_volume(files.label, problems)
+    label = nifti.load_volume(files.label, problems)
 
   # the case's geometry comes from the first channel that HAS spatial information: a header with
   # qform and sform codes 0 carries none (nibabel makes up an affine from pixdim)
-  spatial = [m for m, v in vols.items() if has_spatial_info(v[3])]
+  spatial = [m for m, v in vols.items() if nifti.has_spatial_info(v[3])]
   ref_mod = spatial[0] if spatial else next(iter(vols), None)
   ref = vols.get(ref_mod)
   if ref is not None:
@@ -255,46 +187,46 @@ def load_case(files: CaseFiles, data_cfg) -> LoadedCase:
     for m, (data, affine, spacing, hdr) in list(vols.items()) + ([('label', label)] if label else []):
       path = files.label if m == 'label' else files.images[m]
       if data.shape != ref[0].shape:
-        problems.append(Problem(path, f'shape {data.shape} differs from {ref[0].shape} of {ref_path}'))
+        problems.append(nifti.Problem(path, f'shape {data.shape} differs from {ref[0].shape} of {ref_path}'))
         continue
-      if not has_spatial_info(hdr):
+      if not nifti.has_spatial_info(hdr):
         where = (f'the case geometry is taken from {ref_path}' if spatial else
                  'no channel of this case has any: voxel indices are used as 1 mm coordinates')
-        problems.append(Problem(path, f'header has no spatial information (qform and sform codes '
+        problems.append(nifti.Problem(path, f'header has no spatial information (qform and sform codes '
                                 f'0); {where}', 'warning'))
         continue
       if not np.allclose(spacing, ref[2], atol=data_cfg.affine_tolerance):
-        problems.append(Problem(path, f'voxel spacing {np.round(spacing, 4).tolist()} differs from '
+        problems.append(nifti.Problem(path, f'voxel spacing {np.round(spacing, 4).tolist()} differs from '
                                 f'{np.round(ref[2], 4).tolist()} of {ref_path}'))
       elif not np.allclose(affine, ref[1], atol=data_cfg.affine_tolerance):
-        problems.append(Problem(path, f'affine differs from that of {ref_path}',
+        problems.append(nifti.Problem(path, f'affine differs from that of {ref_path}',
                                 'error' if data_cfg.strict_geometry else 'warning'))
   for m, (data, *_ ) in vols.items():
     path = files.images[m]
     lo, hi = float(data.min()), float(data.max())  # NaN propagates: one pass each, no masks
     if not (np.isfinite(lo) and np.isfinite(hi)):
-      problems.append(Problem(path, f'{int((~np.isfinite(data)).sum())} NaN or Inf voxels'))
+      problems.append(nifti.Problem(path, f'{int((~np.isfinite(data)).sum())} NaN or Inf voxels'))
       continue
     if lo == hi:
-      problems.append(Problem(path, f'constant image (every voxel = {lo:g}): failed brain extraction '
+      problems.append(nifti.Problem(path, f'constant image (every voxel = {lo:g}): failed brain extraction '
                               'or an empty export?'))
       continue
     if data_cfg.kind == 'ct':
       inside = data[data > data_cfg.ct_background_below]
       med = float(np.median(inside)) if inside.size else float('nan')
       if lo >= 0 or not -100 <= med <= 150:
-        problems.append(Problem(path, f'intensities do not look like Hounsfield units (min {lo:g}, '
+        problems.append(nifti.Problem(path, f'intensities do not look like Hounsfield units (min {lo:g}, '
                                 f'median of non-background {med:g}): rescale slope/intercept lost?',
                                 'warning'))
   if label is not None:
     lab = label[0]
     if not (np.isfinite(lab.min()) and np.isfinite(lab.max())):
-      problems.append(Problem(files.label, f'{int((~np.isfinite(lab)).sum())} NaN or Inf voxels'))
+      problems.append(nifti.Problem(files.label, f'{int((~np.isfinite(lab)).sum())} NaN or Inf voxels'))
     else:
       values = np.unique(lab[lab != 0])  # 0 is always background; sorting the rest is cheap
       bad_values = sorted(set(values.tolist()) - set(float(v) for v in data_cfg.label_values) - {0.0})
       if bad_values:
-        problems.append(Problem(files.label, f'label values {bad_values[:10]} not in the allowed set '
+        problems.append(nifti.Problem(files.label, f'label values {bad_values[:10]} not in the allowed set '
                                 f'{list(data_cfg.label_values)}'))
 
   errors = [p for p in problems if p.severity == 'error']

@@ -8,14 +8,13 @@ Volumes are the scan's own arrays (any orientation, as nibabel loads them), one 
 model was trained on, all on one grid with `affine`; the mask comes back on that same grid, exactly
 what `--mode=predict` writes for the same files.
 """
-import json
 import os
 
-import ml_collections
 import numpy as np
 
 from cgc_jax import distributed
 from cgc_jax import evaluate
+from cgc_jax import pipeline
 from cgc_jax import prepare
 from cgc_jax import sliding_window
 
@@ -45,12 +44,7 @@ class Segmenter:
   def from_workdir(cls, workdir: str, step: int = -1):
     """Restores the config the workdir was run with (WORKDIR/config.json) and a checkpoint
     (step -1: as the config's eval.select says, normally the newest)."""
-    path = os.path.join(workdir, 'config.json')
-    if not os.path.exists(path):
-      raise prepare.StageError(f'{path}: missing: not a cgc_jax workdir, or trained before runs '
-                               'recorded their config')
-    with open(path) as f:
-      config = ml_collections.ConfigDict(json.load(f))
+    config = pipeline.workdir_config(workdir)
     config.eval.step = step
     distributed.initialize(config.dist)
     params, s = evaluate.restore_params(config, workdir, distributed.mesh(),

@@ -11,7 +11,9 @@ and cropped back.
 import functools
 import itertools
 import math
+import time
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,6 +84,7 @@ class Predictor:
     e = config.eval
     self.window = tuple(window or e.window or config.train.crop)
     self.overlap = e.overlap
+    self.progress_every_s = e.get('progress_every_s', 0.0)  # 0: no progress lines
     self.mesh = mesh
     n = mesh.devices.size
     self.batch = int(math.ceil(max(e.batch_size, 1) / n) * n)
@@ -103,6 +106,7 @@ class Predictor:
     wsum = np.zeros(size, np.float32)
     starts = list(itertools.product(*compute_steps(size, self.window, self.overlap)))
     sharding = distributed.data_sharding(self.mesh)
+    t0 = t_last = time.time()
     for i in range(0, len(starts), self.batch):
       chunk = starts[i:i + self.batch]
       wins = np.stack([img[tuple(slice(s, s + w) for s, w in zip(st, self.window))] for st in chunk])
@@ -116,5 +120,11 @@ class Predictor:
         sl = tuple(slice(s, s + w) for s, w in zip(st, self.window))
         acc[sl] += pw
         wsum[sl] += self.gauss
+      now, done = time.time(), min(i + self.batch, len(starts))
+      if self.progress_every_s and now - t_last >= self.progress_every_s and done < len(starts):
+        t_last = now
+        rate = done / (now - t0)
+        logging.info('sliding window: %d/%d windows (%.2f windows/s, ETA %.0fs)', done, len(starts),
+                     rate, (len(starts) - done) / rate)
     prob = acc / wsum
     return prob[tuple(slice(a, a + s) for (a, _), s in zip(pads, shape))]

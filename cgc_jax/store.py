@@ -37,6 +37,14 @@ CorruptShardError = errors.CorruptShardError  # defined in errors.py (every user
 
 
 def atomic_write_text(path: str, text: str):
+  """Writes `text` to `path` through a temporary file and a rename; a file that already holds exactly
+  this text is left alone (a stage with nothing to do leaves its outputs' mtimes unchanged)."""
+  try:
+    with open(path) as f:
+      if f.read() == text:
+        return
+  except (OSError, UnicodeDecodeError):
+    pass
   tmp = f'{path}.tmp-{os.getpid()}'
   with open(tmp, 'w') as f:
     f.write(text)

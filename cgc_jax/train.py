@@ -10,24 +10,21 @@ import math
 import os
 import signal
 import time
-from typing import Any
 
 from absl import logging
-import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from cgc_jax import errors
 from cgc_jax import cgc
 from cgc_jax import checkpoint
 from cgc_jax import distributed
-from cgc_jax import run_log
+from cgc_jax import errors
 from cgc_jax import fingerprints
 from cgc_jax import input_pipeline
-from cgc_jax import prepare
-from cgc_jax import pseudo_labels
+from cgc_jax import paths
+from cgc_jax import run_log
+from cgc_jax import train_state
 from cgc_jax import unet
 
 
@@ -35,57 +32,6 @@ Preempted = errors.Preempted  # defined in errors.py (every user-facing error in
 
 
 NonFiniteError = errors.NonFiniteError  # defined in errors.py (every user-facing error in one place)
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array  # i32[]
-  params: Any
-  opt_state: Any
-  rng: jax.Array  # u32[2] raw key data
-
-
-def make_optimizer(tcfg):
-  sched = optax.warmup_cosine_decay_schedule(0.0, tcfg.lr, tcfg.warmup_steps,
-                                             max(tcfg.steps, tcfg.warmup_steps + 1),
-                                             end_value=tcfg.lr * tcfg.end_lr_fraction)
-  return optax.chain(optax.clip_by_global_norm(tcfg.grad_clip),
-                     optax.adamw(sched, weight_decay=tcfg.weight_decay)), sched
-
-
-def init_params(config, rng, num_channels: int):
-  net, coarse, proj = unet.build(config.model)
-  crop = tuple(config.train.crop)
-  k1, k2, k3 = jax.random.split(rng, 3)
-  x = jnp.zeros((1,) + crop + (num_channels,), jnp.float32)
-  feat_dim = config.model.base * 2**(config.model.levels - 1)
-  v = jnp.zeros((1, feat_dim), jnp.float32)
-  return {'unet': net.init(k1, x)['params'], 'coarse': coarse.init(k2, v)['params'],
-          'proj': proj.init(k3, v)['params']}
-
-
-def _init_fn(config, num_channels: int, tx):
-  def init(key):
-    # parameters from XLA's RngBitGenerator ('rbg'): the same values on every device, and the init
-    # program compiles in about 2 s instead of about 12 s with threefry on CPU
-    params = init_params(config, jax.random.key(config.train.seed, impl='rbg'), num_channels)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jax.random.key_data(key))
-  return init
-
-
-def create_state(config, mesh, num_channels: int, tx) -> TrainState:
-  """Initialises the replicated state directly on the mesh (no host copy)."""
-  key = jax.random.key(config.train.seed)
-  return jax.jit(_init_fn(config, num_channels, tx),
-                 out_shardings=distributed.replicated(mesh))(key)
-
-
-def abstract_state(config, mesh, num_channels: int, tx) -> TrainState:
-  """The state's shapes, dtypes and (replicated) shardings, for restoring: nothing is computed."""
-  shapes = jax.eval_shape(_init_fn(config, num_channels, tx), jax.random.key(config.train.seed))
-  repl = distributed.replicated(mesh)
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), shapes)
 
 
 def loss_fn(params, batch, config):
@@ -129,7 +75,7 @@ def loss_fn(params, batch, config):
   return total, metrics
 
 
-def train_step(state: TrainState, batch, rng, *, config, tx):
+def train_step(state: train_state.TrainState, batch, rng, *, config, tx):
   """One optimiser step. Pure: (state, batch, rng) -> (new state, metrics). rng: reserved."""
   del rng  # the model is deterministic; augmentation happens on the host
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -171,33 +117,33 @@ class _Sigterm:
       signal.signal(signal.SIGTERM, self.prev)
 
 
-def train_and_evaluate(config, workdir: str, periodic_eval=None) -> TrainState:
+def train_and_evaluate(config, workdir: str, periodic_eval=None) -> train_state.TrainState:
   """Trains to config.train.steps, resuming from the newest checkpoint. Returns the final state."""
   distributed.initialize(config.dist)
   mesh = distributed.mesh()
   tcfg = config.train
   if tcfg.batch_size % jax.device_count():
-    raise prepare.StageError(f'train.batch_size {tcfg.batch_size} is not divisible by the '
+    raise errors.StageError(f'train.batch_size {tcfg.batch_size} is not divisible by the '
                              f'{jax.device_count()} devices')
-  prep = prepare.prepared_store(config, workdir)
-  labels = pseudo_labels.pl_store(config, workdir)
+  prep = paths.prepared_store(config, workdir)
+  labels = paths.pl_store(config, workdir)
   cases = [c for c in labels.complete_cases() if prep.is_complete(c)]
   if not cases:
-    raise prepare.StageError(f'{labels.root}: no pseudo-labels: run --mode=pseudo_labels first')
+    raise errors.StageError(f'{labels.root}: no pseudo-labels: run --mode=pseudo_labels first')
   sampler = input_pipeline.CropSampler(prep, labels, cases, tcfg, config.data.verify_checksums,
                                        jax.process_index(), jax.process_count())
   num_channels = sampler.num_channels
-  tx, sched = make_optimizer(tcfg)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), tcfg.keep_checkpoints)
+  tx, sched = train_state.make_optimizer(tcfg)
+  ckpt = checkpoint.Checkpointer(paths.checkpoints(workdir), tcfg.keep_checkpoints)
   start = 0
   if ckpt.latest_step() is not None:
     # the config first: a different model would otherwise fail as a shape mismatch inside orbax
     checkpoint.check_compatible(ckpt.record(ckpt.latest_step()), config, ckpt.directory)
-    state, record, start = ckpt.restore(abstract_state(config, mesh, num_channels, tx))
+    state, record, start = ckpt.restore(train_state.abstract_state(config, mesh, num_channels, tx))
     checkpoint.check_compatible(record, config, ckpt.directory)
     logging.info('train: resumed from step %d', start)
   else:
-    state = create_state(config, mesh, num_channels, tx)
+    state = train_state.create_state(config, mesh, num_channels, tx)
   if start >= tcfg.steps:
     logging.info('train: already finished (%d steps); nothing to do', start)
     ckpt.close()

@@ -156,7 +156,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Case-level gate: where the pseudo-label mixture finds no lesion evidence (gmm.min_contrast), the
   # network's mask is emptied too (new scans: the mixture is fitted at prediction time).
   e.gate_on_p_evidence = False
-  e.input_root = ''  # predict mode: folder of new scans (layout as data.layout)
+  e.input_root = ''  # predict mode: new scans (a NIfTI file, a case folder, a folder of cases)
+  e.output_dir = ''  # predict mode: where masks go ('' = WORKDIR/predict/masks)
+  e.save_probabilities = False  # predict mode: also <case>_prob.nii.gz, lesion probability (f32)
+  e.progress_every_s = 10.0  # a progress line per this many seconds while windows of a volume run
   e.predictions_dir = ''  # evaluate mode: score <case>.nii.gz masks from this folder instead of the network
 
   # ---------------------------------------------------------------- the run folder

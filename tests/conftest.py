@@ -49,3 +49,13 @@ def tiny_workdir(tmp_path_factory):
   prepare.run(c, wd)
   pseudo_labels.run(c, wd)
   return wd
+
+
+@pytest.fixture(scope='session')
+def tiny_trained(tmp_path_factory, tiny_workdir):
+  """tiny_workdir's phantoms through every stage (`all`, no pictures; shared, treat as read-only)."""
+  from cgc_jax import pipeline  # pylint: disable=g-import-not-at-top
+  wd = str(tmp_path_factory.mktemp('trained'))
+  copy_inputs(tiny_workdir, wd)
+  pipeline.run(tiny_config(**{'eval.pictures': False}), wd, 'all')
+  return wd

@@ -16,7 +16,7 @@ import pytest
 
 from cgc_jax import distributed
 from cgc_jax import evaluate
-from cgc_jax import pseudo_labels
+from cgc_jax import paths
 
 from conftest import ROOT
 from conftest import copy_inputs
@@ -59,7 +59,7 @@ def test_two_processes_equal_one_and_checkpoints_cross_topologies(tiny_workdir, 
   assert '[p0]' in log and '[p1]' in log and 'to do (2 in this process)' in log and \
       'to do (1 in this process)' in log
   cfg = tiny_config()
-  ref, got = pseudo_labels.pl_store(cfg, tiny_workdir), pseudo_labels.pl_store(cfg, a)
+  ref, got = paths.pl_store(cfg, tiny_workdir), paths.pl_store(cfg, a)
   assert got.complete_cases() == ref.complete_cases()
   for c in ref.complete_cases():  # the split offline stages wrote what one process writes
     np.testing.assert_array_equal(got.read(c, 'p'), ref.read(c, 'p'))

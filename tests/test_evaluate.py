@@ -7,8 +7,8 @@ import pytest
 
 from cgc_jax import distributed
 from cgc_jax import evaluate
+from cgc_jax import paths
 from cgc_jax import prepare
-from cgc_jax import pseudo_labels
 from cgc_jax import sliding_window
 
 from conftest import copy_inputs
@@ -39,8 +39,8 @@ def test_tracked_signals_match_hand_values(tiny_workdir, tmp_path, monkeypatch):
   with open(os.path.join(wd, 'train', 'track.jsonl')) as f:
     rows = [json.loads(line) for line in f]
   assert len(rows) == 1 and rows[0]['step'] == 7
-  prep = prepare.prepared_store(cfg, wd)
-  labels = pseudo_labels.pl_store(cfg, wd)
+  prep = paths.prepared_store(cfg, wd)
+  labels = paths.pl_store(cfg, wd)
   cases = prep.complete_cases()
   assert sorted(rows[0]['cases']) == sorted(cases)
   for c in cases:

@@ -4,6 +4,7 @@ import pytest
 
 from cgc_jax import gmm
 from cgc_jax import morphology
+from cgc_jax import paths
 from cgc_jax import pseudo_labels
 
 from conftest import tiny_config
@@ -146,7 +147,7 @@ def test_workers_do_not_change_p(tmp_path, tiny_workdir):
     shutil.copytree(f'{tiny_workdir}/phantoms', wd / 'phantoms')
     c = tiny_config(**{'data.num_workers': workers})
     cases = pseudo_labels.run(c, str(wd))
-    s = pseudo_labels.pl_store(c, str(wd))
+    s = paths.pl_store(c, str(wd))
     out[workers] = {k: (np.asarray(s.read(k, 'p')), np.asarray(s.read(k, 'posterior'))) for k in cases}
   assert out[1].keys() == out[2].keys() and len(out[1]) == 3
   for k in out[1]:
@@ -166,8 +167,8 @@ def test_other_sources(tmp_path, tiny_workdir):
   # original grid is not expected at 4 mm, so check the prepared grid instead.
   c = tiny_config(**{'pseudo_labels.source': 'ground_truth'})
   cases = pseudo_labels.run(c, str(wd))
-  s = pseudo_labels.pl_store(c, str(wd))
-  prep = prepare.prepared_store(c, str(wd))
+  s = paths.pl_store(c, str(wd))
+  prep = paths.prepared_store(c, str(wd))
   for k in cases:
     np.testing.assert_array_equal(np.asarray(s.read(k, 'p')), np.asarray(prep.read(k, 'label')))
   # nifti: re-import the ground-truth export, matched by case id, geometry checked
@@ -178,7 +179,7 @@ def test_other_sources(tmp_path, tiny_workdir):
   shutil.copytree(nifti_dir, wd2 / 'masks')
   c2.pseudo_labels.nifti_dir = str(wd2 / 'masks')
   pseudo_labels.run(c2, str(wd2))
-  s2 = pseudo_labels.pl_store(c2, str(wd2))
+  s2 = paths.pl_store(c2, str(wd2))
   for k in cases:
     a, b = np.asarray(s2.read(k, 'p')), np.asarray(s.read(k, 'p'))
     assert 2 * (a & b).sum() / max(a.sum() + b.sum(), 1) > 0.9 or a.sum() + b.sum() == 0

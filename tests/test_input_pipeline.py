@@ -1,15 +1,14 @@
 import numpy as np
 
 from cgc_jax import input_pipeline
-from cgc_jax import prepare
-from cgc_jax import pseudo_labels
+from cgc_jax import paths
 
 from conftest import tiny_config
 
 
 def _sampler(wd, cfg, pi=0, pc=1):
-  prep = prepare.prepared_store(cfg, wd)
-  pl = pseudo_labels.pl_store(cfg, wd)
+  prep = paths.prepared_store(cfg, wd)
+  pl = paths.pl_store(cfg, wd)
   return input_pipeline.CropSampler(prep, pl, pl.complete_cases(), cfg.train, True, pi, pc)
 
 

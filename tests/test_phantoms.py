@@ -2,6 +2,7 @@
 import nibabel as nib
 import numpy as np
 
+from cgc_jax import paths
 from cgc_jax import phantoms
 from cgc_jax import prepare
 from cgc_jax import pseudo_labels
@@ -53,7 +54,7 @@ def test_ct_phantoms_in_hu_through_the_whole_ct_path(tmp_path):
   assert lab.any() and 50 <= np.median(ct[lab]) <= 90  # fresh blood
   brain = ct > -500
   assert 20 <= np.median(ct[brain & ~lab]) <= 45  # grey / white matter
-  store = prepare.prepared_store(cfg, wd)
+  store = paths.prepared_store(cfg, wd)
   img = np.asarray(store.read(cases[0], 'image'), np.float32)
   assert 0.0 <= img.min() and img.max() <= 1.0  # HU window scaled to [0, 1]
   pseudo_labels.run(cfg, wd)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from cgc_jax import geometry
+from cgc_jax import paths
 from cgc_jax import prepare
 
 from conftest import ROOT, tiny_config
@@ -16,7 +17,7 @@ from conftest import ROOT, tiny_config
 
 def test_prepared_ground_truth_maps_back_exactly(tiny_workdir):
   cfg = tiny_config()
-  store = prepare.prepared_store(cfg, tiny_workdir)
+  store = paths.prepared_store(cfg, tiny_workdir)
   cases = store.complete_cases()
   assert len(cases) == 3
   for c in cases:
@@ -41,7 +42,7 @@ def test_anisotropic_phantoms_round_trip(tmp_path):
   cfg.data.phantoms.lesion_free = 0
   wd = str(tmp_path)
   cases = prepare.run(cfg, wd)
-  store = prepare.prepared_store(cfg, wd)
+  store = paths.prepared_store(cfg, wd)
   meta = store.meta(cases[0])
   geom = geometry.Geometry.from_json(meta['geometry'])
   np.testing.assert_allclose(geom.native_spacing, (2.0, 2.0, 3.0))
@@ -83,7 +84,7 @@ def test_sigkill_midway_then_rerun_finishes_without_redoing(tmp_path):
   for name, mtime in finished.items():  # finished shards were not recomputed
     assert os.stat(cases_dir / name / 'meta.json').st_mtime_ns == mtime
   assert not [d for d in os.listdir(cases_dir) if d.startswith('.tmp-')]
-  assert len(prepare.prepared_store(_demo_cfg(6), str(wd)).complete_cases()) == 6
+  assert len(paths.prepared_store(_demo_cfg(6), str(wd)).complete_cases()) == 6
 
 
 def _demo_cfg(n):

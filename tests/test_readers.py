@@ -9,6 +9,7 @@ import numpy as np
 from ml_collections import ConfigDict
 import pytest
 
+from cgc_jax import paths
 from cgc_jax import prepare
 from cgc_jax import readers
 
@@ -111,7 +112,7 @@ def test_prepare_keeps_good_cases_and_writes_nothing_for_bad(tmp_path):
   with pytest.raises(prepare.StageError):
     prepare.run(c, str(wd))
   assert sorted(os.listdir(wd / 'prepared' / 'cases')) == ['good']
-  assert prepare.prepared_store(c, str(wd)).complete_cases() == ['good']
+  assert paths.prepared_store(c, str(wd)).complete_cases() == ['good']
 
 
 def test_brats_layout_hgg_lgg_and_flat(tmp_path):

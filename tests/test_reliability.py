@@ -21,11 +21,12 @@ import pytest
 import fuzz_nifti
 from cgc_jax import checkpoint
 from cgc_jax import evaluate
+from cgc_jax import paths
 from cgc_jax import pipeline
 from cgc_jax import prepare
-from cgc_jax import pseudo_labels
 from cgc_jax import readers
 from cgc_jax import train
+from cgc_jax import train_state
 
 from conftest import ROOT
 from conftest import copy_inputs
@@ -103,7 +104,7 @@ def test_fuzzed_nifti_verify_prepare_predict_from_the_command_line(fuzzed, tiny_
   r = _main(wd, '--mode=prepare', *data)
   assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr[-3000:]
   assert not [f.path for f in must_fail if f.path not in r.stderr]
-  store = prepare.prepared_store(_folder_config(root), wd)
+  store = paths.prepared_store(_folder_config(root), wd)
   done = set(store.complete_cases())
   assert set(fuzz_nifti.GOOD) <= done and not done & {f.case_id for f in must_fail}
   assert not [n for n in os.listdir(os.path.join(wd, 'prepared', 'cases')) if n.startswith('.tmp')]
@@ -169,7 +170,7 @@ def test_kill_9_at_any_moment_then_the_same_command_completes(tiny_workdir, tmp_
   assert 'clearing a stale lock' in r.stderr and not os.path.exists(os.path.join(wd, '.lock'))
   cfg = tiny_config()
   # P identical to an uninterrupted run's; no temporary shard left
-  ref, got = pseudo_labels.pl_store(cfg, tiny_workdir), pseudo_labels.pl_store(cfg, wd)
+  ref, got = paths.pl_store(cfg, tiny_workdir), paths.pl_store(cfg, wd)
   for c in ref.complete_cases():
     np.testing.assert_array_equal(got.read(c, 'p'), ref.read(c, 'p'))
   for d in ('prepared', 'pseudo_labels'):
@@ -186,9 +187,9 @@ def test_kill_9_at_any_moment_then_the_same_command_completes(tiny_workdir, tmp_
 
 def _restore(cfg, wd, step=None):
   from cgc_jax import distributed  # pylint: disable=g-import-not-at-top
-  tx, _ = train.make_optimizer(cfg.train)
+  tx, _ = train_state.make_optimizer(cfg.train)
   ckpt = checkpoint.Checkpointer(os.path.join(wd, 'checkpoints'), cfg.train.keep_checkpoints)
-  state, _, _ = ckpt.restore(train.abstract_state(cfg, distributed.mesh(), 4, tx), step)
+  state, _, _ = ckpt.restore(train_state.abstract_state(cfg, distributed.mesh(), 4, tx), step)
   ckpt.close()
   return jax.device_get(state)
 

@@ -4,7 +4,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from cgc_jax import pipeline
 from cgc_jax import segmenter
 
 from conftest import tiny_config
@@ -12,10 +11,9 @@ from conftest import tiny_config
 pytestmark = pytest.mark.slow
 
 
-def test_docstring_example_gives_the_predict_stage_masks(tmp_path):
-  wd = str(tmp_path / 'wd')
-  cfg = tiny_config(**{'eval.pictures': False})
-  pipeline.run(cfg, wd, 'all')
+def test_docstring_example_gives_the_predict_stage_masks(tiny_trained, tmp_path):
+  wd = tiny_trained
+  cfg = tiny_config()
   code = segmenter.Segmenter.__doc__.split('\n\n', 1)[1]
   code = '\n'.join(line[6:] for line in code.splitlines() if line.strip())
   case = sorted(c for c in os.listdir(os.path.join(wd, 'phantoms')) if c.startswith('phantom_'))[0]

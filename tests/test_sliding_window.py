@@ -4,7 +4,7 @@ import pytest
 from jax.sharding import Mesh
 
 from cgc_jax import sliding_window
-from cgc_jax import train
+from cgc_jax import train_state
 from cgc_jax import unet
 
 from conftest import tiny_config
@@ -12,7 +12,7 @@ from conftest import tiny_config
 
 def _params(cfg, seed):
   """U-Net parameters, initialised in one jitted call (eager init runs op by op: ~20 s on CPU)."""
-  init = jax.jit(lambda k: train.init_params(cfg, k, 4)['unet'])
+  init = jax.jit(lambda k: train_state.init_params(cfg, k, 4)['unet'])
   return init(jax.random.key(seed, impl='rbg'))
 
 
@@ -86,3 +86,22 @@ def test_flip_tta_equals_mean_over_the_eight_flips():
       p = np.asarray(jax.nn.softmax(logits, -1)[0, ..., 1])
       want += np.flip(p, axes) if axes else p
   np.testing.assert_allclose(got, want / 8, atol=1e-5)
+
+
+def test_long_volumes_log_progress_with_rate_and_eta(monkeypatch):
+  cfg = tiny_config(**{'eval.batch_size': 8})
+  mesh = Mesh(np.asarray(jax.devices()), ('data',))
+  params = _params(cfg, 0)
+  pred = sliding_window.Predictor(cfg, mesh)
+  image = np.zeros((40, 16, 16, 4), np.float32)  # 7 windows along x: one batch of 8 rows
+  lines = []
+  monkeypatch.setattr(sliding_window.logging, 'info', lambda fmt, *a: lines.append(fmt % a))
+  pred.progress_every_s = 1e-9  # every batch but the last
+  big = np.zeros((16, 16, 160, 4), np.float32)  # 19 windows along z: batches of 8, 8, 3
+  want = pred.predict_volume(params, big)
+  assert len(lines) == 2 and lines[0].startswith('sliding window: 8/19 windows (')
+  assert 'windows/s, ETA' in lines[0] and lines[1].startswith('sliding window: 16/19 windows (')
+  pred.progress_every_s = 0.0  # off: same numbers, no lines
+  np.testing.assert_array_equal(pred.predict_volume(params, big), want)
+  pred.predict_volume(params, image)
+  assert len(lines) == 2

@@ -12,25 +12,25 @@ from jax.sharding import Mesh
 from cgc_jax import checkpoint
 from cgc_jax import distributed
 from cgc_jax import input_pipeline
-from cgc_jax import prepare
-from cgc_jax import pseudo_labels
+from cgc_jax import paths
 from cgc_jax import train
+from cgc_jax import train_state
 
 from conftest import copy_inputs
 from conftest import tiny_config
 
 
 def _batch(wd, cfg, step=0):
-  prep = prepare.prepared_store(cfg, wd)
-  pl = pseudo_labels.pl_store(cfg, wd)
+  prep = paths.prepared_store(cfg, wd)
+  pl = paths.pl_store(cfg, wd)
   s = input_pipeline.CropSampler(prep, pl, pl.complete_cases(), cfg.train)
   return s.local_batch(step)
 
 
 def _one_step(cfg, devices, batch):
   mesh = Mesh(np.asarray(devices), ('data',))
-  tx, _ = train.make_optimizer(cfg.train)
-  state = train.create_state(cfg, mesh, batch['image'].shape[-1], tx)
+  tx, _ = train_state.make_optimizer(cfg.train)
+  state = train_state.create_state(cfg, mesh, batch['image'].shape[-1], tx)
   step = train.make_train_step(cfg, mesh, tx)
   gb = distributed.global_batch(batch, distributed.data_sharding(mesh))
   state, metrics = step(state, gb, jax.random.key(0))
@@ -57,9 +57,9 @@ def test_loss_depends_on_other_devices_vectors(tiny_workdir):
   """The fine loss over 8 crops differs from the mean of per-crop losses: negatives cross devices."""
   cfg = tiny_config()
   batch = _batch(tiny_workdir, cfg)
-  tx, _ = train.make_optimizer(cfg.train)
+  tx, _ = train_state.make_optimizer(cfg.train)
   mesh = Mesh(np.asarray(jax.devices()[:1]), ('data',))
-  state = train.create_state(cfg, mesh, 4, tx)
+  state = train_state.create_state(cfg, mesh, 4, tx)
   f = jax.jit(functools.partial(train.loss_fn, config=cfg))
   _, full = f(state.params, {k: jnp.asarray(v) for k, v in batch.items()})
   parts = [f(state.params, {k: jnp.asarray(v[i:i + 1]) for k, v in batch.items()})[1]

@@ -1,0 +1,44 @@
+"""The workdir's layout: every folder name a stage reads or writes, and the stores of its shards.
+
+    WORKDIR/prepared/        prepare: one shard per case (image, brain, labels for analysis)
+    WORKDIR/pseudo_labels/   pseudo_labels: P per case, reports/, nifti/ (P on the original grid)
+    WORKDIR/checkpoints/     train: orbax checkpoints
+    WORKDIR/train/           train: metrics.jsonl, track.jsonl, tensorboard/, curves.png
+    WORKDIR/eval/            evaluate: predictions/, cases.csv, summary.{json,md}, pictures/
+    WORKDIR/predict/         predict: prepared/ (new scans), masks/ (unless eval.output_dir)
+    WORKDIR/config.json, log.txt, .lock
+"""
+import os
+
+from cgc_jax import fingerprints
+from cgc_jax import store as store_lib
+
+PREPARED = 'prepared'
+PSEUDO_LABELS = 'pseudo_labels'
+CHECKPOINTS = 'checkpoints'
+TRAIN = 'train'
+EVAL = 'eval'
+PREDICT = 'predict'
+
+
+def prepared_store(config, workdir: str) -> store_lib.Store:
+  return store_lib.Store(os.path.join(workdir, PREPARED), fingerprints.of(config, 'prepare'))
+
+
+def pl_store(config, workdir: str) -> store_lib.Store:
+  return store_lib.Store(os.path.join(workdir, PSEUDO_LABELS),
+                         fingerprints.of(config, 'pseudo_labels'))
+
+
+def predict_store(config, workdir: str) -> store_lib.Store:
+  """New scans prepared for --mode=predict (apart from the training data)."""
+  return store_lib.Store(os.path.join(workdir, PREDICT, PREPARED), fingerprints.of(config, 'prepare'))
+
+
+def checkpoints(workdir: str) -> str:
+  return os.path.join(workdir, CHECKPOINTS)
+
+
+def predict_output(config, workdir: str) -> str:
+  """Where --mode=predict writes masks: eval.output_dir, else WORKDIR/predict/masks."""
+  return config.eval.get('output_dir', '') or os.path.join(workdir, PREDICT, 'masks')

@@ -1,0 +1,63 @@
+"""The training state (step, parameters, optimiser state), the optimiser, and how to create the
+state on a device mesh or describe it for a restore. Shared by training, evaluation and benchmarks.
+"""
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from cgc_jax import distributed
+from cgc_jax import unet
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # i32[]
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # u32[2] raw key data
+
+
+def make_optimizer(tcfg):
+  sched = optax.warmup_cosine_decay_schedule(0.0, tcfg.lr, tcfg.warmup_steps,
+                                             max(tcfg.steps, tcfg.warmup_steps + 1),
+                                             end_value=tcfg.lr * tcfg.end_lr_fraction)
+  return optax.chain(optax.clip_by_global_norm(tcfg.grad_clip),
+                     optax.adamw(sched, weight_decay=tcfg.weight_decay)), sched
+
+
+def init_params(config, rng, num_channels: int):
+  net, coarse, proj = unet.build(config.model)
+  crop = tuple(config.train.crop)
+  k1, k2, k3 = jax.random.split(rng, 3)
+  x = jnp.zeros((1,) + crop + (num_channels,), jnp.float32)
+  feat_dim = config.model.base * 2**(config.model.levels - 1)
+  v = jnp.zeros((1, feat_dim), jnp.float32)
+  return {'unet': net.init(k1, x)['params'], 'coarse': coarse.init(k2, v)['params'],
+          'proj': proj.init(k3, v)['params']}
+
+
+def _init_fn(config, num_channels: int, tx):
+  def init(key):
+    # parameters from XLA's RngBitGenerator ('rbg'): the same values on every device, and the init
+    # program compiles in about 2 s instead of about 12 s with threefry on CPU
+    params = init_params(config, jax.random.key(config.train.seed, impl='rbg'), num_channels)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=jax.random.key_data(key))
+  return init
+
+
+def create_state(config, mesh, num_channels: int, tx) -> TrainState:
+  """Initialises the replicated state directly on the mesh (no host copy)."""
+  key = jax.random.key(config.train.seed)
+  return jax.jit(_init_fn(config, num_channels, tx),
+                 out_shardings=distributed.replicated(mesh))(key)
+
+
+def abstract_state(config, mesh, num_channels: int, tx) -> TrainState:
+  """The state's shapes, dtypes and (replicated) shardings, for restoring: nothing is computed."""
+  shapes = jax.eval_shape(_init_fn(config, num_channels, tx), jax.random.key(config.train.seed))
+  repl = distributed.replicated(mesh)
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), shapes)

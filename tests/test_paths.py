@@ -1,0 +1,42 @@
+"""The workdir layout lives in one module, and the four stages sit on one layer above it."""
+import ast
+import os
+
+from cgc_jax import fingerprints
+from cgc_jax import paths
+
+from conftest import ROOT
+from conftest import tiny_config
+
+STAGES = ('prepare', 'pseudo_labels', 'train', 'evaluate')
+
+
+def _imports(module: str) -> set:
+  with open(os.path.join(ROOT, 'cgc_jax', f'{module}.py')) as f:
+    tree = ast.parse(f.read())
+  out = set()
+  for node in ast.walk(tree):  # module level and inside functions
+    if isinstance(node, ast.ImportFrom) and node.module == 'cgc_jax':
+      out |= {a.name for a in node.names}
+    elif isinstance(node, ast.Import):
+      out |= {a.name.split('.')[-1] for a in node.names if a.name.startswith('cgc_jax.')}
+  return out
+
+
+def test_no_stage_imports_another_stage():
+  for stage in STAGES:
+    assert not _imports(stage) & (set(STAGES) - {stage}), stage
+
+
+def test_stores_sit_where_the_layout_says_with_their_stage_fingerprints(tmp_path):
+  c = tiny_config()
+  wd = str(tmp_path)
+  assert paths.prepared_store(c, wd).root == os.path.join(wd, 'prepared')
+  assert paths.prepared_store(c, wd).fingerprint == fingerprints.of(c, 'prepare')
+  assert paths.pl_store(c, wd).root == os.path.join(wd, 'pseudo_labels')
+  assert paths.pl_store(c, wd).fingerprint == fingerprints.of(c, 'pseudo_labels')
+  assert paths.predict_store(c, wd).root == os.path.join(wd, 'predict', 'prepared')
+  assert paths.checkpoints(wd) == os.path.join(wd, 'checkpoints')
+  assert paths.predict_output(c, wd) == os.path.join(wd, 'predict', 'masks')
+  c.eval.output_dir = '/elsewhere'
+  assert paths.predict_output(c, wd) == '/elsewhere'
