@@ -2,16 +2,17 @@
 
     python -m cgc_jax.experiments --config=configs/demo.py --workdir=runs/demo --table=methods
 
-Tables: methods, ablation, temperature, length, weights, refine (see TABLES). The prepare stage
-runs once in --workdir; each pseudo-label source runs once (WORKDIR/experiments/p_<source>/); each trained
-configuration and seed runs once, in WORKDIR/experiments/runs/<train fingerprint>/ (linking to those
-shared stages; train + evaluate), and every table row that names it links there
+Tables: methods, ablation, temperature, length, weights, refine, cgc (see TABLES). The prepare stage
+runs once in --workdir; each pseudo-label source runs once (WORKDIR/experiments/p_<source>/); each
+trained configuration and seed runs once, in WORKDIR/experiments/runs/<train fingerprint>/ (linking
+to those shared stages; train + evaluate), and every table row that names it links there
 (WORKDIR/experiments/<table>/<row>/seed<s>): the full CGC run of `methods` is the tau = 0.2 row of
 `temperature`, and an interrupted table resumes where it stopped. Every trained run tracks the
 label-free signals and Dice along training (eval.every_steps, `--track_every`). Writes
-WORKDIR/experiments/<table>.{md,json}: mean +- std over cases (pooled over seeds) of Dice, sensitivity
-and ASSD, the std of the per-seed mean Dice across seeds, and run time; `length` writes Dice and the
-signals against steps and scores the label-free stopping rules (STOP_RULES) on every tracked run.
+WORKDIR/experiments/<table>.{md,json}: mean +- std over cases (pooled over seeds) of Dice,
+sensitivity and ASSD, the std of the per-seed mean Dice across seeds, and run time; `length` writes
+Dice and the signals against steps and scores the label-free stopping rules (STOP_RULES) on every
+tracked run.
 
 Mini-patch sizes z are given as fractions of the bottleneck (1/2, 1/4, 1/8 of each axis, at least 1):
 the paper's 12x12x4, 6x6x2 and 3x3x1 are those fractions of its 24x24x8 bottleneck (192x192x64
@@ -32,7 +33,8 @@ from cgc_jax import evaluate
 from cgc_jax import metrics
 from cgc_jax import pipeline
 
-TABLE_NAMES = ('methods', 'ablation', 'temperature', 'length', 'weights', 'refine', 'pseudo_labels')
+TABLE_NAMES = ('methods', 'ablation', 'temperature', 'length', 'weights', 'refine', 'cgc',
+               'pseudo_labels')
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'configs/*.py file', lock_config=False)
 flags.DEFINE_string('workdir', None, 'base workdir (its prepared data are shared by every row)')
@@ -76,6 +78,8 @@ TABLES = {
     'temperature': [(f'full CGC, tau = {t}', 'gmm', dict(_FULL, **{'cgc.tau': t}))
                     for t in (0.07, 0.1, 0.2, 0.3, 0.7, 0.9)],
     'length': [('backbone + P', 'gmm', _BACKBONE), ('full CGC', 'gmm', _FULL)],
+    # whether the CGC module helps at a given geometry (configs/brats_paper_geometry.py)
+    'cgc': [('backbone + P', 'gmm', _BACKBONE), ('full CGC', 'gmm', _FULL)],
     # beyond the paper: learning from noisy P without memorising it (each row one switch on top
     # of the configured recipe; ROUNDS rows retrain on the previous round's network masks)
     'refine': [
