@@ -168,7 +168,8 @@ def evaluate(config, workdir: str):
     if done and done.get('fingerprint') == fp and done.get('checkpoint_step') == step and \
        done.get('inputs') == _inputs(prep, labels, cases) and \
        sorted(c['case'] for c in done.get('cases', [])) == sorted(
-           c for c in cases if prep.meta(c)['has_label']):
+           c for c in cases if prep.meta(c)['has_label']) and \
+       (not config.eval.pictures or _pictures_complete(out_dir, cases)):
       logging.info('evaluate: up to date for checkpoint step %d (%s)', step, out_dir)
       print(summary_markdown(done['summary'], done['seconds'], step,
                              false_alarm_voxels(done.get('cases', []))))
@@ -218,6 +219,12 @@ def evaluate(config, workdir: str):
   logging.info('evaluation (%d cases with ground truth):\n%s', len(per_case), md)
   print(md)
   return summaries
+
+
+def _pictures_complete(out_dir: str, cases: list) -> bool:
+  """Whether every case has its overlay picture (eval.pictures switched on after a finished run
+  makes the evaluation current only once they are drawn)."""
+  return all(os.path.exists(os.path.join(out_dir, 'pictures', f'{c}.png')) for c in cases)
 
 
 def external_masks(folder: str, prep: store_lib.Store, cases: list) -> dict:

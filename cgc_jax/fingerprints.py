@@ -15,7 +15,7 @@ _STAGE_FIELDS = {
 }
 _IGNORED = {'num_workers', 'verify_checksums', 'log_every', 'prefetch', 'export_nifti',
             'every_steps', 'confident', 'input_root', 'pictures', 'output_dir',
-            'save_probabilities', 'progress_every_s',
+            'save_probabilities', 'progress_every_s', 'restart_when_stale',
             'conv_impl'}  # conv_impl: same arithmetic, only speed differs
 
 

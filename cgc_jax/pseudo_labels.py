@@ -76,9 +76,9 @@ def case_pseudo_label(case_id, config, prep_root, prep_fp, out_root, out_fp):
   post = post.astype(np.float16).astype(np.float32)  # what is stored: export and score that
   out = store_lib.Store(out_root, out_fp)
   if config.pseudo_labels.export_nifti or meta['has_label']:
-    mask = geometry.prob_to_original_mask(post, geom, 0.5 if src != 'gmm' else g.threshold)
+    mask = original_mask(config, post, geom)
   if config.pseudo_labels.export_nifti:
-    nifti.write_mask(mask, geom, meta, os.path.join(out_root, 'nifti', f'{case_id}.nii.gz'))
+    nifti.write_mask(mask, geom, meta, export_path(out_root, case_id))
   if meta['has_label']:
     ref = geometry.to_original(np.asarray(prep.read(case_id, 'label_native')), geom.native())
     report['metrics'] = metrics.all_metrics(mask, ref, geom.original_spacing)
@@ -87,6 +87,30 @@ def case_pseudo_label(case_id, config, prep_root, prep_fp, out_root, out_fp):
   out.write(case_id, {'p': p.astype(np.uint8), 'posterior': post.astype(np.float16)},
             {'report': report, 'inputs': case_inputs(config, prep, case_id)})
   return report
+
+
+def original_mask(config, post, geom) -> np.ndarray:
+  """P on the case's original grid (u8) from its stored posterior on the prepared grid."""
+  thr = config.gmm.threshold if config.pseudo_labels.source == 'gmm' else 0.5
+  return geometry.prob_to_original_mask(post, geom, thr)
+
+
+def export_path(out_root: str, case_id: str) -> str:
+  return os.path.join(out_root, 'nifti', f'{case_id}.nii.gz')
+
+
+def export_missing(config, prep: store_lib.Store, out: store_lib.Store, cases: list) -> int:
+  """With pseudo_labels.export_nifti, writes the NIfTI of every finished case that lacks one (the
+  switch turned on after P was made: no mixture is refitted). Returns how many were written."""
+  n = 0
+  for c in cases if config.pseudo_labels.export_nifti else ():
+    if not os.path.exists(export_path(out.root, c)):
+      meta = prep.meta(c)
+      geom = geometry.Geometry.from_json(meta['geometry'])
+      post = np.asarray(out.read(c, 'posterior'), np.float32)
+      nifti.write_mask(original_mask(config, post, geom), geom, meta, export_path(out.root, c))
+      n += 1
+  return n
 
 
 def case_inputs(config, prep: store_lib.Store, case_id: str) -> dict:
@@ -141,6 +165,9 @@ def run(config, workdir) -> list:
                  s['dice']['std'], s['sensitivity']['mean'], s['sensitivity']['std'],
                  s['assd']['mean'], s['assd']['std'])
     store_lib.atomic_write_json(os.path.join(out.root, 'summary.json'), {'rows': rows, 'summary': s})
+  n = export_missing(config, prep, out, done)
+  if n:
+    logging.info('pseudo_labels: exported %d NIfTI masks that were missing', n)
   return done
 
 

@@ -92,9 +92,37 @@ def make_train_step(config, mesh, tx):
                  in_shardings=(repl, data, repl), out_shardings=(repl, repl), donate_argnums=0)
 
 
-def _record(config, step, sampler):
+def _record(config, step, sampler, inputs):
   return {'fields': fingerprints.fields(config, 'train'), 'data_step': int(step),
-          'cases': sampler.case_ids, 'config': json.loads(config.to_json_best_effort())}
+          'cases': sampler.case_ids, 'inputs': inputs,
+          'config': json.loads(config.to_json_best_effort())}
+
+
+def stale_reasons(record: dict, config, inputs: dict) -> list:
+  """Why checkpoints with `record` cannot be continued by this run: the differing train fields, and
+  the cases whose pseudo-labels (`inputs`: case -> P shard identity) changed since. [] = current."""
+  out = fingerprints.diff(record.get('fields', {}), fingerprints.fields(config, 'train'))
+  old = record.get('inputs')
+  if old is not None and old != inputs:
+    changed = sorted(c for c in set(old) | set(inputs) if old.get(c) != inputs.get(c))
+    out.append(f'pseudo-labels of {len(changed)} case(s) changed since: ' + ', '.join(changed[:5]) +
+               (' ...' if len(changed) > 5 else ''))
+  return out
+
+
+def _set_aside(workdir: str, reasons: list, barrier_timeout_s: float) -> str:
+  """Moves stale checkpoints and training logs to WORKDIR/stale-<time>/ (process 0; kept, not
+  deleted), so that training starts over."""
+  dest = os.path.join(workdir, 'stale-' + time.strftime('%Y%m%d-%H%M%S'))
+  if distributed.is_main():
+    os.makedirs(dest, exist_ok=True)
+    for d in (paths.CHECKPOINTS, paths.TRAIN):
+      if os.path.exists(os.path.join(workdir, d)):
+        os.replace(os.path.join(workdir, d), os.path.join(dest, d))
+    logging.warning('train: the checkpoints are stale, training starts over (the old run is kept in '
+                    '%s):\n  %s', dest, '\n  '.join(reasons))
+  distributed.sync('train-set-aside', '', barrier_timeout_s)
+  return dest
 
 
 class _Sigterm:
@@ -134,8 +162,15 @@ def train_and_evaluate(config, workdir: str, periodic_eval=None) -> train_state.
                                        jax.process_index(), jax.process_count())
   num_channels = sampler.num_channels
   tx, sched = train_state.make_optimizer(tcfg)
+  inputs = {c: labels.identity(c) for c in cases}
   ckpt = checkpoint.Checkpointer(paths.checkpoints(workdir), tcfg.keep_checkpoints)
   start = 0
+  if ckpt.latest_step() is not None and tcfg.restart_when_stale:
+    reasons = stale_reasons(ckpt.record(ckpt.latest_step()), config, inputs)
+    if reasons:
+      ckpt.close()
+      _set_aside(workdir, reasons, config.dist.barrier_timeout_s)
+      ckpt = checkpoint.Checkpointer(paths.checkpoints(workdir), tcfg.keep_checkpoints)
   if ckpt.latest_step() is not None:
     # the config first: a different model would otherwise fail as a shape mismatch inside orbax
     checkpoint.check_compatible(ckpt.record(ckpt.latest_step()), config, ckpt.directory)
@@ -182,7 +217,7 @@ def train_and_evaluate(config, workdir: str, periodic_eval=None) -> train_state.
                        f', fine {m["fine"]:.4f}' if 'fine' in m else '', rate, rate * voxels,
                        (tcfg.steps - done) / max(rate, 1e-9))
         if done % tcfg.checkpoint_every == 0 or done == tcfg.steps or term.hit:
-          ckpt.save(done, state, _record(config, done, sampler))
+          ckpt.save(done, state, _record(config, done, sampler, inputs))
         if periodic_eval is not None and config.eval.every_steps and done % config.eval.every_steps == 0:
           means = periodic_eval(state.params, done)
           if log:

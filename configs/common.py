@@ -130,6 +130,9 @@ def base_config() -> ml_collections.ConfigDict:
   t.grad_clip = 1.0  # global-norm clip
   t.log_every = 5  # steps between progress lines / JSONL rows
   t.checkpoint_every = 25  # steps between async orbax saves
+  # Checkpoints made with other train fields or from since-changed pseudo-labels: set aside in
+  # WORKDIR/stale-<time>/ and training starts over (True), or an error naming the differences.
+  t.restart_when_stale = True
   t.keep_checkpoints = 3  # checkpoints kept
   t.prefetch = 2  # batches prepared ahead by host threads
   t.num_workers = 2  # host threads making crops

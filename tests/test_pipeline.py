@@ -143,6 +143,51 @@ def test_predict_from_the_command_line_with_only_the_workdir(tiny_trained, tmp_p
   assert r.returncode != 0 and '--config is required' in r.stderr
 
 
+def _stage_mtimes(wd) -> dict:
+  """Per stage, the mtimes of its outputs."""
+  out = {}
+  for stage, d in (('prepare', 'prepared'), ('pseudo_labels', 'pseudo_labels'),
+                   ('train', 'checkpoints'), ('evaluate', 'eval')):
+    out[stage] = {k: v for k, v in _mtimes(wd).items() if k.startswith(os.path.join(wd, d) + '/')}
+  return out
+
+
+@pytest.mark.slow
+def test_a_changed_field_reruns_its_stage_and_what_follows_only(tmp_path):
+  wd = str(tmp_path / 'wd')
+  cfg = tiny_config(**{'eval.pictures': False, 'pseudo_labels.export_nifti': False})
+  pipeline.run(cfg, wd, 'all')
+  before = _stage_mtimes(wd)
+  # worker counts change nothing that is computed: nothing runs again
+  pipeline.run(tiny_config(**{'eval.pictures': False, 'pseudo_labels.export_nifti': False,
+                              'data.num_workers': 1, 'train.num_workers': 1}), wd, 'all')
+  assert _stage_mtimes(wd) == before
+  # output switches turned on after the run: their outputs appear, nothing is recomputed
+  cfg = tiny_config(**{'eval.pictures': True, 'pseudo_labels.export_nifti': True})
+  pipeline.run(cfg, wd, 'all')
+  cases = sorted(os.listdir(os.path.join(wd, 'prepared', 'cases')))
+  assert sorted(os.listdir(os.path.join(wd, 'pseudo_labels', 'nifti'))) == [
+      f'{c}.nii.gz' for c in cases]
+  assert {f'{c}.png' for c in cases} <= set(os.listdir(os.path.join(wd, 'eval', 'pictures')))
+  after = _stage_mtimes(wd)
+  for stage in ('prepare', 'train'):
+    assert after[stage] == before[stage], stage
+  for f, t in before['pseudo_labels'].items():  # the shards themselves untouched
+    assert after['pseudo_labels'][f] == t, f
+  # an evaluation field: only the evaluation runs again
+  before = after
+  cfg.eval.overlap = 0.25
+  pipeline.run(cfg, wd, 'all')
+  after = _stage_mtimes(wd)
+  assert [s for s in before if after[s] != before[s]] == ['evaluate']
+  # a pseudo-label field: P, training and evaluation run again; the prepared data stay
+  before = after
+  cfg.gmm.seed = 7
+  pipeline.run(cfg, wd, 'all')
+  after = _stage_mtimes(wd)
+  assert [s for s in before if after[s] != before[s]] == ['pseudo_labels', 'train', 'evaluate']
+
+
 def _pad_case(src_dir, dst_dir, case):
   """Copies a phantom case with every volume padded by 2 voxels on each side of each axis."""
   os.makedirs(dst_dir, exist_ok=True)

@@ -106,14 +106,31 @@ def test_exact_resume_sigterm_finished_and_incompatible(tiny_workdir, tmp_path):
   with open(os.path.join(wd, 'train', 'metrics.jsonl')) as f:
     steps = [int(line.split('"step": ')[1].split(',')[0]) for line in f]
   assert steps == [1, 2, 3, 4, 5, 6]
-  # an incompatible config names the differing fields
-  bad = tiny_config(**{'cgc.tau': 0.5, 'train.lr': 0.01})
+  # an incompatible config names the differing fields (with train.restart_when_stale off)
+  bad = tiny_config(**{'cgc.tau': 0.5, 'train.lr': 0.01, 'train.restart_when_stale': False})
   with pytest.raises(checkpoint.IncompatibleCheckpointError) as e:
     train.train_and_evaluate(bad, wd)
   assert 'cgc.tau: 0.2 -> 0.5' in str(e.value) and 'train.lr' in str(e.value)
   # also when the parameters' shapes differ (checked before orbax meets a shape mismatch)
   with pytest.raises(checkpoint.IncompatibleCheckpointError, match=r'model.base: 4 -> 8'):
-    train.train_and_evaluate(tiny_config(**{'model.base': 8}), wd)
+    train.train_and_evaluate(tiny_config(**{'model.base': 8, 'train.restart_when_stale': False}),
+                             wd)
+  # by default stale checkpoints are set aside (kept) and training starts over
+  other = tiny_config(**{'train.lr': 0.01})
+  new = jax.device_get(train.train_and_evaluate(other, wd).params)
+  stale = [d for d in os.listdir(wd) if d.startswith('stale-')]
+  assert len(stale) == 1
+  assert sorted(os.listdir(os.path.join(wd, stale[0]))) == ['checkpoints', 'train']
+  with open(os.path.join(wd, stale[0], 'train', 'metrics.jsonl')) as f:
+    assert len(f.readlines()) == 6  # the old run's log went with its checkpoints
+  with open(os.path.join(wd, 'train', 'metrics.jsonl')) as f:
+    assert len(f.readlines()) == 6  # the new run from step 1
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(new)))
+  rec = checkpoint.Checkpointer(os.path.join(wd, 'checkpoints'), 3).record(6)
+  assert train.stale_reasons(rec, other, rec['inputs']) == []
+  changed = dict(rec['inputs'], **{sorted(rec['inputs'])[0]: 'another digest'})
+  assert train.stale_reasons(rec, other, changed) == [
+      f'pseudo-labels of 1 case(s) changed since: {sorted(rec["inputs"])[0]}']
 
 
 @pytest.mark.slow
