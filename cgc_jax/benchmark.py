@@ -7,10 +7,13 @@
   --what=train      s/step, XLA FLOPs and GFLOP/s of the train step, of its convolutions alone, a
                     matmul peak, peak host memory; bf16 MFU on GPU
   --what=inference  sliding-window time and voxels/s on one volume (default 240x240x155), +- flip TTA
+  --against=torch   train and inference: the same U-Net in PyTorch (torch_peer.py) timed in the same
+                    run, and the ratio (needs `pip install torch`; never needed by the product)
 
 Figures depend on the machine: compare ratios from one run. JAX is imported only by the benchmarks
 that use it, so the prepare benchmark's spawned workers start as fast as the CLI's.
 """
+import dataclasses
 import os
 import resource
 import shutil
@@ -32,6 +35,19 @@ flags.DEFINE_integer('batch', 0, 'train: global batch override (0 = config)')
 flags.DEFINE_string('volume', '240,240,155', 'inference: volume shape')
 flags.DEFINE_bool('tta', True, 'inference: also time flip TTA')
 flags.DEFINE_integer('max_cases', 0, 'prepare/gmm: at most this many cases (0 = all)')
+flags.DEFINE_enum('against', '', ['', 'torch'], 'train/inference: also time this peer in the same run')
+
+
+@dataclasses.dataclass
+class Options:
+  """The command line's options (read once, in main)."""
+  workdir: str = ''
+  steps: int = 3
+  batch: int = 0
+  volume: tuple = (240, 240, 155)
+  tta: bool = True
+  max_cases: int = 0
+  against: str = ''
 
 # Peak dense bf16 FLOP/s by device kind (vendor figures), for MFU.
 _PEAK_BF16 = {'H200': 989e12, 'H100': 989e12, 'A100': 312e12, 'TPU v4': 275e12, 'TPU v5': 459e12}
@@ -49,11 +65,11 @@ def _peak_rss_gb():
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
-def bench_prepare(config):
+def bench_prepare(config, opts: Options):
   from cgc_jax import prepare  # pylint: disable=g-import-not-at-top
-  files = prepare.case_files(config, FLAGS.workdir or tempfile.mkdtemp())
-  if FLAGS.max_cases:
-    files = files[:FLAGS.max_cases]
+  files = prepare.case_files(config, opts.workdir or tempfile.mkdtemp())
+  if opts.max_cases:
+    files = files[:opts.max_cases]
   t0 = time.time()
   nbytes = 0
   for f in files:
@@ -73,12 +89,12 @@ def bench_prepare(config):
          ['what', 'workers', 's/case', 'MB/s', 'x floor'], rows)
 
 
-def bench_gmm(config):
+def bench_gmm(config, opts: Options):
   from cgc_jax import gmm, metrics, paths  # pylint: disable=g-import-not-at-top
-  prep = paths.prepared_store(config, FLAGS.workdir)
-  cases = prep.complete_cases()[:FLAGS.max_cases or None]
+  prep = paths.prepared_store(config, opts.workdir)
+  cases = prep.complete_cases()[:opts.max_cases or None]
   if not cases:
-    raise app.UsageError(f'no prepared cases in {FLAGS.workdir}: run --mode=prepare first')
+    raise app.UsageError(f'no prepared cases in {opts.workdir}: run --mode=prepare first')
   g = config.gmm
   rows = []
   for c in cases:
@@ -139,13 +155,13 @@ def config_channels(config):
   return len(config.data.modalities)
 
 
-def bench_train(config):
+def bench_train(config, opts: Options):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from cgc_jax import distributed, train, train_state, unet  # pylint: disable=g-import-not-at-top
   mesh = distributed.mesh()
-  if FLAGS.batch:
-    config.train.batch_size = FLAGS.batch
+  if opts.batch:
+    config.train.batch_size = opts.batch
   b = config.train.batch_size
   nch = config_channels(config)
   crop = tuple(config.train.crop)
@@ -164,10 +180,10 @@ def bench_train(config):
   state, _ = step(state, batch, key)  # warm-up
   jax.block_until_ready(state)
   t0 = time.time()
-  for _ in range(FLAGS.steps):
+  for _ in range(opts.steps):
     state, m = step(state, batch, key)
   jax.block_until_ready(m)
-  dt = (time.time() - t0) / FLAGS.steps
+  dt = (time.time() - t0) / opts.steps
   # convolutions alone, forward + backward, same shapes and dtype and implementation
   dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[config.model.dtype]
   impl = unet.resolve_conv_impl(config.model.conv_impl)
@@ -191,7 +207,7 @@ def bench_train(config):
     return out
   conv_fn = jax.jit(convs)
   conv_flops = _cost_flops(conv_fn.lower(xs, ks, gs).compile())
-  conv_dt = _time(conv_fn, xs, ks, gs, n=max(1, FLAGS.steps))
+  conv_dt = _time(conv_fn, xs, ks, gs, n=max(1, opts.steps))
   n = 4096 if jax.default_backend() != 'cpu' else 2048
   a = jnp.asarray(rng.normal(size=(n, n)), dtype)
   mm = jax.jit(lambda a: a @ a)
@@ -205,6 +221,15 @@ def bench_train(config):
          ['what', 's', 'GFLOP', 'GFLOP/s', 'voxels/s'], rows)
   print(f'\nstep / convolutions-alone time: {dt / conv_dt:.2f}x; peak host memory '
         f'{_peak_rss_gb():.2f} GB')
+  if opts.against == 'torch':
+    from cgc_jax import torch_peer  # pylint: disable=g-import-not-at-top
+    import torch  # pylint: disable=g-import-not-at-top
+    t_dt = torch_peer.time_train_step(config, nch, opts.steps)
+    _table(f'train step side by side ({crop} x {nch} ch, base {config.model.base}, batch {b}; '
+           f'torch {torch.__version__}, {torch.get_num_threads()} threads)',
+           ['what', 's/step', 'GFLOP/s (XLA count)', 'x matmul peak', 'torch / cgc_jax'],
+           [('cgc_jax (JAX, conv ' + impl + ')', dt, flops / dt / 1e9, flops / dt / mm_rate, ''),
+            ('PyTorch (same U-Net)', t_dt, flops / t_dt / 1e9, flops / t_dt / mm_rate, t_dt / dt)])
   kind = jax.devices()[0].device_kind
   peak = next((v for k, v in _PEAK_BF16.items() if k in kind), None)
   if peak and jax.default_backend() != 'cpu':
@@ -217,17 +242,17 @@ def bench_train(config):
       pass
 
 
-def bench_inference(config):
+def bench_inference(config, opts: Options):
   import jax  # pylint: disable=g-import-not-at-top
   from cgc_jax import distributed, sliding_window, train_state  # pylint: disable=g-import-not-at-top
   mesh = distributed.mesh()
-  shape = tuple(int(v) for v in FLAGS.volume.split(','))
+  shape = tuple(opts.volume)
   nch = config_channels(config)
   params = train_state.init_params(config, jax.random.key(0), nch)['unet']
   params = jax.device_put(params, distributed.replicated(mesh))
   image = np.random.default_rng(0).normal(size=shape + (nch,)).astype(np.float32)
   rows = []
-  for tta in ([False, True] if FLAGS.tta else [False]):
+  for tta in ([False, True] if opts.tta else [False]):
     config.eval.tta_flip = tta
     pred = sliding_window.Predictor(config, mesh)
     n_win = int(np.prod([len(s) for s in sliding_window.compute_steps(
@@ -239,6 +264,12 @@ def bench_inference(config):
     pred.predict_volume(params, image)
     dt = time.time() - t0
     rows.append(('flip TTA (8)' if tta else 'no TTA', n_win, first, dt, np.prod(shape) / dt))
+    if opts.against == 'torch':
+      from cgc_jax import torch_peer  # pylint: disable=g-import-not-at-top
+      t_dt = torch_peer.time_inference(config, nch, shape, pred.window, pred.overlap, pred.gauss,
+                                       pred.batch, tta)
+      rows.append((f'PyTorch, {"flip TTA (8)" if tta else "no TTA"} (torch / cgc_jax '
+                   f'{t_dt / dt:.2f}x)', n_win, '', t_dt, np.prod(shape) / t_dt))
   _table(f'inference: volume {shape} x {nch} ch, window {pred.window}, overlap {pred.overlap}, '
          f'base {config.model.base}, {jax.device_count()} x {jax.devices()[0].device_kind}',
          ['mode', 'windows', 'first call s (compile)', 's', 'voxels/s'], rows)
@@ -247,9 +278,11 @@ def bench_inference(config):
 
 def main(argv):
   del argv
-  config = FLAGS.config
+  opts = Options(workdir=FLAGS.workdir, steps=FLAGS.steps, batch=FLAGS.batch,
+                 volume=tuple(int(v) for v in FLAGS.volume.split(',')), tta=FLAGS.tta,
+                 max_cases=FLAGS.max_cases, against=FLAGS.against)
   {'prepare': bench_prepare, 'gmm': bench_gmm, 'train': bench_train,
-   'inference': bench_inference}[FLAGS.what](config)
+   'inference': bench_inference}[FLAGS.what](FLAGS.config, opts)
 
 
 if __name__ == '__main__':

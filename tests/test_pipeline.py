@@ -236,12 +236,29 @@ def test_offline_stage_modules_do_not_load_jax():
   code = ('import sys\n'
           'import cgc_jax.prepare, cgc_jax.pseudo_labels, cgc_jax.readers, cgc_jax.gmm, '
           'cgc_jax.morphology, cgc_jax.geometry, cgc_jax.store, cgc_jax.parallel, cgc_jax.metrics, '
-          'cgc_jax.errors, cgc_jax.pipeline\n'
+          'cgc_jax.errors, cgc_jax.pipeline, cgc_jax.nifti, cgc_jax.paths, cgc_jax.bookkeeping\n'
           'print(sorted(m for m in sys.modules if m.split(".")[0] in ("jax", "flax", "orbax")))')
   r = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
                      timeout=120)
   assert r.returncode == 0, r.stderr
   assert r.stdout.strip() == '[]'
+
+
+def test_the_product_never_imports_torch():
+  """torch is a benchmark-only peer (torch_peer.py): every other module, the entry points included,
+  loads without it."""
+  import glob  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  mods = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, 'cgc_jax', '*.py')))
+  mods = [m for m in mods if m not in ('__init__', 'torch_peer', 'main', 'experiments', 'benchmark')]
+  code = ('import sys\n' + ''.join(f'import cgc_jax.{m}\n' for m in mods) +
+          'import cgc_jax.main\n'
+          'print(sorted(m for m in sys.modules if m.split(".")[0] == "torch"))')
+  r = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.strip() == '[]' and len(mods) > 20
 
 
 def test_every_user_facing_error_lives_in_errors():
