@@ -1,6 +1,7 @@
 """Demo on embedded phantoms: the whole pipeline in a few minutes on 2 CPU cores.
 
     python -m cgc_jax.main --config=configs/demo.py --workdir=runs/demo
+    python -m cgc_jax.main --config=configs/demo.py:smoke --workdir=runs/smoke   # ~1 min check
 
 Generates 10 BraTS-like phantoms (MNI152 anatomy shipped by nilearn, 1 lesion-free) at 2 mm, prepares
 them at 3 mm, fits the GMM, trains the CGC U-Net for 120 steps and writes eval/summary.md with the P
@@ -16,7 +17,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # pylint: disable=g-import-not-at-top
 
 
-def get_config():
+def get_config(variant: str = ''):
+  """variant 'smoke' (`--config=configs/demo.py:smoke`): every stage in about a minute, to check an
+  install; its figures mean nothing."""
   c = common.base_config()
   c.data.layout = 'phantoms'
   c.data.modalities = ('flair', 't1', 't1ce', 't2')
@@ -37,4 +40,14 @@ def get_config():
   c.train.checkpoint_every = 40
   c.train.log_every = 5
   c.cgc.patch = (3, 3, 2)  # bottleneck is 6x8x6 cells at this crop
+  if variant == 'smoke':
+    c.data.phantoms.num_subjects = 4
+    c.data.target_spacing = (4.0, 4.0, 4.0)
+    c.model.base = 4
+    c.train.crop = (32, 48, 32)
+    c.train.steps = 10
+    c.train.checkpoint_every = 10
+    c.cgc.patch = (2, 2, 2)
+  elif variant:
+    raise ValueError(f'unknown demo variant {variant!r} (smoke)')
   return c
