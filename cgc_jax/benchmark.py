@@ -6,7 +6,8 @@
                     after --mode=prepare)
   --what=train      s/step, XLA FLOPs and GFLOP/s of the train step, of its convolutions alone, a
                     matmul peak, peak host memory; bf16 MFU on GPU
-  --what=inference  sliding-window time and voxels/s on one volume (default 240x240x155), +- flip TTA
+  --what=inference  sliding-window time and voxels/s on one volume (default 240x240x155), +- flip
+  TTA
   --against=torch   train and inference: the same U-Net in PyTorch (torch_peer.py) timed in the same
                     run, and the ratio (needs `pip install torch`; never needed by the product)
 
@@ -35,7 +36,8 @@ flags.DEFINE_integer('batch', 0, 'train: global batch override (0 = config)')
 flags.DEFINE_string('volume', '240,240,155', 'inference: volume shape')
 flags.DEFINE_bool('tta', True, 'inference: also time flip TTA')
 flags.DEFINE_integer('max_cases', 0, 'prepare/gmm: at most this many cases (0 = all)')
-flags.DEFINE_enum('against', '', ['', 'torch'], 'train/inference: also time this peer in the same run')
+flags.DEFINE_enum('against', '', ['', 'torch'],
+                  'train/inference: also time this peer in the same run')
 
 
 @dataclasses.dataclass
@@ -111,11 +113,14 @@ def bench_gmm(config, opts: Options):
     _, p_full, _ = gmm.pseudo_label(image, brain, chans, li, g, c, full_fit=True)
     t_full = time.time() - t0
     rows.append((c, int(brain.sum()), t_sub, t_full, t_full / t_sub, metrics.dice(p_sub, p_full)))
-  rows.append(('mean', '', float(np.mean([r[2] for r in rows])), float(np.mean([r[3] for r in rows])),
-               float(np.mean([r[4] for r in rows])), float(np.mean([r[5] for r in rows]))))
-  _table(f"gmm: K={g.k}, {g.bins} levels per channel, k-means start on {g.subsample} voxels, channels {tuple(g.channels)}",
-         ['case', 'brain voxels', 's (ours)', 's (sklearn, all voxels)', 'speed-up', 'Dice agreement'],
-         rows)
+  rows.append(
+      ('mean', '', float(np.mean([r[2] for r in rows])), float(np.mean([r[3] for r in rows])),
+       float(np.mean([r[4] for r in rows])), float(np.mean([r[5] for r in rows]))))
+  _table(
+      f'gmm: K={g.k}, {g.bins} levels per channel, k-means start on {g.subsample} voxels, '
+      f'channels {tuple(g.channels)}',
+      ['case', 'brain voxels', 's (ours)', 's (sklearn, all voxels)', 'speed-up', 'Dice agreement'],
+      rows)
 
 
 def _cost_flops(compiled):
@@ -214,11 +219,13 @@ def bench_train(config, opts: Options):
   mm_dt = _time(mm, a, n=5)
   mm_rate = 2 * n**3 / mm_dt
   rows = [('train step', dt, flops / 1e9, flops / dt / 1e9, b * np.prod(crop) / dt),
-          ('convolutions alone (fwd+bwd)', conv_dt, conv_flops / 1e9, conv_flops / conv_dt / 1e9, ''),
+          ('convolutions alone (fwd+bwd)', conv_dt, conv_flops / 1e9,
+           conv_flops / conv_dt / 1e9, ''),
           (f'matmul {n}x{n} ({config.model.dtype})', mm_dt, 2 * n**3 / 1e9, mm_rate / 1e9, '')]
-  _table(f'train: {crop} x {nch} ch, base {config.model.base}, global batch {b}, '
-         f'{jax.device_count()} x {jax.devices()[0].device_kind}, conv {impl}, {config.model.dtype}',
-         ['what', 's', 'GFLOP', 'GFLOP/s', 'voxels/s'], rows)
+  _table(
+      f'train: {crop} x {nch} ch, base {config.model.base}, global batch {b}, '
+      f'{jax.device_count()} x {jax.devices()[0].device_kind}, conv {impl}, {config.model.dtype}',
+      ['what', 's', 'GFLOP', 'GFLOP/s', 'voxels/s'], rows)
   print(f'\nstep / convolutions-alone time: {dt / conv_dt:.2f}x; peak host memory '
         f'{_peak_rss_gb():.2f} GB')
   if opts.against == 'torch':
@@ -244,7 +251,8 @@ def bench_train(config, opts: Options):
 
 def bench_inference(config, opts: Options):
   import jax  # pylint: disable=g-import-not-at-top
-  from cgc_jax import distributed, sliding_window, train_state  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from cgc_jax import distributed, sliding_window, train_state
   mesh = distributed.mesh()
   shape = tuple(opts.volume)
   nch = config_channels(config)

@@ -1,9 +1,10 @@
 """Losses of the cross-granularity contrastive (CGC) method, as pure jnp functions.
 
-Notation: B crops; F: f32[B, x, y, z, D] the U-Net bottleneck; P pooled to F's grid gives each cell's
-lesion fraction; a cell is lesion when fraction >= cell_threshold, normal when not lesion (and, with
-normal_in_brain, mostly inside the brain). All reductions are over the GLOBAL batch: under jit with a
-sharded batch, XLA gathers what each loss needs, so every device's vectors are negatives for all.
+Notation: B crops; F: f32[B, x, y, z, D] the U-Net bottleneck; P pooled to F's grid gives each
+cell's lesion fraction; a cell is lesion when fraction >= cell_threshold, normal when not lesion
+(and, with normal_in_brain, mostly inside the brain). All reductions are over the GLOBAL batch:
+under jit with a sharded batch, XLA gathers what each loss needs, so every device's vectors are
+negatives for all.
 """
 import jax
 import jax.numpy as jnp
@@ -12,8 +13,8 @@ import jax.numpy as jnp
 def seg_loss(logits, p, weight):
   """Voxel cross-entropy against P.
 
-  logits: f32[B, X, Y, Z, 2]; p: f32[B, X, Y, Z] in {0, 1}; weight: f32[B, X, Y, Z] (1 where the loss
-  counts, e.g. the brain). Returns sum(weight * CE) / max(sum(weight), 1).
+  logits: f32[B, X, Y, Z, 2]; p: f32[B, X, Y, Z] in {0, 1}; weight: f32[B, X, Y, Z] (1 where the
+  loss counts, e.g. the brain). Returns sum(weight * CE) / max(sum(weight), 1).
   """
   logp = jax.nn.log_softmax(logits, axis=-1)
   ce = -(p * logp[..., 1] + (1.0 - p) * logp[..., 0])
@@ -80,7 +81,8 @@ def cell_masks(p, brain, grid_shape, cell_threshold, normal_in_brain):
 
 
 def masked_mean(feats, mask):
-  """feats: f32[..., N, D], mask: bool[..., N] -> (mean f32[..., D], count f32[...]); 0 when empty."""
+  """feats: f32[..., N, D], mask: bool[..., N] -> (mean f32[..., D], count f32[...]); 0 when
+  empty."""
   m = mask.astype(feats.dtype)
   count = m.sum(-1)
   mean = jnp.einsum('...nd,...n->...d', feats, m) / jnp.maximum(count, 1.0)[..., None]

@@ -1,7 +1,7 @@
 """orbax checkpoints of the train state plus a JSON record (config fields, data-iterator state).
 
-A checkpoint at step s holds the state AFTER s optimiser steps; the data iterator resumes at batch s.
-Saves are asynchronous (orbax writes in a background thread after copying arrays to host), so the
+A checkpoint at step s holds the state AFTER s optimiser steps; the data iterator resumes at batch
+s. Saves are asynchronous (orbax writes in a background thread after copying arrays to host), so the
 donated state can be reused at once. If the newest checkpoint cannot be read, restore falls back to
 the previous one with a warning naming both steps.
 """
@@ -21,10 +21,9 @@ class Checkpointer:
 
   def __init__(self, directory: str, keep: int, async_save: bool = True):
     self.directory = os.path.abspath(directory)
-    self.manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                             create=True))
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                           create=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self):
     return self.manager.latest_step()

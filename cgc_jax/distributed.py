@@ -2,7 +2,8 @@
 
 One function owns start-up (`initialize`); one helper turns each process's NumPy slice into the
 global batch (`global_batch`), naming the array that failed; `sync` is the offline stages' barrier
-(with a timeout that names the missing processes); `gather` brings a global array back to every host.
+(with a timeout that names the missing processes); `gather` brings a global array back to every
+host.
 
 Multi-process jobs use JAX's multi-controller runtime: every process runs the same program, owns its
 local devices, and the coordination service (started by process 0) carries heartbeats: if a process
@@ -55,7 +56,8 @@ def initialize(dist_cfg=None):
   """
   global _INITIALIZED
   d = dist_cfg
-  get = lambda k, default: d[k] if d is not None and k in d else default  # pylint: disable=unnecessary-lambda-assignment
+  # pylint: disable-next=unnecessary-lambda-assignment
+  get = lambda k, default: d[k] if d is not None and k in d else default
   if not _INITIALIZED:
     coord = _setting(get('coordinator_address', ''), 'JAX_COORDINATOR_ADDRESS', '')
     cluster = 'auto-detect' if get('auto_detect', False) else _detected_cluster()
@@ -82,8 +84,9 @@ def initialize(dist_cfg=None):
   if expected and jax.device_count() != expected:
     raise DistributedError(
         f'expected {expected} devices (dist.expected_devices), found {jax.device_count()} over '
-        f'{jax.process_count()} processes ({jax.local_device_count()} here). Under SLURM, give each '
-        'process all its node\'s GPUs (--gpus-per-task) or run one process per GPU, deliberately.')
+        f'{jax.process_count()} processes ({jax.local_device_count()} here). Under SLURM, give '
+        'each process all its node\'s GPUs (--gpus-per-task) or run one process per GPU, '
+        'deliberately.')
 
 
 def mesh() -> Mesh:
@@ -99,7 +102,8 @@ def replicated(m: Mesh) -> NamedSharding:
 
 
 def global_batch(local: dict, sharding: NamedSharding) -> dict:
-  """{name: np[B_local, ...]} of this process -> {name: jax.Array[B_global, ...]} sharded on batch."""
+  """{name: np[B_local, ...]} of this process -> {name: jax.Array[B_global, ...]} sharded on
+  batch."""
   out = {}
   for k, v in local.items():
     try:
@@ -129,10 +133,10 @@ def share(items: list) -> list:
 def sync(name: str, error: str = '', timeout_s: float = 3600.0):
   """Barrier for the offline stages: every process posts its outcome under `name` and waits for all.
 
-  `error` is this process's failure message ('' = fine). Raises DistributedError naming the processes
-  that did not arrive within `timeout_s`, or carrying every failed process's message, so that all
-  processes stop together with the same explanation. Calls with the same name are numbered (every
-  process makes the same calls in the same order).
+  `error` is this process's failure message ('' = fine). Raises DistributedError naming the
+  processes that did not arrive within `timeout_s`, or carrying every failed process's message, so
+  that all processes stop together with the same explanation. Calls with the same name are numbered
+  (every process makes the same calls in the same order).
   """
   n = jax.process_count()
   if n == 1:

@@ -1,4 +1,5 @@
-"""Every error type cgc_jax raises on purpose, importable without JAX (offline-stage workers, `main`).
+"""Every error type cgc_jax raises on purpose, importable without JAX (offline-stage workers,
+`main`).
 
 The command line turns every error in `USER_ERRORS` into one paragraph on stderr and exit code 2;
 the modules that raise them keep their old names as aliases (`readers.DataError` is

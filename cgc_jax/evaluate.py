@@ -1,5 +1,6 @@
-"""Evaluate and predict stages: restore a checkpoint, sliding-window inference, masks on the original
-grid, per-case metrics with the GMM (P) row beside the network's, summary table and pictures.
+"""Evaluate and predict stages: restore a checkpoint, sliding-window inference, masks on the
+original grid, per-case metrics with the GMM (P) row beside the network's, summary table and
+pictures.
 
 Outputs (WORKDIR/eval/): predictions/<case>.nii.gz (u8, original grid and affine), cases.csv,
 summary.json, summary.md, pictures/<case>.png, pictures/dice.png; with eval.predictions_dir, masks
@@ -30,10 +31,11 @@ from cgc_jax import sliding_window
 from cgc_jax import store as store_lib
 from cgc_jax import train_state
 
-CONVENTIONS = ('Dice and sensitivity on the original grid; ASSD and HD95 in mm (medpy >= 0.5 '
-               'definitions: surface = mask minus its 6-connected erosion; ASSD = mean of the '
-               'surface distances of both directions pooled). Both masks empty: Dice 1, ASSD 0; '
-               'exactly one empty: Dice 0, ASSD NaN (counted in "ASSD NaN", excluded from its mean).')
+CONVENTIONS = (
+    'Dice and sensitivity on the original grid; ASSD and HD95 in mm (medpy >= 0.5 '
+    'definitions: surface = mask minus its 6-connected erosion; ASSD = mean of the '
+    'surface distances of both directions pooled). Both masks empty: Dice 1, ASSD 0; '
+    'exactly one empty: Dice 0, ASSD NaN (counted in "ASSD NaN", excluded from its mean).')
 
 
 def restore_params(config, workdir, mesh, num_channels: int):
@@ -99,7 +101,8 @@ def predict_cases(config, prep: store_lib.Store, cases, params, predictor, out_d
     prob, mask = segment_prepared(config, predictor, params, image, brain, geom, evidence)
     if distributed.is_main():
       nifti.write_mask(mask, geom, meta, os.path.join(out_dir, f'{c}.nii.gz'))
-      if config.eval.get('save_probabilities', False):  # lesion probability on the original grid (0 outside)
+      if config.eval.get('save_probabilities',
+                         False):  # lesion probability on the original grid (0 outside)
         nifti.write_image(geometry.to_original(prob.astype(np.float32), geom, order=1), geom, meta,
                           os.path.join(out_dir, f'{c}_prob.nii.gz'))
     out[c] = (prob, mask)
@@ -128,8 +131,10 @@ def false_alarm_voxels(per_case: list) -> dict:
 
 
 def summary_markdown(summaries: dict, seconds: float, step: int, false_alarms=None) -> str:
-  lines = ['| method | cases | Dice | Sensitivity | ASSD [mm] | HD95 [mm] | ASSD NaN | empty pred |',
-           '| --- | --- | --- | --- | --- | --- | --- | --- |']
+  lines = [
+      '| method | cases | Dice | Sensitivity | ASSD [mm] | HD95 [mm] | ASSD NaN | empty pred |',
+      '| --- | --- | --- | --- | --- | --- | --- | --- |'
+  ]
   for name, s in summaries.items():
     lines.append(f'| {name} | {s["cases"]} | {_fmt(s, "dice")} | {_fmt(s, "sensitivity")} | '
                  f'{_fmt(s, "assd")} | {_fmt(s, "hd95")} | {s["assd"]["nan_cases"]} | '
@@ -349,7 +354,8 @@ def selected_step(config, workdir, steps: list) -> int:
   """The checkpointed step that eval.select's label-free signal prefers (no ground truth used)."""
   rule = config.eval.select
   if rule not in SELECT_RULES:
-    raise errors.StageError(f'eval.select={rule!r}: expected latest or one of {sorted(SELECT_RULES)}')
+    raise errors.StageError(
+        f'eval.select={rule!r}: expected latest or one of {sorted(SELECT_RULES)}')
   track = [r for r in read_track(workdir) if r['step'] in steps]
   if not track:
     raise errors.StageError(

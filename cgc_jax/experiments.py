@@ -14,8 +14,8 @@ sensitivity and ASSD, the std of the per-seed mean Dice across seeds, and run ti
 Dice and the signals against steps and scores the label-free stopping rules (STOP_RULES) on every
 tracked run.
 
-Mini-patch sizes z are given as fractions of the bottleneck (1/2, 1/4, 1/8 of each axis, at least 1):
-the paper's 12x12x4, 6x6x2 and 3x3x1 are those fractions of its 24x24x8 bottleneck (192x192x64
+Mini-patch sizes z are given as fractions of the bottleneck (1/2, 1/4, 1/8 of each axis, at least
+1): the paper's 12x12x4, 6x6x2 and 3x3x1 are those fractions of its 24x24x8 bottleneck (192x192x64
 crops), and a smaller crop keeps the same relation.
 """
 import json
@@ -42,8 +42,8 @@ flags.DEFINE_enum('table', 'methods', list(TABLE_NAMES), 'which table')
 flags.DEFINE_string('channels', '', 'pseudo_labels table: extra rows with these GMM channel sets, '
                     '";"-separated, e.g. "flair,t1;flair,t1,t2"')
 flags.DEFINE_string('seeds', '0,1', 'training seeds, comma separated')
-flags.DEFINE_integer('track_every', -1, 'eval.every_steps of every trained run (-1: train.steps // 6; '
-                     '0: no tracking)')
+flags.DEFINE_integer('track_every', -1, 'eval.every_steps of every trained run '
+                     '(-1: train.steps // 6; 0: no tracking)')
 flags.DEFINE_bool('verbose', False, 'Show Python tracebacks for data and stage errors.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -92,11 +92,14 @@ TABLES = {
     ],
     # not a paper table: how much the CGC terms' weight (both lambdas) matters
     'weights': [(f'full CGC, lambda = {w}', 'gmm',
-                 dict(_FULL, **{'cgc.lambda_coarse': w, 'cgc.lambda_fine': w})) for w in (0.1, 1.0)],
+                 dict(_FULL, **{'cgc.lambda_coarse': w, 'cgc.lambda_fine': w}))
+                for w in (0.1, 1.0)],
 }
 
-# The pseudo-label variants (P only, no training): each rule of the pseudo-label stage added in turn.
-_MRI_SIX = ('flair,t1:4', 'flair,t1:5', 'flair,t1,t2:4', 'flair,t1,t2:5', 'flair,t2:4', 'flair,t2:5')
+# The pseudo-label variants (P only, no training): each rule of the pseudo-label stage added in
+# turn.
+_MRI_SIX = ('flair,t1:4', 'flair,t1:5', 'flair,t1,t2:4', 'flair,t1,t2:5', 'flair,t2:4',
+            'flair,t2:5')
 _OFF = {'gmm.ensemble': (), 'gmm.open_iterations': 0, 'gmm.keep_fraction': 0.0,
         'gmm.fill_holes': False, 'gmm.grow_mm': 0.0, 'gmm.min_contrast': float('-inf')}
 _CLEAN = {'gmm.open_iterations': 1, 'gmm.keep_fraction': 0.1, 'gmm.fill_holes': True}
@@ -226,7 +229,8 @@ def score_rules(tracks: list) -> dict:
     best = [max(r['dice'] for r in t) for t in tracks]
     gaps = [b - c['dice'] for b, c in zip(best, chosen)]
     out[name] = {'runs': len(tracks), 'step': float(np.mean([c['step'] for c in chosen])),
-                 'dice': float(np.mean([c['dice'] for c in chosen])), 'oracle': float(np.mean(best)),
+                 'dice': float(np.mean([c['dice'] for c in chosen])),
+                 'oracle': float(np.mean(best)),
                  'gap': float(np.mean(gaps)), 'within_0.01': int(sum(g <= 0.01 for g in gaps))}
   return out
 
@@ -255,7 +259,8 @@ def _length_summary(per_seed_tracks: dict) -> dict:
 
 
 def channel_rows(spec: str) -> list:
-  """'flair,t1;flair,t1,t2' -> pseudo_labels rows with those GMM channel sets (cleanup as configured)."""
+  """'flair,t1;flair,t1,t2' -> pseudo_labels rows with those GMM channel sets (cleanup as
+  configured)."""
   return [(f'one mixture of {"+".join(ch)} (K as configured) + cleanup', 'gmm',
            ('P', dict(_OFF, **_CLEAN, **{'gmm.channels': ch})))
           for ch in (tuple(c.strip() for c in g.split(',') if c.strip()) for g in spec.split(';'))
@@ -338,20 +343,22 @@ def markdown(table: str, results: dict, config) -> str:
       name += ' (its P: {:.4f})'.format(np.mean([r[-1] for r in s['round_p_dice'].values()]))
     lines.append(f'| {name} | {s["dice"]["mean"]:.4f} +- {s["dice"]["std"]:.4f} | '
                  f'{"-" if math.isnan(sd) else f"{sd:.4f}"} | {s["sensitivity"]["mean"]:.4f} +- '
-                 f'{s["sensitivity"]["std"]:.4f} | {s["assd"]["mean"]:.2f} +- {s["assd"]["std"]:.2f} | '
-                 f'{s["seconds"]:.0f} |')
+                 f'{s["sensitivity"]["std"]:.4f} | {s["assd"]["mean"]:.2f} +- '
+                 f'{s["assd"]["std"]:.2f} | {s["seconds"]:.0f} |')
   return '\n'.join(lines) + '\n'
 
 
 def p_markdown(results: dict, config) -> str:
-  """The pseudo-label table: per row mean +- std, empty masks, seconds per case, then Dice per case."""
+  """The pseudo-label table: per row mean +- std, empty masks, seconds per case, then Dice per
+  case."""
   lines = [f'Table `pseudo_labels` ({config.data.layout}; P alone against the ground truth on each '
            'scan\'s original grid; deterministic, so no seeds)', '',
            '| row | Dice | Sensitivity | ASSD [mm] | empty P | s/case |', '| --- ' * 6 + '|']
   for name, s in results.items():
     lines.append(f'| {name} | {s["dice"]["mean"]:.4f} +- {s["dice"]["std"]:.4f} | '
                  f'{s["sensitivity"]["mean"]:.4f} | {s["assd"]["mean"]:.2f} | '
-                 f'{s["empty_pred_cases"]}/{s["cases"]} | {s.get("seconds_per_case", float("nan")):.2f} |')
+                 f'{s["empty_pred_cases"]}/{s["cases"]} | '
+                 f'{s.get("seconds_per_case", float("nan")):.2f} |')
   cases = sorted({c for s in results.values() for c in s.get('per_case', {})})
   if cases:
     names = list(results)
@@ -388,9 +395,9 @@ def length_markdown(results: dict, config) -> str:
     lines.append('')
   if rules:
     n = next(iter(rules.values()))['runs']
-    lines += [f'Label-free stopping rules on every tracked run of this workdir ({n} runs, any table, '
-              'none trained on the ground truth): Dice at the step each rule keeps against the best '
-              'step of the same run (oracle).', '',
+    lines += [f'Label-free stopping rules on every tracked run of this workdir ({n} runs, any '
+              'table, none trained on the ground truth): Dice at the step each rule keeps against '
+              'the best step of the same run (oracle).', '',
               '| rule | mean step kept | Dice kept | oracle Dice | mean gap | runs within 0.01 |',
               '| --- | --- | --- | --- | --- | --- |']
     for name, r in rules.items():

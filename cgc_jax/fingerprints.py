@@ -1,7 +1,8 @@
 """Stage fingerprints: a hash of the config fields a stage's output depends on.
 
-A stage's output is stale when its recorded fingerprint differs from the current config's; `--mode=all`
-re-runs stale stages. Fields that do not change the output (worker counts, logging) are left out.
+A stage's output is stale when its recorded fingerprint differs from the current config's;
+`--mode=all` re-runs stale stages. Fields that do not change the output (worker counts, logging) are
+left out.
 """
 import hashlib
 import json

@@ -1,10 +1,10 @@
 """Grid geometry: canonical (RAS) reorientation, brain-box crop, resampling, and the exact way back.
 
-Forward (prepare): original array -> RAS canonical -> crop to the brain box (+margin) -> resample to the
-target spacing. `to_original` undoes all three for any array on the prepared grid, so pseudo-labels and
-predictions are written on each case's ORIGINAL grid with its original affine. Resampling uses the
-same index map both ways: prepared voxel i sits at cropped-canonical voxel i * scale, with
-scale = target_spacing / native_spacing (voxel centres aligned at index 0).
+Forward (prepare): original array -> RAS canonical -> crop to the brain box (+margin) -> resample to
+the target spacing. `to_original` undoes all three for any array on the prepared grid, so
+pseudo-labels and predictions are written on each case's ORIGINAL grid with its original affine.
+Resampling uses the same index map both ways: prepared voxel i sits at cropped-canonical voxel i *
+scale, with scale = target_spacing / native_spacing (voxel centres aligned at index 0).
 """
 import dataclasses
 import nibabel as nib

@@ -137,7 +137,8 @@ def em(cent, counts, scatter, init: dict, reg_covar: float, max_iter: int, tol: 
     covs = np.empty((means.shape[0], d, d))
     for j in range(means.shape[0]):
       dev = cent - means[j]
-      covs[j] = ((r[:, j, None] * dev).T @ dev + np.einsum('m,mij->ij', resp[:, j], scatter)) / nk[j]
+      covs[j] = (
+          (r[:, j, None] * dev).T @ dev + np.einsum('m,mij->ij', resp[:, j], scatter)) / nk[j]
       covs[j].flat[::d + 1] += reg_covar
     mix = Mixture(nk / n, means, covs)
   return mix, False, max_iter
@@ -190,7 +191,8 @@ def lesion_components(means: np.ndarray, gcfg, lesion_col: int, hu_scale=None) -
     return [int(np.argmax(means[:, lesion_col]))]
   if gcfg.rule == 'hu_range':
     lo, hi = gcfg.hu_range
-    hu = means[:, lesion_col] if hu_scale is None else hu_scale[0] + means[:, lesion_col] * hu_scale[1]
+    hu = means[:,
+               lesion_col] if hu_scale is None else hu_scale[0] + means[:, lesion_col] * hu_scale[1]
     return [int(j) for j in np.nonzero((hu >= lo) & (hu <= hi))[0]]
   raise ValueError(f'unknown gmm.rule {gcfg.rule!r} (max_mean | hu_range)')
 
@@ -214,7 +216,8 @@ def pseudo_label(image: np.ndarray, brain: np.ndarray, channels: list, lesion_ch
   if n < 10 * gcfg.k:
     report.update(status='brain_too_small', lesion_fraction=0.0, seconds=time.time() - t0)
     return post, post.astype(np.uint8), report
-  sub = x_all if n <= gcfg.subsample else x_all[np.sort(rng.choice(n, gcfg.subsample, replace=False))]
+  sub = x_all if n <= gcfg.subsample else x_all[np.sort(rng.choice(n, gcfg.subsample,
+                                                                   replace=False))]
   distinct = np.unique(sub, axis=0).shape[0]
   k = int(min(gcfg.k, distinct))
   if k < gcfg.k:
@@ -275,9 +278,10 @@ def consensus(image: np.ndarray, brain: np.ndarray, modalities: list, gcfg, case
             gcfg.lesion_channel in ch]
   skipped = [f'{",".join(ch)}:{k}' for ch, k in specs if (ch, k) not in usable]
   if not usable:
-    raise ValueError(f'no gmm member can be fitted: members {list(gcfg.ensemble) or [gcfg.channels]}'
-                     f' need channels (and lesion channel {gcfg.lesion_channel!r}) among the '
-                     f'prepared modalities {modalities}')
+    raise ValueError(
+        f'no gmm member can be fitted: members {list(gcfg.ensemble) or [gcfg.channels]}'
+        f' need channels (and lesion channel {gcfg.lesion_channel!r}) among the '
+        f'prepared modalities {modalities}')
   member_cfg = gcfg.copy_and_resolve_references()
   posts, masks, members = [], [], []
   for ch, k in usable:
@@ -336,7 +340,8 @@ def consistent_posterior(post: np.ndarray, p: np.ndarray, threshold: float) -> n
 
 
 def hu_scale(config):
-  """CT: (HU at 0, HU per unit) of the prepared [0, 1] window, for the mixture's HU rule; else None."""
+  """CT: (HU at 0, HU per unit) of the prepared [0, 1] window, for the mixture's HU rule; else
+  None."""
   if config.data.kind != 'ct':
     return None
   lo, hi = config.data.ct_window

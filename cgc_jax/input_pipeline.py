@@ -6,7 +6,8 @@ foreground choice, flips and intensity jitter from `default_rng([seed, s, j])`. 
 whole state is the next step number (saved in every checkpoint), resume is exact, and the batch does
 not depend on how many processes or threads build it. Each process builds only its own slots
 [process_index * B_local, (process_index + 1) * B_local) and opens only the cases those slots draw
-(on first use); crops read the memory-mapped shards, so a crop reads about the crop only. Host threads build the next `prefetch` batches ahead.
+(on first use); crops read the memory-mapped shards, so a crop reads about the crop only. Host
+threads build the next `prefetch` batches ahead.
 
 Example contract (one slot): image f32[X, Y, Z, C], p f32[X, Y, Z] (P in {0, 1}),
 brain f32[X, Y, Z], and posterior f32[X, Y, Z] (P's soft posterior) when train.confidence_gamma > 0;

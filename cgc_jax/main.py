@@ -1,5 +1,5 @@
-"""cgc_jax entry point: `python -m cgc_jax.main --config=configs/X.py --workdir=DIR [--mode=...]`, or
-after `pip install .` the `cgc-jax` command, where `--config=demo` names a config shipped in the
+"""cgc_jax entry point: `python -m cgc_jax.main --config=configs/X.py --workdir=DIR [--mode=...]`,
+or after `pip install .` the `cgc-jax` command, where `--config=demo` names a config shipped in the
 package (a path works everywhere).
 
 Modes: all (default: every stage whose output is missing or stale), verify, prepare, pseudo_labels,
@@ -21,9 +21,11 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Path to a configs/*.py file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Run folder: prepared data, labels, checkpoints, reports.')
 flags.DEFINE_enum('mode', 'all', pipeline.MODES, 'Stage(s) to run.')
-flags.DEFINE_bool('verbose', False, 'Show Python tracebacks for data and stage errors, and orbax INFO logs.')
-flags.DEFINE_string('input', None, 'Predict: new scans (a NIfTI file, a case folder, a folder of cases '
-                    'or an nnU-Net imagesTs folder); sets eval.input_root.')
+flags.DEFINE_bool('verbose', False,
+                  'Show Python tracebacks for data and stage errors, and orbax INFO logs.')
+flags.DEFINE_string(
+    'input', None, 'Predict: new scans (a NIfTI file, a case folder, a folder of cases '
+    'or an nnU-Net imagesTs folder); sets eval.input_root.')
 flags.DEFINE_string('output', None, 'Predict: folder for the masks; sets eval.output_dir.')
 flags.DEFINE_bool('probabilities', False, 'Predict: also write <case>_prob.nii.gz (lesion '
                   'probability); sets eval.save_probabilities.')

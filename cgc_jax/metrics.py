@@ -1,14 +1,16 @@
-"""Segmentation metrics on binary masks: Dice, sensitivity, ASSD and HD95 (medpy >= 0.5 definitions).
+"""Segmentation metrics on binary masks: Dice, sensitivity, ASSD and HD95 (medpy >= 0.5
+definitions).
 
 Conventions (also written into every report):
   * both masks empty: Dice 1, sensitivity 1, ASSD 0, HD95 0;
   * exactly one empty: Dice 0, sensitivity 0 (or 1 if the reference is empty), ASSD and HD95 NaN;
     reports count these cases instead of dropping them.
-Surface voxels = mask minus its 6-connected erosion (medpy's `__surface_distances`). Distances are in
-mm from the REFERENCE's voxel spacing, given as `spacing` (one value per axis, anisotropy allowed).
-ASSD pools the surface distances of both directions and takes one mean (medpy >= 0.5, MONAI's
-`compute_average_surface_distance(symmetric=True)`); the mean of the two one-way means (medpy < 0.5)
-weights the mask with the smaller surface more and differs by millimetres on uneven masks.
+Surface voxels = mask minus its 6-connected erosion (medpy's `__surface_distances`). Distances are
+in mm from the REFERENCE's voxel spacing, given as `spacing` (one value per axis, anisotropy
+allowed). ASSD pools the surface distances of both directions and takes one mean (medpy >= 0.5,
+MONAI's `compute_average_surface_distance(symmetric=True)`); the mean of the two one-way means
+(medpy < 0.5) weights the mask with the smaller surface more and differs by millimetres on uneven
+masks.
 """
 import numpy as np
 from scipy import ndimage
@@ -91,8 +93,11 @@ def summarise(rows: list, keys=('dice', 'sensitivity', 'assd', 'hd95')) -> dict:
   for k in keys:
     v = np.array([r[k] for r in rows], np.float64)
     ok = v[np.isfinite(v)]
-    out[k] = {'mean': float(ok.mean()) if ok.size else float('nan'),
-              'std': float(ok.std()) if ok.size else float('nan'), 'nan_cases': int((~np.isfinite(v)).sum())}
+    out[k] = {
+        'mean': float(ok.mean()) if ok.size else float('nan'),
+        'std': float(ok.std()) if ok.size else float('nan'),
+        'nan_cases': int((~np.isfinite(v)).sum())
+    }
   out['empty_pred_cases'] = int(sum(r['pred_voxels'] == 0 for r in rows))
   out['empty_ref_cases'] = int(sum(r['ref_voxels'] == 0 for r in rows))
   return out

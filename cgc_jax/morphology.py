@@ -3,7 +3,8 @@
 Every function takes and returns `bool[X, Y, Z]` on one grid (the prepared grid in the pipeline).
 Components are 26-connected (a lesion touching itself only across a voxel corner is still one
 lesion); holes are background not connected to the volume's border, in 3D and in every axial,
-coronal and sagittal slice (a necrotic core open to one side in 3D is still enclosed in most slices).
+coronal and sagittal slice (a necrotic core open to one side in 3D is still enclosed in most
+slices).
 """
 import numpy as np
 from scipy import ndimage
@@ -60,7 +61,8 @@ def cleanup(mask: np.ndarray, brain: np.ndarray, open_iterations: int, keep_frac
             min_voxels: int, fill: bool) -> np.ndarray:
   """The pseudo-label cleanup, in this order: opening (cuts thin bridges and one-voxel rims along
   the brain edge), components below `min_voxels` dropped, components below `keep_fraction` of the
-  largest dropped, holes filled (a dark necrotic core inside bright oedema), restricted to `brain`."""
+  largest dropped, holes filled (a dark necrotic core inside bright oedema), restricted to
+  `brain`."""
   m = np.asarray(mask, bool)
   if open_iterations > 0:
     m = ndimage.binary_opening(m, iterations=open_iterations)

@@ -1,5 +1,5 @@
-"""NIfTI in and out: every volume cgc_jax reads (with the checks that name the file) and every mask or
-probability map it writes (on the scan's original grid, with its affine).
+"""NIfTI in and out: every volume cgc_jax reads (with the checks that name the file) and every mask
+or probability map it writes (on the scan's original grid, with its affine).
 """
 import dataclasses
 import gzip
@@ -30,12 +30,14 @@ def open_nifti(path: str):
     return nib.load(path)
   with gzip.open(path, 'rb') as f:
     raw = f.read()  # verifies the stream's CRC and length at its end
-  klass = nib.Nifti2Image if raw[:4] in (b'\x1c\x02\x00\x00', b'\x00\x00\x02\x1c') else nib.Nifti1Image
+  klass = nib.Nifti2Image if raw[:4] in (b'\x1c\x02\x00\x00',
+                                         b'\x00\x00\x02\x1c') else nib.Nifti1Image
   return klass.from_bytes(raw)
 
 
 def load_volume(path: str, problems: list):
-  """Loads one NIfTI as float32 3D + (affine, spacing, header); problems appended, None on failure."""
+  """Loads one NIfTI as float32 3D + (affine, spacing, header); problems appended, None on
+  failure."""
   try:
     img = open_nifti(path)
   except (EOFError, zlib.error, gzip.BadGzipFile) as e:
@@ -73,7 +75,8 @@ def load_volume(path: str, problems: list):
 
 
 def has_spatial_info(header) -> bool:
-  """False for a NIfTI header whose qform and sform codes are both 0 (no orientation, no position)."""
+  """False for a NIfTI header whose qform and sform codes are both 0 (no orientation, no
+  position)."""
   try:
     return int(header['qform_code']) > 0 or int(header['sform_code']) > 0
   except (KeyError, TypeError, ValueError):  # not a NIfTI header: trust its affine
@@ -82,7 +85,8 @@ def has_spatial_info(header) -> bool:
 
 def write_image(array, geom, prep_meta: dict, path: str):
   """Writes `array` (already on the case's ORIGINAL grid: u8 mask or f32 probability) with the
-  original affine and the input's qform/sform codes, atomically (a temporary file, then a rename)."""
+  original affine and the input's qform/sform codes, atomically (a temporary file, then a
+  rename)."""
   os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
   affine = np.asarray(geom.original_affine)
   img = nib.Nifti1Image(array, affine)

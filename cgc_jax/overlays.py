@@ -38,7 +38,8 @@ def write_all(out_dir, prep, cases, probs, p_masks, per_case, p_name, n_name):
     image = np.asarray(prep.read(c, 'image')[..., 0], np.float32)
     gt = np.asarray(prep.read(c, 'label')) > 0 if prep.meta(c)['has_label'] else None
     r = rows.get(c, {})
-    title = f'{c}  Dice P {r.get("p_dice", float("nan")):.3f}  net {r.get("net_dice", float("nan")):.3f}'
+    title = (f'{c}  Dice P {r.get("p_dice", float("nan")):.3f}  '
+             f'net {r.get("net_dice", float("nan")):.3f}')
     case_figure(image, {'ground truth': gt, 'P': p_masks.get(c), 'network': probs[c] > 0.5}, title,
                 os.path.join(d, f'{c}.png'))
   if per_case:
@@ -57,7 +58,8 @@ def write_all(out_dir, prep, cases, probs, p_masks, per_case, p_name, n_name):
 
 def write_predictions(out_dir, prep, cases, probs):
   """Predict mode: out_dir/pictures/<case>.png, the first channel with the network's contour on the
-  slice of largest predicted area (no ground truth, no P). probs: case -> f32[X, Y, Z] prepared grid."""
+  slice of largest predicted area (no ground truth, no P). probs: case -> f32[X, Y, Z] prepared
+  grid."""
   d = os.path.join(out_dir, 'pictures')
   os.makedirs(d, exist_ok=True)
   for c in cases:

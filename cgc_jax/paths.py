@@ -32,7 +32,8 @@ def pl_store(config, workdir: str) -> store_lib.Store:
 
 def predict_store(config, workdir: str) -> store_lib.Store:
   """New scans prepared for --mode=predict (apart from the training data)."""
-  return store_lib.Store(os.path.join(workdir, PREDICT, PREPARED), fingerprints.of(config, 'prepare'))
+  return store_lib.Store(os.path.join(workdir, PREDICT, PREPARED),
+                         fingerprints.of(config, 'prepare'))
 
 
 def checkpoints(workdir: str) -> str:

@@ -63,7 +63,8 @@ def ensure(config, root: str) -> str:
     os.makedirs(d, exist_ok=True)
     for name, v in vols.items():
       _save(v, affine, os.path.join(d, f'{case_id}_{name}.nii.gz'))
-    _save(label, affine, os.path.join(d, f'{case_id}_{"label" if p.kind == "ct" else "seg"}.nii.gz'))
+    _save(label, affine, os.path.join(d,
+                                      f'{case_id}_{"label" if p.kind == "ct" else "seg"}.nii.gz'))
   store_lib.atomic_write_text(marker, settings)
   return root
 
@@ -102,7 +103,8 @@ def _deform(anatomy, rng, amplitude_vox):
 
 
 def _tumour(rng, tissue, shape):
-  """Fractions (oedema, enhancing, necrosis) of an irregular glioma, or zeros if it misses the brain."""
+  """Fractions (oedema, enhancing, necrosis) of an irregular glioma, or zeros if it misses the
+  brain."""
   wm_idx = np.argwhere(tissue['wm'] > 0.6)
   centre = wm_idx[rng.integers(len(wm_idx))].astype(np.float32)
   radii = rng.uniform(5, 11, 3).astype(np.float32)  # voxels (2 mm) of the oedema

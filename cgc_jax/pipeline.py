@@ -40,7 +40,8 @@ def quiet_library_logs():
 
 def cli(fn, verbose: bool):
   """Runs fn() for a command-line entry point: quiet library logs, and a user error (bad data, a
-  stage failure, an unusable workdir) as one paragraph on stderr and exit 2 (traceback: --verbose)."""
+  stage failure, an unusable workdir) as one paragraph on stderr and exit 2 (traceback:
+  --verbose)."""
   if not verbose:
     quiet_library_logs()
   try:
@@ -108,11 +109,13 @@ def _check_workdir(workdir: str, min_free_gb: float):
       if os.path.exists(probe):
         os.remove(probe)
   except OSError as e:
-    raise WorkdirError(f'{workdir}: workdir is not writable ({e.strerror}); nothing was done') from e
+    raise WorkdirError(
+        f'{workdir}: workdir is not writable ({e.strerror}); nothing was done') from e
   free_gb = shutil.disk_usage(workdir).free / 1e9
   if free_gb < min_free_gb:
-    raise WorkdirError(f'{workdir}: only {free_gb:.2f} GB free, below workdir.min_free_gb = '
-                       f'{min_free_gb:g}; free some space or use another --workdir; nothing was done')
+    raise WorkdirError(
+        f'{workdir}: only {free_gb:.2f} GB free, below workdir.min_free_gb = '
+        f'{min_free_gb:g}; free some space or use another --workdir; nothing was done')
 
 
 class WorkdirLock:
@@ -270,8 +273,9 @@ def _predict(config, workdir: str):
   (WORKDIR/predict/prepared/), then writes a mask per readable scan; unreadable scans are listed
   in one error after the good ones are written."""
   if not config.eval.input_root:
-    raise errors.StageError('--mode=predict needs the new scans: --input=PATH (a NIfTI file, a case '
-                            'folder or a folder of cases; or --config.eval.input_root=PATH)')
+    raise errors.StageError(
+        '--mode=predict needs the new scans: --input=PATH (a NIfTI file, a case '
+        'folder or a folder of cases; or --config.eval.input_root=PATH)')
   from cgc_jax import evaluate  # pylint: disable=g-import-not-at-top
   store = paths.predict_store(config, workdir)
   failed = None

@@ -141,4 +141,5 @@ def run(config, workdir, root=None, store=None) -> list:
   jobs = [(c, (by_id[c], data_cfg, store.root, store.fingerprint)) for c in todo]
   results = parallel.map_cases(prepare_case, jobs, config.data.num_workers, 'prepare',
                                expected_types=(readers.DataError,))
-  return bookkeeping.finish_cases(config, store, [f.case_id for f in files], results, 'prepare', inputs)
+  return bookkeeping.finish_cases(config, store, [f.case_id for f in files], results, 'prepare',
+                                  inputs)

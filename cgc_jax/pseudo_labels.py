@@ -66,12 +66,14 @@ def case_pseudo_label(case_id, config, prep_root, prep_fp, out_root, out_fp):
     report = {'status': 'ok', 'lesion_fraction': float(p.sum() / max(brain.sum(), 1))}
   elif src == 'ground_truth':
     if not meta['has_label']:
-      raise errors.DataError(f'{case_id}: pseudo_labels.source=ground_truth but the case has no label')
+      raise errors.DataError(
+          f'{case_id}: pseudo_labels.source=ground_truth but the case has no label')
     post = np.asarray(prep.read(case_id, 'label'), np.float32)
     p = (post > 0.5).astype(np.uint8)
     report = {'status': 'ok', 'lesion_fraction': float(p.sum() / max(brain.sum(), 1))}
   else:
-    raise ValueError(f'unknown pseudo_labels.source {src!r} (gmm | threshold | nifti | ground_truth)')
+    raise ValueError(
+        f'unknown pseudo_labels.source {src!r} (gmm | threshold | nifti | ground_truth)')
   report['source'] = src
   post = post.astype(np.float16).astype(np.float32)  # what is stored: export and score that
   out = store_lib.Store(out_root, out_fp)
@@ -160,11 +162,13 @@ def run(config, workdir) -> list:
                    r['metrics']['sensitivity'], r['metrics']['assd'])
   if rows:
     s = metrics.summarise(rows)
-    logging.info('P (%s) vs ground truth over %d cases: Dice %.4f +- %.4f, sensitivity %.4f +- %.4f, '
-                 'ASSD %.2f +- %.2f mm', config.pseudo_labels.source, len(rows), s['dice']['mean'],
-                 s['dice']['std'], s['sensitivity']['mean'], s['sensitivity']['std'],
-                 s['assd']['mean'], s['assd']['std'])
-    store_lib.atomic_write_json(os.path.join(out.root, 'summary.json'), {'rows': rows, 'summary': s})
+    logging.info(
+        'P (%s) vs ground truth over %d cases: Dice %.4f +- %.4f, sensitivity %.4f +- %.4f, '
+        'ASSD %.2f +- %.2f mm', config.pseudo_labels.source, len(rows), s['dice']['mean'],
+        s['dice']['std'], s['sensitivity']['mean'], s['sensitivity']['std'], s['assd']['mean'],
+        s['assd']['std'])
+    store_lib.atomic_write_json(os.path.join(out.root, 'summary.json'),
+                                {'rows': rows, 'summary': s})
   n = export_missing(config, prep, out, done)
   if n:
     logging.info('pseudo_labels: exported %d NIfTI masks that were missing', n)
@@ -174,5 +178,3 @@ def run(config, workdir) -> list:
 def load_reports(config, workdir) -> dict:
   out = paths.pl_store(config, workdir)
   return {c: out.meta(c)['report'] for c in out.complete_cases()}
-
-

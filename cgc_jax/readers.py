@@ -1,9 +1,10 @@
 """Case discovery and NIfTI loading for the brats, folder and cq500 layouts.
 
 A layout only decides where a case's files are; loading and checking are shared. Array contract of a
-loaded case: `channels`: C arrays f32[X, Y, Z] in the files' own voxel order (C = len(data.modalities),
-in that order; `.images` stacks them to f32[X, Y, Z, C]), `label: u8[X, Y, Z]` or None, `affine: f64[4, 4]` of the first modality, `spacing: (3,) mm`.
-Nothing is reoriented here (see geometry.py).
+loaded case: `channels`: C arrays f32[X, Y, Z] in the files' own voxel order (C =
+len(data.modalities), in that order; `.images` stacks them to f32[X, Y, Z, C]), `label: u8[X, Y, Z]`
+or None, `affine: f64[4, 4]` of the first modality, `spacing: (3,) mm`. Nothing is reoriented here
+(see geometry.py).
 """
 import dataclasses
 import glob
@@ -149,7 +150,8 @@ def discover(data_cfg, root: Optional[str] = None) -> list:
 @dataclasses.dataclass
 class LoadedCase:
   case_id: str
-  channels: list  # C arrays f32[X, Y, Z], in data.modalities order (not stacked: prepare crops first)
+  # C arrays f32[X, Y, Z], in data.modalities order (not stacked: prepare crops first)
+  channels: list
   label: Optional[np.ndarray]  # u8[X, Y, Z], 1 = lesion
   affine: np.ndarray  # f64[4, 4]
   spacing: np.ndarray  # f64[3]
@@ -164,7 +166,8 @@ class LoadedCase:
 
 
 def load_case(files: CaseFiles, data_cfg) -> LoadedCase:
-  """Loads and verifies one case. Raises DataError listing EVERY problem found (each with its file)."""
+  """Loads and verifies one case. Raises DataError listing EVERY problem found (each with its
+  file)."""
   problems = [nifti.Problem(p, 'missing file (configured modality)') for p in files.missing]
   vols = {}
   for m, path in files.images.items():
@@ -184,20 +187,26 @@ def load_case(files: CaseFiles, data_cfg) -> LoadedCase:
   ref = vols.get(ref_mod)
   if ref is not None:
     ref_path = files.images[ref_mod]
-    for m, (data, affine, spacing, hdr) in list(vols.items()) + ([('label', label)] if label else []):
+    for m, (data, affine, spacing,
+            hdr) in list(vols.items()) + ([('label', label)] if label else []):
       path = files.label if m == 'label' else files.images[m]
       if data.shape != ref[0].shape:
-        problems.append(nifti.Problem(path, f'shape {data.shape} differs from {ref[0].shape} of {ref_path}'))
+        problems.append(
+            nifti.Problem(path, f'shape {data.shape} differs from {ref[0].shape} of {ref_path}'))
         continue
       if not nifti.has_spatial_info(hdr):
         where = (f'the case geometry is taken from {ref_path}' if spatial else
                  'no channel of this case has any: voxel indices are used as 1 mm coordinates')
-        problems.append(nifti.Problem(path, f'header has no spatial information (qform and sform codes '
-                                f'0); {where}', 'warning'))
+        problems.append(
+            nifti.Problem(
+                path, f'header has no spatial information (qform and sform codes '
+                f'0); {where}', 'warning'))
         continue
       if not np.allclose(spacing, ref[2], atol=data_cfg.affine_tolerance):
-        problems.append(nifti.Problem(path, f'voxel spacing {np.round(spacing, 4).tolist()} differs from '
-                                f'{np.round(ref[2], 4).tolist()} of {ref_path}'))
+        problems.append(
+            nifti.Problem(
+                path, f'voxel spacing {np.round(spacing, 4).tolist()} differs from '
+                f'{np.round(ref[2], 4).tolist()} of {ref_path}'))
       elif not np.allclose(affine, ref[1], atol=data_cfg.affine_tolerance):
         problems.append(nifti.Problem(path, f'affine differs from that of {ref_path}',
                                 'error' if data_cfg.strict_geometry else 'warning'))
@@ -208,26 +217,33 @@ def load_case(files: CaseFiles, data_cfg) -> LoadedCase:
       problems.append(nifti.Problem(path, f'{int((~np.isfinite(data)).sum())} NaN or Inf voxels'))
       continue
     if lo == hi:
-      problems.append(nifti.Problem(path, f'constant image (every voxel = {lo:g}): failed brain extraction '
-                              'or an empty export?'))
+      problems.append(
+          nifti.Problem(
+              path, f'constant image (every voxel = {lo:g}): failed brain extraction '
+              'or an empty export?'))
       continue
     if data_cfg.kind == 'ct':
       inside = data[data > data_cfg.ct_background_below]
       med = float(np.median(inside)) if inside.size else float('nan')
       if lo >= 0 or not -100 <= med <= 150:
-        problems.append(nifti.Problem(path, f'intensities do not look like Hounsfield units (min {lo:g}, '
-                                f'median of non-background {med:g}): rescale slope/intercept lost?',
-                                'warning'))
+        problems.append(
+            nifti.Problem(
+                path, f'intensities do not look like Hounsfield units (min {lo:g}, '
+                f'median of non-background {med:g}): rescale slope/intercept lost?', 'warning'))
   if label is not None:
     lab = label[0]
     if not (np.isfinite(lab.min()) and np.isfinite(lab.max())):
-      problems.append(nifti.Problem(files.label, f'{int((~np.isfinite(lab)).sum())} NaN or Inf voxels'))
+      problems.append(
+          nifti.Problem(files.label, f'{int((~np.isfinite(lab)).sum())} NaN or Inf voxels'))
     else:
       values = np.unique(lab[lab != 0])  # 0 is always background; sorting the rest is cheap
-      bad_values = sorted(set(values.tolist()) - set(float(v) for v in data_cfg.label_values) - {0.0})
+      bad_values = sorted(
+          set(values.tolist()) - set(float(v) for v in data_cfg.label_values) - {0.0})
       if bad_values:
-        problems.append(nifti.Problem(files.label, f'label values {bad_values[:10]} not in the allowed set '
-                                f'{list(data_cfg.label_values)}'))
+        problems.append(
+            nifti.Problem(
+                files.label, f'label values {bad_values[:10]} not in the allowed set '
+                f'{list(data_cfg.label_values)}'))
 
   errors = [p for p in problems if p.severity == 'error']
   if errors:

@@ -60,7 +60,8 @@ def _forward(params, windows, *, model_cfg, tta: bool, gauss):
   """Gaussian-weighted lesion probability of windows f32[B, X, Y, Z, C] -> f32[B, X, Y, Z].
 
   TTA runs the 8 axis-flip combinations as a scan: the network is traced once and only one pass's
-  activations are live at a time (unrolled, XLA kept all 8 and ran out of memory on the brats config).
+  activations are live at a time (unrolled, XLA kept all 8 and ran out of memory on the brats
+  config).
   """
   net, _, _ = unet.build(model_cfg)
 
@@ -94,12 +95,17 @@ class Predictor:
     gauss = jnp.asarray(gaussian_importance(self.window, e.sigma_scale))
     self.gauss = np.asarray(gauss)
     repl, data = distributed.replicated(mesh), distributed.data_sharding(mesh)
-    self._fn = jax.jit(functools.partial(_forward, model_cfg=config.model, tta=e.tta_flip,
-                                         gauss=gauss), in_shardings=(repl, data), out_shardings=data)
+    self._fn = jax.jit(functools.partial(_forward,
+                                         model_cfg=config.model,
+                                         tta=e.tta_flip,
+                                         gauss=gauss),
+                       in_shardings=(repl, data),
+                       out_shardings=data)
 
   def predict_volume(self, params, image: np.ndarray) -> np.ndarray:
     shape = image.shape[:3]
-    pads = [(max(w - s, 0) // 2, max(w - s, 0) - max(w - s, 0) // 2) for s, w in zip(shape, self.window)]
+    pads = [(max(w - s, 0) // 2, max(w - s, 0) - max(w - s, 0) // 2)
+            for s, w in zip(shape, self.window)]
     img = np.pad(np.asarray(image, np.float32), pads + [(0, 0)])
     size = img.shape[:3]
     acc = np.zeros(size, np.float32)
@@ -109,7 +115,8 @@ class Predictor:
     t0 = t_last = time.time()
     for i in range(0, len(starts), self.batch):
       chunk = starts[i:i + self.batch]
-      wins = np.stack([img[tuple(slice(s, s + w) for s, w in zip(st, self.window))] for st in chunk])
+      wins = np.stack(
+          [img[tuple(slice(s, s + w) for s, w in zip(st, self.window))] for st in chunk])
       if len(chunk) < self.batch:  # pad the last batch to the device multiple
         wins = np.concatenate([wins, np.repeat(wins[-1:], self.batch - len(chunk), 0)])
       # every process holds the whole volume and feeds its own devices' rows of the window batch

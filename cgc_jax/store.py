@@ -1,10 +1,12 @@
-"""On-disk sharded arrays: one shard (folder) per case, `.npy` arrays, crc32 checksums, manifest last.
+"""On-disk sharded arrays: one shard (folder) per case, `.npy` arrays, crc32 checksums, manifest
+last.
 
 Layout of a store folder (e.g. WORKDIR/prepared):
 
     cases/<case_id>/<name>.npy    arrays, read with mmap (a training crop reads ~only the crop)
-    cases/<case_id>/meta.json     written LAST: array names, shapes, dtypes, crc32, plus stage metadata
-    manifest.json                 list of complete cases + the stage fingerprint (written at stage end)
+    cases/<case_id>/meta.json     written LAST: array names, shapes, dtypes, crc32, plus stage
+    metadata manifest.json                 list of complete cases + the stage fingerprint (written
+    at stage end)
 
 A shard is written into `cases/.tmp-<case_id>-<pid>/` and renamed into place once its meta.json is
 written, so a killed writer leaves only a `.tmp-*` folder, which is never read and is removed on the
@@ -33,12 +35,13 @@ def crc32_file(path: str, chunk: int = 1 << 22) -> int:
       crc = zlib.crc32(b, crc)
 
 
-CorruptShardError = errors.CorruptShardError  # defined in errors.py (every user-facing error in one place)
+CorruptShardError = errors.CorruptShardError  # defined in errors.py, with every user-facing error
 
 
 def atomic_write_text(path: str, text: str):
-  """Writes `text` to `path` through a temporary file and a rename; a file that already holds exactly
-  this text is left alone (a stage with nothing to do leaves its outputs' mtimes unchanged)."""
+  """Writes `text` to `path` through a temporary file and a rename; a file that already holds
+  exactly this text is left alone (a stage with nothing to do leaves its outputs' mtimes
+  unchanged)."""
   try:
     with open(path) as f:
       if f.read() == text:

@@ -45,7 +45,8 @@ def build(model_cfg, in_channels: int):
         cin = w
       self.up = nn.ModuleList(nn.ConvTranspose3d(widths[i + 1], widths[i], 2, stride=2)
                               for i in range(model_cfg.levels - 1))
-      self.dec = nn.ModuleList(double(2 * widths[i], widths[i]) for i in range(model_cfg.levels - 1))
+      self.dec = nn.ModuleList(
+          double(2 * widths[i], widths[i]) for i in range(model_cfg.levels - 1))
       self.head = nn.Conv3d(widths[0], 2, 1)
 
     def forward(self, x):
@@ -63,7 +64,8 @@ def build(model_cfg, in_channels: int):
 
 
 def time_train_step(config, in_channels: int, steps: int) -> float:
-  """Seconds per optimiser step (after one warm-up step) on random data of the config's crop/batch."""
+  """Seconds per optimiser step (after one warm-up step) on random data of the config's
+  crop/batch."""
   torch = _torch()
   t = config.train
   model = build(config.model, in_channels)

@@ -1,8 +1,8 @@
 """The train stage: one pure jitted CGC step on a device mesh, orbax checkpoints, exact resume.
 
-`train_step(state, batch, rng) -> (state, metrics)` is written once for any mesh: the batch is sharded
-along the mesh's `data` axis, the state is replicated and donated, and the CGC losses reduce over the
-global batch (XLA inserts the collectives).
+`train_step(state, batch, rng) -> (state, metrics)` is written once for any mesh: the batch is
+sharded along the mesh's `data` axis, the state is replicated and donated, and the CGC losses reduce
+over the global batch (XLA inserts the collectives).
 """
 import functools
 import json
@@ -31,7 +31,7 @@ from cgc_jax import unet
 Preempted = errors.Preempted  # defined in errors.py (every user-facing error in one place)
 
 
-NonFiniteError = errors.NonFiniteError  # defined in errors.py (every user-facing error in one place)
+NonFiniteError = errors.NonFiniteError  # defined in errors.py, with every user-facing error
 
 
 def loss_fn(params, batch, config):
@@ -119,8 +119,9 @@ def _set_aside(workdir: str, reasons: list, barrier_timeout_s: float) -> str:
     for d in (paths.CHECKPOINTS, paths.TRAIN):
       if os.path.exists(os.path.join(workdir, d)):
         os.replace(os.path.join(workdir, d), os.path.join(dest, d))
-    logging.warning('train: the checkpoints are stale, training starts over (the old run is kept in '
-                    '%s):\n  %s', dest, '\n  '.join(reasons))
+    logging.warning(
+        'train: the checkpoints are stale, training starts over (the old run is kept in '
+        '%s):\n  %s', dest, '\n  '.join(reasons))
   distributed.sync('train-set-aside', '', barrier_timeout_s)
   return dest
 
@@ -218,7 +219,8 @@ def train_and_evaluate(config, workdir: str, periodic_eval=None) -> train_state.
                        (tcfg.steps - done) / max(rate, 1e-9))
         if done % tcfg.checkpoint_every == 0 or done == tcfg.steps or term.hit:
           ckpt.save(done, state, _record(config, done, sampler, inputs))
-        if periodic_eval is not None and config.eval.every_steps and done % config.eval.every_steps == 0:
+        every = config.eval.every_steps
+        if periodic_eval is not None and every and done % every == 0:
           means = periodic_eval(state.params, done)
           if log:
             log.track(done, means)

@@ -129,7 +129,8 @@ class DoubleConv(nn.Module):
 
 
 class UNet3D(nn.Module):
-  """DoubleConv encoder with 2x2x2 max-pool, transposed-conv decoder with skip concat, 1x1x1 head."""
+  """DoubleConv encoder with 2x2x2 max-pool, transposed-conv decoder with skip concat, 1x1x1
+  head."""
   base: int = 8
   levels: int = 4
   norm: str = 'instance'
@@ -175,7 +176,11 @@ class MLPHead(nn.Module):
 
 def build(model_cfg):
   """(unet, coarse_head, projection_head) from config.model."""
-  dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}[model_cfg.dtype]
+  dtype = {
+      'float32': jnp.float32,
+      'bfloat16': jnp.bfloat16,
+      'float16': jnp.float16
+  }[model_cfg.dtype]
   unet = UNet3D(base=model_cfg.base, levels=model_cfg.levels, norm=model_cfg.norm,
                 groups=model_cfg.groups, dtype=dtype, conv_impl=model_cfg.conv_impl)
   coarse = MLPHead(model_cfg.coarse_hidden, 2)

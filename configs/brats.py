@@ -1,4 +1,5 @@
-"""Paper settings: BraTS 2018, 4 modalities, 192x192x64 crops, base-32 U-Net, bfloat16 on accelerators.
+"""Paper settings: BraTS 2018, 4 modalities, 192x192x64 crops, base-32 U-Net, bfloat16 on
+accelerators.
 
     python -m cgc_jax.main --config=configs/brats.py --config.data.root=/data/MICCAI_BraTS_2018 \
         --workdir=runs/brats

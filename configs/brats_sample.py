@@ -1,4 +1,5 @@
-"""The 5 real BraTS 2018 cases of ../shared/data/brats2018_sample (FLAIR + T1, folder layout) at 2 mm.
+"""The 5 real BraTS 2018 cases of ../shared/data/brats2018_sample (FLAIR + T1, folder layout) at 2
+mm.
 
     python -m cgc_jax.main --config=configs/brats_sample.py \
         --config.data.root=../shared/data/brats2018_sample --workdir=runs/brats_sample

@@ -11,7 +11,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- data (prepare stage)
   c.data = d = ml_collections.ConfigDict()
-  d.layout = 'brats'  # brats | folder | cq500 | phantoms (generated into WORKDIR/phantoms, brats layout)
+  # brats | folder | cq500 | phantoms (generated into WORKDIR/phantoms, brats layout)
+  d.layout = 'brats'
   d.root = ''  # dataset root (not used by layout=phantoms)
   d.modalities = ('flair', 't1', 't1ce', 't2')  # channel order; any subset the layout provides
   # Filenames per modality for the folder and cq500 layouts ('{case}' is the case id).
@@ -163,7 +164,8 @@ def base_config() -> ml_collections.ConfigDict:
   e.output_dir = ''  # predict mode: where masks go ('' = WORKDIR/predict/masks)
   e.save_probabilities = False  # predict mode: also <case>_prob.nii.gz, lesion probability (f32)
   e.progress_every_s = 10.0  # a progress line per this many seconds while windows of a volume run
-  e.predictions_dir = ''  # evaluate mode: score <case>.nii.gz masks from this folder instead of the network
+  # evaluate mode: score <case>.nii.gz masks from this folder instead of the network's
+  e.predictions_dir = ''
 
   # ---------------------------------------------------------------- the run folder
   c.workdir = w = ml_collections.ConfigDict()
@@ -171,8 +173,8 @@ def base_config() -> ml_collections.ConfigDict:
   w.lock = True  # WORKDIR/.lock: a second run on the same workdir refuses to start
 
   # ---------------------------------------------------------------- multi-process start-up
-  # Flags win over the environment (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); SLURM
-  # and Cloud TPU pods are detected. None of this changes any stage's output.
+  # Flags win over the environment (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID);
+  # SLURM and Cloud TPU pods are detected. None of this changes any stage's output.
   c.dist = s = ml_collections.ConfigDict()
   s.auto_detect = False  # True: let jax.distributed.initialize() detect the cluster (Cloud TPU VM
   #                       pods, GKE, SLURM, Open MPI); SLURM with >1 task is detected anyway
@@ -210,4 +212,3 @@ def mri_pseudo_labels(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   g.min_contrast = 0.5
   c.eval.gate_on_p_evidence = True  # and the network's mask is emptied with it
   return c
-

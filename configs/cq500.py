@@ -1,6 +1,7 @@
 """CT: CQ500 after dcm2niix and brain extraction (README), haemorrhage as the lesion.
 
-    python -m cgc_jax.main --config=configs/cq500.py --config.data.root=/data/cq500_nifti --workdir=runs/cq500
+    python -m cgc_jax.main --config=configs/cq500.py --config.data.root=/data/cq500_nifti
+    --workdir=runs/cq500
 
 Phantoms instead of real data: --config.data.layout=phantoms --config.data.phantoms.kind=ct.
 Mixture: K=7 components, lesion = components whose HU mean lies in fresh blood's 50-90 HU.

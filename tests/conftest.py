@@ -53,7 +53,8 @@ def tiny_workdir(tmp_path_factory):
 
 @pytest.fixture(scope='session')
 def tiny_trained(tmp_path_factory, tiny_workdir):
-  """tiny_workdir's phantoms through every stage (`all`, no pictures; shared, treat as read-only)."""
+  """tiny_workdir's phantoms through every stage (`all`, no pictures; shared, treat as
+  read-only)."""
   from cgc_jax import pipeline  # pylint: disable=g-import-not-at-top
   wd = str(tmp_path_factory.mktemp('trained'))
   copy_inputs(tiny_workdir, wd)

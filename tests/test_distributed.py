@@ -70,7 +70,11 @@ def test_two_processes_equal_one_and_checkpoints_cross_topologies(tiny_workdir, 
   assert [r['step'] for r in ma] == [r['step'] for r in mb] == list(range(1, cfg.train.steps + 1))
   for ra, rb in zip(ma, mb):
     for k in ('loss', 'seg', 'coarse', 'fine', 'grad_norm'):
-      np.testing.assert_allclose(ra[k], rb[k], rtol=1e-5, atol=1e-5, err_msg=f'step {ra["step"]} {k}')
+      np.testing.assert_allclose(ra[k],
+                                 rb[k],
+                                 rtol=1e-5,
+                                 atol=1e-5,
+                                 err_msg=f'step {ra["step"]} {k}')
   masks_a, masks_b = _masks(a), _masks(b)
   assert len(masks_a) == 3 and any(m.sum() for m in masks_a.values())
   # the 2-process checkpoint restored by one process (this one, 8 devices): the same masks
@@ -158,7 +162,8 @@ def test_launch_scripts_fail_fast_naming_what_is_missing():
   env = {k: v for k, v in _env().items() if not k.startswith(('SLURM_', 'TPU_'))}
   env.pop('ZONE', None)
   cases = [(['local.sh', '2'], 'usage: '),
-           (['local.sh', 'two', '2', '--config=c', '--workdir=w'], 'NUM_PROCESSES must be a positive'),
+           (['local.sh', 'two', '2', '--config=c',
+             '--workdir=w'], 'NUM_PROCESSES must be a positive'),
            (['slurm.sbatch', '--config=c', '--workdir=w'], 'not inside a SLURM job'),
            (['tpu_pod.sh', '--config=c', '--workdir=w'], 'TPU_NAME')]
   for args, message in cases:

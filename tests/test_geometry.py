@@ -15,7 +15,8 @@ def _affine(codes, spacing, origin=(10.0, -20.0, 5.0)):
   return a
 
 
-@pytest.mark.parametrize('codes', [('L', 'P', 'S'), ('R', 'A', 'S'), ('A', 'S', 'L'), ('I', 'R', 'P')])
+@pytest.mark.parametrize('codes', [('L', 'P', 'S'), ('R', 'A', 'S'), ('A', 'S', 'L'),
+                                   ('I', 'R', 'P')])
 @pytest.mark.parametrize('target', [(), (2.0, 2.0, 2.0), (1.3, 3.1, 2.2)])
 def test_round_trip_to_original(codes, target):
   rng = np.random.default_rng(0)

@@ -11,7 +11,8 @@ from conftest import tiny_config
 
 
 def _gcfg(**kw):
-  """The test config's mixture settings with the spatial rules off (the plain mixture); kw on top."""
+  """The test config's mixture settings with the spatial rules off (the plain mixture); kw on
+  top."""
   c = tiny_config().gmm
   c.open_iterations, c.keep_fraction, c.fill_holes = 0, 0.0, False
   c.min_contrast, c.grow_mm, c.ensemble = float('-inf'), 0.0, ()
@@ -61,8 +62,8 @@ def test_compressed_fit_agrees_with_sklearn_on_every_voxel():
 
 def test_compressed_cells_keep_the_data_moments():
   rng = np.random.default_rng(3)
-  x = rng.normal(size=(5000, 3)).astype(np.float32) @ np.array([[1, 0.5, 0], [0, 1, 0.2], [0, 0, 2]],
-                                                                np.float32)
+  x = rng.normal(size=(5000, 3)).astype(np.float32) @ np.array(
+      [[1, 0.5, 0], [0, 1, 0.2], [0, 0, 2]], np.float32)
   cent, counts, scatter, cell = gmm.compress(x, 8, return_cell=True)
   assert counts.sum() == 5000 and len(counts) < 5000
   x64 = x.astype(np.float64)
@@ -73,7 +74,8 @@ def test_compressed_cells_keep_the_data_moments():
   # responsibilities (the only approximation of the compressed fit)
   init = gmm.initial_params(x, 2, 0, 1e-4, 1)
   mix, _, _ = gmm.em(cent, counts, scatter, init, 1e-4, 1, 0.0)
-  start = gmm.Mixture(init['weights_init'], init['means_init'], np.linalg.inv(init['precisions_init']))
+  start = gmm.Mixture(init['weights_init'], init['means_init'],
+                      np.linalg.inv(init['precisions_init']))
   r = np.exp(start.log_resp(cent)[0])[cell]  # f64[N, K]
   nk = r.sum(0)
   means = r.T @ x64 / nk[:, None]
@@ -123,8 +125,8 @@ def test_constant_features_and_tiny_brain_give_empty_p():
 
 def test_lesion_free_case_is_recorded_not_an_error():
   img, brain, _ = _two_tissue_volume(np.random.default_rng(4), lesion=False)
-  _, p, rep = gmm.pseudo_label(img, brain, [0, 1], 0, _gcfg(k=3, rule='hu_range', hu_range=(2.5, 9)),
-                               'c')
+  _, p, rep = gmm.pseudo_label(img, brain, [0, 1], 0, _gcfg(k=3, rule='hu_range',
+                                                            hu_range=(2.5, 9)), 'c')
   assert rep['status'] == 'ok' and rep['lesion_components'] == [] and p.sum() == 0
 
 
@@ -148,7 +150,9 @@ def test_workers_do_not_change_p(tmp_path, tiny_workdir):
     c = tiny_config(**{'data.num_workers': workers})
     cases = pseudo_labels.run(c, str(wd))
     s = paths.pl_store(c, str(wd))
-    out[workers] = {k: (np.asarray(s.read(k, 'p')), np.asarray(s.read(k, 'posterior'))) for k in cases}
+    out[workers] = {
+        k: (np.asarray(s.read(k, 'p')), np.asarray(s.read(k, 'posterior'))) for k in cases
+    }
   assert out[1].keys() == out[2].keys() and len(out[1]) == 3
   for k in out[1]:
     np.testing.assert_array_equal(out[1][k][0], out[2][k][0])
@@ -266,7 +270,8 @@ def _three_channel_volume(seed):
   rng = np.random.default_rng(seed)
   img, brain, gt = _two_tissue_volume(rng)
   third = np.where(gt, 2.0, 0.0) + rng.normal(0, 0.5, gt.shape)  # a noisy third channel
-  return np.concatenate([img, third[..., None].astype(np.float32)], -1) * brain[..., None], brain, gt
+  return np.concatenate([img, third[..., None].astype(np.float32)], -1) * brain[...,
+                                                                                None], brain, gt
 
 
 def test_consensus_is_the_majority_of_its_members():

@@ -79,7 +79,9 @@ def test_empty_conventions():
   m[1, 1, 1] = True
   assert metrics.dice(e, e) == 1.0 and metrics.assd(e, e) == 0.0 and metrics.hd95(e, e) == 0.0
   assert metrics.dice(e, m) == 0.0 and np.isnan(metrics.assd(e, m)) and np.isnan(metrics.assd(m, e))
-  s = metrics.summarise([metrics.all_metrics(e, m, (1, 1, 1)), metrics.all_metrics(m, m, (1, 1, 1))])
+  s = metrics.summarise(
+      [metrics.all_metrics(e, m, (1, 1, 1)),
+       metrics.all_metrics(m, m, (1, 1, 1))])
   assert s['assd']['nan_cases'] == 1 and s['empty_pred_cases'] == 1
   assert s['dice']['mean'] == pytest.approx(0.5)
   assert s['assd']['mean'] == 0.0  # NaN excluded from the mean, counted above

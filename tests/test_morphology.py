@@ -37,7 +37,8 @@ def test_fill_holes_3d_and_slicewise():
   m[1:8, 1:8, 1:8] = True
   m[3:6, 3:6, 3:6] = False  # enclosed cavity: 27 voxels
   assert morphology.fill_holes(m).sum() == 343
-  # a cavity open to the outside along z (a tunnel) is not a 3D hole, but is one in every axial slice
+  # a cavity open to the outside along z (a tunnel) is not a 3D hole, but is one in every axial
+  # slice
   t = np.zeros((9, 9, 9), bool)
   t[1:8, 1:8, :] = True
   t[4, 4, :] = False

@@ -42,7 +42,8 @@ def test_all_stages_end_to_end_then_skip_then_predict(tmp_path):
   # the GMM row equals the stage's own P metrics
   with open(os.path.join(wd, 'pseudo_labels', 'summary.json')) as f:
     p_summary = json.load(f)['summary']
-  assert abs(p_summary['dice']['mean'] - summary['summary']['GMM w/ threshold (P)']['dice']['mean']) < 1e-9
+  assert abs(p_summary['dice']['mean'] -
+             summary['summary']['GMM w/ threshold (P)']['dice']['mean']) < 1e-9
   # the run's resolved config and its log are kept in the workdir
   with open(os.path.join(wd, 'config.json')) as f:
     assert json.load(f)['train']['steps'] == cfg.train.steps
@@ -200,7 +201,8 @@ def _pad_case(src_dir, dst_dir, case):
 
 
 def test_every_shipped_config_is_consistent():
-  """Each configs/*.py loads; its crop fits the U-Net's poolings and its mini-patch the bottleneck."""
+  """Each configs/*.py loads; its crop fits the U-Net's poolings and its mini-patch the
+  bottleneck."""
   import importlib.util  # pylint: disable=g-import-not-at-top
   root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
   names = sorted(f for f in os.listdir(root) if f.endswith('.py') and f != 'common.py'
@@ -214,7 +216,8 @@ def test_every_shipped_config_is_consistent():
     s = 2**(c.model.levels - 1)
     assert all(v % s == 0 for v in c.train.crop), name
     bottleneck = [v // s for v in c.train.crop]
-    assert all(1 <= p <= b for p, b in zip(c.cgc.patch, bottleneck)), (name, c.cgc.patch, bottleneck)
+    assert all(1 <= p <= b for p, b in zip(c.cgc.patch, bottleneck)), (name, c.cgc.patch,
+                                                                       bottleneck)
     assert c.train.batch_size >= 1 and c.train.steps >= 1, name
     assert set(c.gmm.channels) <= set(c.data.modalities), name
 
@@ -225,7 +228,8 @@ def test_config_names_resolve_to_shipped_configs_and_paths_stay():
       'x', f'--config={demo}', '--workdir=w']
   assert pipeline.resolve_config(['--config=demo:small']) == [f'--config={demo}:small']
   assert pipeline.resolve_config(['--config=configs/demo.py']) == ['--config=configs/demo.py']
-  assert pipeline.resolve_config(['--config=nosuch']) == ['--config=nosuch']  # absl names the problem
+  assert pipeline.resolve_config(['--config=nosuch']) == ['--config=nosuch'
+                                                         ]  # absl names the problem
   assert pipeline.resolve_config(['--config.train.steps=3']) == ['--config.train.steps=3']
 
 
@@ -251,7 +255,9 @@ def test_the_product_never_imports_torch():
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   mods = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, 'cgc_jax', '*.py')))
-  mods = [m for m in mods if m not in ('__init__', 'torch_peer', 'main', 'experiments', 'benchmark')]
+  mods = [
+      m for m in mods if m not in ('__init__', 'torch_peer', 'main', 'experiments', 'benchmark')
+  ]
   code = ('import sys\n' + ''.join(f'import cgc_jax.{m}\n' for m in mods) +
           'import cgc_jax.main\n'
           'print(sorted(m for m in sys.modules if m.split(".")[0] == "torch"))')
@@ -262,9 +268,22 @@ def test_the_product_never_imports_torch():
 
 
 def test_every_user_facing_error_lives_in_errors():
-  from cgc_jax import errors, gmm, parallel, prepare, readers, store  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from cgc_jax import errors, gmm, parallel, prepare, readers, store
   assert readers.DataError is errors.DataError and prepare.StageError is errors.StageError
   assert store.CorruptShardError is errors.CorruptShardError and gmm.GMMError is errors.GMMError
   assert parallel.CaseFailure is errors.CaseFailure and pipeline.WorkdirError is errors.WorkdirError
   assert pipeline.USER_ERRORS == errors.USER_ERRORS
   assert {e.__module__ for e in errors.USER_ERRORS} == {'cgc_jax.errors'}
+
+
+def test_source_lines_within_100_columns():
+  """The formatter's column limit (pyproject.toml [tool.yapf]) holds for code, comments and docs."""
+  import glob  # pylint: disable=g-import-not-at-top
+  files = sorted(p for d in ('cgc_jax', 'configs', 'tests')
+                 for p in glob.glob(os.path.join(ROOT, d, '*.py')))
+  long = [f'{os.path.relpath(p, ROOT)}:{i}' for p in files
+          for i, line in enumerate(open(p, encoding='utf-8').read().split('\n'), 1)
+          if len(line) > 100]
+  assert len(files) > 40
+  assert not long, long

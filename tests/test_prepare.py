@@ -1,4 +1,5 @@
-"""The prepare stage on phantoms: exact GT round trip, resume after SIGKILL, nothing partial read."""
+"""The prepare stage on phantoms: exact GT round trip, resume after SIGKILL, nothing partial
+read."""
 import os
 import subprocess
 import sys
@@ -69,7 +70,8 @@ def test_sigkill_midway_then_rerun_finishes_without_redoing(tmp_path):
   proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 300
   while time.time() < deadline:
-    done = [d for d in cases_dir.iterdir() if (d / 'meta.json').exists()] if cases_dir.exists() else []
+    done = [d for d in cases_dir.iterdir() if (d / 'meta.json').exists()
+           ] if cases_dir.exists() else []
     if len(done) >= 2:
       break
     time.sleep(0.02)

@@ -27,7 +27,9 @@ def _good_case(root, name, shape=(20, 22, 18), seed=0):
   brain = np.zeros(shape, bool)
   brain[3:-3, 3:-3, 3:-3] = True
   for m in ('FLAIR', 'T1'):
-    _save(np.where(brain, rng.random(shape) + 1, 0).astype(np.float32), os.path.join(d, f'{m}.nii.gz'))
+    _save(
+        np.where(brain,
+                 rng.random(shape) + 1, 0).astype(np.float32), os.path.join(d, f'{m}.nii.gz'))
   lab = np.zeros(shape, np.uint8)
   lab[8:12, 8:12, 8:12] = 1
   _save(lab, os.path.join(d, 'GT_W.nii.gz'))
@@ -201,7 +203,9 @@ def test_nnunet_raw_layout_channels_by_index(tmp_path):
   rng = np.random.default_rng(0)
   for case, split in (('BRATS_001', 'imagesTr'), ('BRATS_002', 'imagesTs')):
     for ch in range(2):
-      _save(rng.random((6, 6, 6)).astype(np.float32) + 1, str(tmp_path / split / f'{case}_{ch:04d}.nii.gz'))
+      _save(
+          rng.random((6, 6, 6)).astype(np.float32) + 1,
+          str(tmp_path / split / f'{case}_{ch:04d}.nii.gz'))
   _save(np.zeros((6, 6, 6), np.uint8), str(tmp_path / 'labelsTr' / 'BRATS_001.nii.gz'))
   os.remove(tmp_path / 'imagesTs' / 'BRATS_002_0001.nii.gz')
   cases = readers.discover(c.data)
@@ -220,7 +224,8 @@ def test_a_case_folder_or_a_single_file_as_the_root(tmp_path):
   d = _good_case(tmp_path, 'only')
   c = folder_config(tmp_path)
   cases = readers.discover(c.data, d)  # the case folder itself
-  assert [f.case_id for f in cases] == ['only'] and cases[0].images['flair'].endswith('FLAIR.nii.gz')
+  assert [f.case_id for f in cases] == ['only'
+                                       ] and cases[0].images['flair'].endswith('FLAIR.nii.gz')
   with pytest.raises(readers.DataError, match='give the case folder'):
     readers.discover(c.data, os.path.join(d, 'FLAIR.nii.gz'))
   c.data.modalities = ('ct',)

@@ -42,9 +42,14 @@ def _env():
 
 
 def _main(wd, *args, preexec=None, timeout=600):
-  return subprocess.run([sys.executable, '-m', 'cgc_jax.main', f'--config={TINY}', f'--workdir={wd}',
-                         *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                        timeout=timeout, preexec_fn=preexec)
+  return subprocess.run(
+      [sys.executable, '-m', 'cgc_jax.main', f'--config={TINY}', f'--workdir={wd}', *args],
+      cwd=ROOT,
+      env=_env(),
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+      preexec_fn=preexec)
 
 
 @pytest.fixture(scope='module')
@@ -91,7 +96,9 @@ def test_fuzzed_nifti_every_one_handled_in_process(fuzzed):
 def test_fuzzed_nifti_verify_prepare_predict_from_the_command_line(fuzzed, tiny_workdir, tmp_path):
   root, broken = fuzzed
   must_fail = [f for f in broken if f.must_fail]
-  data = [f'--config.data.layout=folder', f'--config.data.root={root}', '--config.data.num_workers=2']
+  data = [
+      f'--config.data.layout=folder', f'--config.data.root={root}', '--config.data.num_workers=2'
+  ]
   # verify: exit 2, every bad file named, no traceback, nothing written (not even the workdir)
   wd = str(tmp_path / 'verify')
   r = _main(wd, '--mode=verify', *data)
@@ -130,7 +137,8 @@ def _wait_for(path, text, proc, timeout=300):
   while time.time() < deadline:
     if os.path.exists(path) and text in open(path, errors='replace').read():
       return
-    assert proc.poll() is None, f'exited {proc.returncode} before {text!r}:\n' + open(path).read()[-3000:]
+    assert proc.poll(
+    ) is None, f'exited {proc.returncode} before {text!r}:\n' + open(path).read()[-3000:]
     time.sleep(0.01)
   raise AssertionError(f'{text!r} never appeared')
 
@@ -182,7 +190,8 @@ def test_kill_9_at_any_moment_then_the_same_command_completes(tiny_workdir, tmp_
   got_state = _restore(cfg, wd)
   for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got_state.params)):
     np.testing.assert_array_equal(a, b)
-  assert json.load(open(os.path.join(wd, 'eval', 'summary.json')))['checkpoint_step'] == cfg.train.steps
+  assert json.load(open(os.path.join(wd, 'eval',
+                                     'summary.json')))['checkpoint_step'] == cfg.train.steps
 
 
 def _restore(cfg, wd, step=None):
@@ -208,7 +217,8 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tiny_workdir, tmp_p
   caplog.set_level('WARNING')
   state = _restore(cfg, wd)
   assert int(state.step) == 3
-  assert any('restored step 3 instead of the newest step 6' in r.getMessage() for r in caplog.records)
+  assert any(
+      'restored step 3 instead of the newest step 6' in r.getMessage() for r in caplog.records)
   want = _restore(cfg, wd, step=3)
   for a, b in zip(jax.tree.leaves(want.params), jax.tree.leaves(state.params)):
     np.testing.assert_array_equal(a, b)
@@ -221,7 +231,8 @@ def test_second_run_refuses_and_a_stale_lock_is_cleared(tiny_workdir, tmp_path):
   with pipeline.WorkdirLock(wd, 'train'):  # a live run: this process
     r = _main(wd, '--mode=pseudo_labels')
     assert r.returncode == 2 and 'Traceback' not in r.stderr
-    assert f'in use by another run (host {os.uname().nodename}, pid {os.getpid()}, mode train' in r.stderr
+    want = f'in use by another run (host {os.uname().nodename}, pid {os.getpid()}, mode train'
+    assert want in r.stderr
   assert not os.path.exists(os.path.join(wd, '.lock'))  # released on exit
   # predict and evaluate may read a workdir whose training is still running; nothing else may
   assert pipeline.can_share('predict', 'train') and pipeline.can_share('evaluate', 'train')
@@ -248,7 +259,8 @@ def _no_writes():
 def test_unwritable_or_full_workdir_fails_before_any_work(tmp_path):
   full = str(tmp_path / 'full')
   r = _main(full, '--mode=prepare', preexec=_no_writes)
-  assert r.returncode == 2 and 'workdir is not writable (File too large)' in r.stderr, r.stderr[-2000:]
+  assert r.returncode == 2 and 'workdir is not writable (File too large)' in r.stderr, r.stderr[
+      -2000:]
   assert os.listdir(full) == []  # the probe was removed, nothing else written
   r = _main(full, '--mode=prepare', '--config.workdir.min_free_gb=1e9')
   assert r.returncode == 2 and 'GB free, below workdir.min_free_gb = 1e+09' in r.stderr
@@ -288,7 +300,8 @@ def test_evaluating_missing_or_misshapen_predictions_lists_every_case(tiny_workd
   assert abs(summary[f'predictions ({preds})']['dice']['mean'] - p_row['dice']['mean']) < 1e-9
   os.remove(preds / 'phantom_mri_000.nii.gz')
   img = nib.load(str(preds / 'phantom_mri_002.nii.gz'))
-  nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:-1], img.affine), str(preds / 'phantom_mri_002.nii.gz'))
+  nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:-1], img.affine),
+           str(preds / 'phantom_mri_002.nii.gz'))
   shutil.rmtree(os.path.join(wd, 'eval_predictions'))
   with pytest.raises(prepare.StageError) as e:
     evaluate.evaluate(cfg, wd)
@@ -299,5 +312,6 @@ def test_evaluating_missing_or_misshapen_predictions_lists_every_case(tiny_workd
   bad = np.asarray(img.dataobj).astype(np.float32)
   bad[0, 0, 0] = np.nan
   nib.save(nib.Nifti1Image(bad, img.affine), str(preds / 'phantom_mri_001.nii.gz'))
-  with pytest.raises(prepare.StageError, match=r'phantom_mri_001: .*phantom_mri_001\.nii\.gz has NaN'):
+  with pytest.raises(prepare.StageError,
+                     match=r'phantom_mri_001: .*phantom_mri_001\.nii\.gz has NaN'):
     evaluate.evaluate(cfg, wd)

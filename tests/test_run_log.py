@@ -35,8 +35,9 @@ def test_scalars_in_event_files_jsonl_and_curves(tmp_path):
   loss = [(s, v) for t, s, v in ev if t == 'train/loss']
   assert [s for s, _ in loss] == [5, 10, 15]
   assert abs(loss[1][1] - 0.1) < 1e-7
-  assert {t for t, _, _ in ev} >= {'train/seg', 'train/lr', 'train/grad_norm', 'track/flip_agreement',
-                                   'track/p_agreement'}
+  assert {t for t, _, _ in ev} >= {
+      'train/seg', 'train/lr', 'train/grad_norm', 'track/flip_agreement', 'track/p_agreement'
+  }
   assert 'train/time' not in {t for t, _, _ in ev}
   rows = [json.loads(line) for line in open(os.path.join(wd, 'train', 'metrics.jsonl'))]
   assert [r['step'] for r in rows] == [5, 10, 15]

@@ -54,7 +54,8 @@ def test_one_device_equals_eight_devices(tiny_workdir):
 
 
 def test_loss_depends_on_other_devices_vectors(tiny_workdir):
-  """The fine loss over 8 crops differs from the mean of per-crop losses: negatives cross devices."""
+  """The fine loss over 8 crops differs from the mean of per-crop losses: negatives cross
+  devices."""
   cfg = tiny_config()
   batch = _batch(tiny_workdir, cfg)
   tx, _ = train_state.make_optimizer(cfg.train)
