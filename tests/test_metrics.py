@@ -85,3 +85,22 @@ def test_empty_conventions():
   assert s['assd']['nan_cases'] == 1 and s['empty_pred_cases'] == 1
   assert s['dice']['mean'] == pytest.approx(0.5)
   assert s['assd']['mean'] == 0.0  # NaN excluded from the mean, counted above
+
+
+# medpy 0.5.2's binary.dc, binary.hd95 and binary.assd (voxelspacing (0.9, 1.3, 3.0)) on the masks
+# below, computed once with medpy installed (it is not a dependency): (dc, hd95, assd).
+_MEDPY_0_5_2 = [(0.5407388001047944, 5.187358834878748, 1.7666455574584456),
+                (0.3379350573595178, 6.177378084592201, 2.3431720450018),
+                (0.34419317746262934, 6.096720429870473, 2.193928997199459),
+                (0.4162909090909091, 5.0019996001599205, 1.9737922796993672)]
+
+
+def test_dice_hd95_assd_equal_medpys_on_anisotropic_random_masks():
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(2026)
+  for want in _MEDPY_0_5_2:
+    shape = (20, 24, 16)
+    a = ndimage.binary_opening(ndimage.gaussian_filter(rng.random(shape), 2) > 0.5)
+    b = ndimage.binary_opening(ndimage.gaussian_filter(rng.random(shape), 2) > 0.5)
+    m = metrics.all_metrics(a.astype(np.uint8), b.astype(np.uint8), (0.9, 1.3, 3.0))
+    np.testing.assert_allclose([m['dice'], m['hd95'], m['assd']], want, rtol=1e-12)
