@@ -165,3 +165,28 @@ def test_edge_cases_are_finite_with_finite_gradients():
     return cgc.supcon_loss(vecs, labels, valid, 0.2)
   g = jax.grad(f)(feats)
   assert np.all(np.isfinite(np.asarray(g)))
+
+
+def test_cell_fraction_and_cell_masks_against_a_loop_over_cells():
+  rng = np.random.default_rng(3)
+  p = (rng.random((2, 8, 12, 6)) > 0.6).astype(np.float32)
+  brain = (rng.random((2, 8, 12, 6)) > 0.3).astype(np.float32)
+  brain[1, :4] = 0  # outside the brain: neither lesion (if P says so) nor normal
+  grid, thr = (4, 3, 2), 0.4
+  frac = np.asarray(cgc.cell_fraction(jnp.asarray(p), grid))
+  lesion, normal = (np.asarray(a) for a in cgc.cell_masks(jnp.asarray(p), jnp.asarray(brain), grid,
+                                                          thr, True))
+  _, normal_all = cgc.cell_masks(jnp.asarray(p), jnp.asarray(brain), grid, thr, False)
+  s = (2, 4, 3)  # cell size in voxels
+  for b in range(2):
+    for i in range(4):
+      for j in range(3):
+        for k in range(2):
+          block = (b, slice(i * s[0], (i + 1) * s[0]), slice(j * s[1], (j + 1) * s[1]),
+                   slice(k * s[2], (k + 1) * s[2]))
+          want = p[block].mean()
+          assert frac[b, i, j, k] == pytest.approx(want, abs=1e-6)
+          assert lesion[b, i, j, k] == (want >= thr)
+          assert normal[b, i, j, k] == ((want < thr) and brain[block].mean() >= 0.5)
+          assert bool(normal_all[b, i, j, k]) == (want < thr)
+  assert lesion.any() and normal.any() and (~lesion & ~normal).any()  # all three kinds occur

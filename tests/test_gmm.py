@@ -187,11 +187,22 @@ def test_other_sources(tmp_path, tiny_workdir):
   for k in cases:
     a, b = np.asarray(s2.read(k, 'p')), np.asarray(s.read(k, 'p'))
     assert 2 * (a & b).sum() / max(a.sum() + b.sum(), 1) > 0.9 or a.sum() + b.sum() == 0
-  # threshold source runs and gives a binary P
+  # threshold source: P is exactly the lesion channel's brain z-score above pseudo_labels.threshold_z
   c3 = tiny_config(**{'pseudo_labels.source': 'threshold'})
   wd3 = tmp_path / 'w3'
   shutil.copytree(wd / 'prepared', wd3 / 'prepared')
   pseudo_labels.run(c3, str(wd3))
+  s3 = paths.pl_store(c3, str(wd3))
+  marked = 0
+  for k in cases:
+    image = np.asarray(prep.read(k, 'image'), np.float32)
+    brain = np.asarray(prep.read(k, 'brain')) > 0
+    flair = image[..., list(c3.data.modalities).index('flair')]
+    want = pseudo_labels.threshold_z(flair, brain) > c3.pseudo_labels.threshold_z
+    np.testing.assert_array_equal(np.asarray(s3.read(k, 'p')) > 0, want)
+    np.testing.assert_array_equal(np.asarray(s3.read(k, 'posterior')), want.astype(np.float16))
+    marked += int(want.sum())
+  assert marked > 0
 
 
 def test_threshold_method_z_scores_inside_the_brain():

@@ -51,6 +51,13 @@ def test_padding_and_foreground_sampling(tiny_workdir):
   b = s.local_batch(0)
   assert b['image'].shape[1:4] == (64, 64, 64)  # cases are smaller: zero-padded
   assert np.all(b['image'][b['brain'] == 0] == 0)
+  # no flips, no jitter, crop larger than every case: each crop holds its whole case, unchanged
+  for j, cid in enumerate(s.case_ids_of(0)):
+    image, p, brain, _, _ = s._case(s.case_ids.index(cid))
+    assert b['brain'][j].sum() == np.asarray(brain).sum() > 0
+    assert b['p'][j].sum() == np.asarray(p).sum()
+    np.testing.assert_allclose(np.sort(b['image'][j][b['brain'][j] > 0][:, 0]),
+                               np.sort(np.asarray(image, np.float32)[np.asarray(brain) > 0][:, 0]))
   lesion_cases = [i for i in range(len(s.case_ids)) if len(s._case(i)[3])]
   assert lesion_cases
   for step in range(3):

@@ -1,3 +1,4 @@
+from flax import linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,10 +27,14 @@ def test_upconv_is_a_stride2_transposed_conv():
   up = unet.UpConv(5)
   v = up.init(jax.random.key(0), x)
   y = np.asarray(up.apply(v, x))
-  k = np.asarray(v['params']['kernel'])
-  # each input voxel writes its own 2x2x2 block: y[2x+i, 2y+j, 2z+l] = x[x, y, z] @ k[i, j, l]
-  want = np.einsum('bxyzc,ijlcf->bxiyjzlf', np.asarray(x), k).reshape(1, 6, 8, 4, 5)
-  np.testing.assert_allclose(y, want, atol=1e-5)
+  k, b = v['params']['kernel'], v['params']['bias'] + 0.3
+  y = np.asarray(up.apply({'params': {'kernel': k, 'bias': b}}, x))
+  # the reference: flax's transposed convolution (lax.conv_transpose), i.e. the adjoint of the
+  # stride-2 2x2x2 convolution whose kernel is k with its in/out axes swapped
+  ref = nn.ConvTranspose(5, (2, 2, 2), strides=(2, 2, 2), padding='VALID', transpose_kernel=True)
+  want = ref.apply({'params': {'kernel': jnp.swapaxes(k, -1, -2), 'bias': b}}, x)
+  assert y.shape == (1, 6, 8, 4, 5)
+  np.testing.assert_allclose(y, np.asarray(want), atol=1e-5)
 
 
 def test_unet_shapes_and_dtypes():
