@@ -130,6 +130,20 @@ def share(items: list) -> list:
   return list(items)[jax.process_index()::jax.process_count()]
 
 
+def barrier_key(name: str) -> str:
+  """The key-value prefix of the next barrier called `name`: 'cgc_jax/sync/<name>/<k>/', k counting
+  this process's earlier barriers of that name (every process makes the same calls in order)."""
+  k = _SYNC_COUNT.get(name, 0)
+  _SYNC_COUNT[name] = k + 1
+  return f'cgc_jax/sync/{name}/{k}/'
+
+
+def reset_barriers():
+  """Numbers every barrier name from 0 again: for a new set of processes (a new coordination
+  service), e.g. several runs in one Python process."""
+  _SYNC_COUNT.clear()
+
+
 def sync(name: str, error: str = '', timeout_s: float = 3600.0):
   """Barrier for the offline stages: every process posts its outcome under `name` and waits for all.
 
@@ -141,9 +155,7 @@ def sync(name: str, error: str = '', timeout_s: float = 3600.0):
   n = jax.process_count()
   if n == 1:
     return
-  k = _SYNC_COUNT.get(name, 0)
-  _SYNC_COUNT[name] = k + 1
-  prefix = f'cgc_jax/sync/{name}/{k}/'
+  prefix = barrier_key(name)
   from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
   client = jax_distributed.global_state.client
   client.key_value_set(f'{prefix}{jax.process_index()}', 'ok' if not error else 'error: ' + error)

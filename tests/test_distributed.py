@@ -179,3 +179,13 @@ def test_a_wrong_device_count_stops_at_start_up():
     distributed.initialize(cfg.dist)
   cfg.dist.expected_devices = 8
   distributed.initialize(cfg.dist)
+
+
+def test_barrier_keys_count_per_name_and_reset():
+  distributed.reset_barriers()
+  keys = [distributed.barrier_key('a') for _ in range(2)]
+  assert keys == ['cgc_jax/sync/a/0/', 'cgc_jax/sync/a/1/']
+  assert distributed.barrier_key('b') == 'cgc_jax/sync/b/0/'
+  distributed.reset_barriers()
+  assert distributed.barrier_key('a') == 'cgc_jax/sync/a/0/'
+  distributed.reset_barriers()
