@@ -187,7 +187,7 @@ def test_other_sources(tmp_path, tiny_workdir):
   for k in cases:
     a, b = np.asarray(s2.read(k, 'p')), np.asarray(s.read(k, 'p'))
     assert 2 * (a & b).sum() / max(a.sum() + b.sum(), 1) > 0.9 or a.sum() + b.sum() == 0
-  # threshold source: P is exactly the lesion channel's brain z-score above pseudo_labels.threshold_z
+  # threshold source: P is the lesion channel's brain z-score above pseudo_labels.threshold_z
   c3 = tiny_config(**{'pseudo_labels.source': 'threshold'})
   wd3 = tmp_path / 'w3'
   shutil.copytree(wd / 'prepared', wd3 / 'prepared')
