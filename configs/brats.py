@@ -5,6 +5,8 @@ accelerators.
         --workdir=runs/brats
 
 Paper figures (GMM 0.7585 -> full CGC 0.8405 Dice) are the target on the full 285-case release.
+Not measured here: it needs an accelerator (87.8 s a train step on 2 CPU cores; docs/benchmarks.md).
+The same pseudo-label recipe as brats_dev.py, measured there.
 """
 import os
 import sys
