@@ -287,3 +287,34 @@ def test_source_lines_within_100_columns():
           if len(line) > 100]
   assert len(files) > 40
   assert not long, long
+
+
+@pytest.mark.slow
+def test_pip_install_gives_the_cgc_jax_command(tiny_trained, tmp_path):
+  """`pip install .` into a venv: the `cgc-jax` console script runs from another folder, finds the
+  packaged configs by name, and predicts with only a workdir."""
+  venv = tmp_path / 'venv'
+  subprocess.run([sys.executable, '-m', 'venv', '--system-site-packages', str(venv)], check=True,
+                 timeout=300)
+  r = subprocess.run([str(venv / 'bin' / 'python'), '-m', 'pip', 'install', '-q', '--no-deps',
+                      ROOT], capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  elsewhere = tmp_path / 'elsewhere'
+  elsewhere.mkdir()
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  code = ('import cgc_jax, cgc_jax.pipeline as p; print(cgc_jax.__file__); '
+          'print(p.resolve_config(["--config=demo"])[0])')
+  r = subprocess.run([str(venv / 'bin' / 'python'), '-c', code], capture_output=True, text=True,
+                     cwd=str(elsewhere), env=env, timeout=120)
+  where, resolved = r.stdout.split()
+  assert str(venv) in where and not where.startswith(ROOT)  # the installed copy, not the checkout
+  assert resolved.startswith('--config=' + os.path.dirname(where)) and resolved.endswith('demo.py')
+  case = 'phantom_mri_001'
+  r = subprocess.run([str(venv / 'bin' / 'cgc-jax'), '--mode=predict', f'--workdir={tiny_trained}',
+                      f'--input={os.path.join(tiny_trained, "phantoms", case)}', '--output=masks'],
+                     capture_output=True, text=True, cwd=str(elsewhere), env=env, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  got = nib.load(str(elsewhere / 'masks' / f'{case}.nii.gz'))
+  want = nib.load(os.path.join(tiny_trained, 'eval', 'predictions', f'{case}.nii.gz'))
+  np.testing.assert_array_equal(got.get_fdata(), want.get_fdata())
+  np.testing.assert_allclose(got.affine, want.affine)
