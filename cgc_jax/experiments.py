@@ -42,6 +42,8 @@ flags.DEFINE_enum('table', 'methods', list(TABLE_NAMES), 'which table')
 flags.DEFINE_string('channels', '', 'pseudo_labels table: extra rows with these GMM channel sets, '
                     '";"-separated, e.g. "flair,t1;flair,t1,t2"')
 flags.DEFINE_string('seeds', '0,1', 'training seeds, comma separated')
+flags.DEFINE_string('rows', '', 'only these rows of the table (1-based, comma separated; '
+                    'default all): a table on a budget, resumable row by row')
 flags.DEFINE_integer('track_every', -1, 'eval.every_steps of every trained run '
                      '(-1: train.steps // 6; 0: no tracking)')
 flags.DEFINE_bool('verbose', False, 'Show Python tracebacks for data and stage errors.')
@@ -406,6 +408,14 @@ def length_markdown(results: dict, config) -> str:
   return '\n'.join(lines) + '\n'
 
 
+def select_rows(rows: list, spec: str) -> list:
+  """'1,3' -> the first and third rows, in table order."""
+  picks = sorted({int(v) for v in spec.split(',') if v.strip()})
+  if not picks or picks[0] < 1 or picks[-1] > len(rows):
+    raise ValueError(f'--rows={spec}: the table has rows 1..{len(rows)}')
+  return [rows[i - 1] for i in picks]
+
+
 def main(argv):
   del argv
   pipeline.cli(_main, FLAGS.verbose)
@@ -417,6 +427,8 @@ def _main():
   rows = None
   if FLAGS.table == 'pseudo_labels':
     rows = p_rows(config) + (channel_rows(FLAGS.channels) if FLAGS.channels else [])
+  if FLAGS.rows:
+    rows = select_rows(rows or TABLES[FLAGS.table], FLAGS.rows)
   results = run_table(config, FLAGS.workdir, FLAGS.table, seeds, FLAGS.track_every, rows)
   out = os.path.join(FLAGS.workdir, 'experiments')
   os.makedirs(out, exist_ok=True)

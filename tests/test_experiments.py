@@ -140,3 +140,10 @@ def test_self_training_round_two_learns_from_round_ones_masks(tiny_workdir, tmp_
 
 def test_every_table_can_be_named_on_the_command_line():
   assert set(experiments.TABLES) | {'pseudo_labels'} == set(experiments.TABLE_NAMES)
+
+
+def test_rows_select_a_budget_of_the_table():
+  rows = experiments.TABLES['refine']
+  assert experiments.select_rows(rows, '5,1') == [rows[0], rows[4]]
+  with pytest.raises(ValueError, match='rows 1..6'):
+    experiments.select_rows(rows, '7')
