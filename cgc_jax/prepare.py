@@ -102,6 +102,7 @@ def prepare_case(files: readers.CaseFiles, data_cfg, store_root: str, fingerprin
       logging.warning('%s: %d lesion voxels lie outside the brain box', files.case_id, outside)
   meta = {'geometry': geom.to_json(), 'modalities': list(data_cfg.modalities),
           'inputs': case_inputs(files),
+          'input_digests': {p: store_lib.content_digest(p) for p in case_inputs(files)},
           'files': {'images': files.images, 'label': files.label},
           'approximate_brain': approximate, 'has_label': lc.label is not None,
           'warnings': [str(w) for w in lc.warnings],

@@ -60,6 +60,46 @@ def atomic_write_json(path: str, obj):
   atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
+_DIGESTS = {}  # (real path, size, mtime_ns) -> content digest: each file version hashed once
+
+
+def content_digest(path: str) -> Optional[str]:
+  """sha256 (16 hex digits) of a file's bytes; None for a missing file."""
+  real = os.path.realpath(path)
+  try:
+    st = os.stat(real)
+  except OSError:
+    return None
+  key = (real, st.st_size, st.st_mtime_ns)
+  if key not in _DIGESTS:
+    h = hashlib.sha256()
+    with open(real, 'rb') as f:
+      for chunk in iter(lambda: f.read(1 << 20), b''):
+        h.update(chunk)
+    _DIGESTS[key] = h.hexdigest()[:16]
+  return _DIGESTS[key]
+
+
+def same_files(recorded: dict, current: dict, digests: Optional[dict]) -> bool:
+  """Whether input files are unchanged: the same (size, mtime_ns) as `recorded` ({path: [size,
+  mtime_ns]}), or, where only the mtime differs, the same content digest as recorded in
+  `digests` (a copy or a touch changes a file's mtime, not its data): stat first, then hash, as
+  git does."""
+  if recorded == current:
+    return True
+  if not digests or not isinstance(recorded, dict) or set(recorded) != set(current):
+    return False
+  for path, cur in current.items():
+    old = recorded[path]
+    if old == cur:
+      continue
+    if old is None or cur is None or old[0] != cur[0] or not digests.get(path):
+      return False
+    if content_digest(path) != digests[path]:
+      return False
+  return True
+
+
 def file_identity(paths) -> dict:
   """{real path: [size, mtime_ns]} of input files (None for a missing one): cheap, and changes when
   a file is replaced or rewritten."""
@@ -92,7 +132,8 @@ class Store:
     these inputs (a replaced scan, or another folder's case of the same id, is not complete)."""
     meta = self.meta(case_id, missing_ok=True)
     return (meta is not None and meta.get('fingerprint') == self.fingerprint and
-            (inputs is None or meta.get('inputs') == inputs))
+            (inputs is None or meta.get('inputs') == inputs or
+             same_files(meta.get('inputs'), inputs, meta.get('input_digests'))))
 
   def identity(self, case_id: str) -> str:
     """A digest of a complete shard's content (its arrays' checksums, its fingerprint and inputs):

@@ -95,3 +95,17 @@ def _demo_cfg(n):
   c.data.phantoms.num_subjects = n
   c.data.target_spacing = (2.0, 2.0, 2.0)
   return c
+
+
+def test_touched_or_copied_scans_are_not_prepared_again(tmp_path):
+  cfg = tiny_config()
+  wd = str(tmp_path / 'wd')
+  prepare.run(cfg, wd)
+  metas = {c: os.stat(os.path.join(wd, 'prepared', 'cases', c, 'meta.json')).st_mtime_ns
+           for c in os.listdir(os.path.join(wd, 'prepared', 'cases'))}
+  for root, _, files in os.walk(os.path.join(wd, 'phantoms')):
+    for f in files:  # every scan gets a new mtime, as a copy without -p gives
+      os.utime(os.path.join(root, f), ns=(10**18, 10**18))
+  assert sorted(prepare.run(cfg, wd)) == sorted(metas)
+  assert {c: os.stat(os.path.join(wd, 'prepared', 'cases', c, 'meta.json')).st_mtime_ns
+          for c in metas} == metas

@@ -36,3 +36,27 @@ def test_manifest_lists_complete_cases(tmp_path):
   s.write_manifest(['b', 'a'])
   assert s.complete_cases() == ['a', 'b']
   assert store_lib.Store(str(tmp_path), 'other').complete_cases() == []
+
+
+def test_inputs_with_a_new_mtime_but_the_same_bytes_are_unchanged(tmp_path):
+  f = tmp_path / 'scan.nii.gz'
+  f.write_bytes(b'abcdef')
+  ident = store_lib.file_identity([str(f)])
+  digests = {p: store_lib.content_digest(p) for p in ident}
+  s = store_lib.Store(str(tmp_path / 'store'), 'fp')
+  s.write('c', {'a': np.zeros(2, np.uint8)}, {'inputs': ident, 'input_digests': digests})
+  assert s.is_complete('c', ident)
+  os.utime(f, ns=(10**18, 10**18))  # copied or touched: new mtime, same bytes
+  now = store_lib.file_identity([str(f)])
+  assert now != ident and store_lib.same_files(ident, now, digests)
+  assert s.is_complete('c', now)
+  f.write_bytes(b'abcdeX')  # same size, other bytes
+  now = store_lib.file_identity([str(f)])
+  assert not store_lib.same_files(ident, now, digests) and not s.is_complete('c', now)
+  f.write_bytes(b'abcdefg')  # other size: no hashing needed to tell
+  assert not s.is_complete('c', store_lib.file_identity([str(f)]))
+  # a shard without recorded digests (made before they were recorded) still needs equal stats
+  s.write('old', {'a': np.zeros(2, np.uint8)}, {'inputs': ident})
+  f.write_bytes(b'abcdef')
+  os.utime(f, ns=(2 * 10**18, 2 * 10**18))
+  assert not s.is_complete('old', store_lib.file_identity([str(f)]))
