@@ -161,7 +161,7 @@ def evaluate(config, workdir: str):
   if not cases:
     raise errors.StageError(f'{prep.root}: no prepared cases')
   external = config.eval.predictions_dir
-  out_dir = os.path.join(workdir, 'eval_predictions' if external else 'eval')
+  out_dir = os.path.join(workdir, 'eval_predictions' if external else paths.EVAL)
   fp = fingerprints.of(config, 'evaluate')
   if external:  # masks from elsewhere, checked case by case before any metric
     preds = {c: (None, m) for c, m in external_masks(external, prep, cases).items()}
@@ -324,7 +324,7 @@ SELECT_RULES = {'flip_agreement': 'max', 'confident_ce': 'min', 'p_agreement': '
 def read_track(workdir: str) -> list:
   """train/track.jsonl rows sorted by step (a resumed run's repeated steps: the last row wins; a
   line cut by a kill mid-append is skipped with a warning)."""
-  path = os.path.join(workdir, 'train', 'track.jsonl')
+  path = paths.track_file(workdir)
   if not os.path.exists(path):
     return []
   rows = {}
@@ -395,7 +395,7 @@ def track_during_training(config, workdir, mesh):
   cfg = config.copy_and_resolve_references()
   cfg.eval.tta_flip = False
   predictor = sliding_window.Predictor(cfg, mesh)
-  path = os.path.join(workdir, 'train', 'track.jsonl')
+  path = paths.track_file(workdir)
   conf, eps = config.eval.confident, 1e-6
 
   def f(params, step):

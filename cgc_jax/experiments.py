@@ -31,6 +31,7 @@ from ml_collections import config_flags
 
 from cgc_jax import evaluate
 from cgc_jax import metrics
+from cgc_jax import paths
 from cgc_jax import pipeline
 
 TABLE_NAMES = ('methods', 'ablation', 'temperature', 'length', 'weights', 'refine', 'cgc',
@@ -302,14 +303,14 @@ def run_table(config, base: str, table: str, seeds: list, track_every: int = -1,
       for _ in range(1, int(overrides.get(ROUNDS, 1))):  # self-training: P = last round's masks
         c = c.copy_and_resolve_references()
         c.pseudo_labels.source = 'nifti'
-        c.pseudo_labels.nifti_dir = os.path.join(wd, 'eval', 'predictions')
+        c.pseudo_labels.nifti_dir = os.path.join(wd, paths.EVAL, 'predictions')
         rpwd = p_workdir(c, base, 'nifti', {'pseudo_labels.nifti_dir': c.pseudo_labels.nifti_dir})
         round_p.append(float(np.mean([r['dice'] for r in _p_rows(rpwd)])))
         wd = _train_run(c, base, rpwd)
       row_link = os.path.join(base, 'experiments', table, _slug(name), f'seed{seed}')
       os.makedirs(os.path.dirname(row_link), exist_ok=True)
       _link(wd, row_link)
-      with open(os.path.join(wd, 'eval', 'summary.json')) as f:
+      with open(os.path.join(wd, paths.EVAL, 'summary.json')) as f:
         cases = json.load(f)['cases']
       per_seed[seed] = [{k[len('net_'):]: v for k, v in r.items() if k.startswith('net_')}
                         for r in cases]

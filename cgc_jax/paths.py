@@ -36,6 +36,11 @@ def predict_store(config, workdir: str) -> store_lib.Store:
                          fingerprints.of(config, 'prepare'))
 
 
+def track_file(workdir: str) -> str:
+  """Label-free signals (and analysis Dice) along training, one JSON row per tracked step."""
+  return os.path.join(workdir, TRAIN, 'track.jsonl')
+
+
 def checkpoints(workdir: str) -> str:
   return os.path.join(workdir, CHECKPOINTS)
 

@@ -100,9 +100,10 @@ def prepare_case(files: readers.CaseFiles, data_cfg, store_root: str, fingerprin
     outside = int(lc.label.sum()) - int(arrays['label_native'].sum())
     if outside:
       logging.warning('%s: %d lesion voxels lie outside the brain box', files.case_id, outside)
+  inputs = case_inputs(files)
   meta = {'geometry': geom.to_json(), 'modalities': list(data_cfg.modalities),
-          'inputs': case_inputs(files),
-          'input_digests': {p: store_lib.content_digest(p) for p in case_inputs(files)},
+          'inputs': inputs,
+          'input_digests': {p: store_lib.content_digest(p) for p in inputs},
           'files': {'images': files.images, 'label': files.label},
           'approximate_brain': approximate, 'has_label': lc.label is not None,
           'warnings': [str(w) for w in lc.warnings],

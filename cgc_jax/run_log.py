@@ -12,13 +12,15 @@ import os
 
 from absl import logging
 
+from cgc_jax import paths
+
 
 class RunLog:
   """Process 0's training log. `write(step, values)` after a logged step, `track(step, means)`
   after a tracking pass, `close()` at the end (also draws curves.png)."""
 
   def __init__(self, workdir: str, start: int):
-    self.dir = os.path.join(workdir, 'train')
+    self.dir = os.path.join(workdir, paths.TRAIN)
     os.makedirs(self.dir, exist_ok=True)
     self.path = os.path.join(self.dir, 'metrics.jsonl')
     if os.path.exists(self.path):  # rows past `start` will be redone
