@@ -136,10 +136,13 @@ class Store:
              same_files(meta.get('inputs'), inputs, meta.get('input_digests'))))
 
   def identity(self, case_id: str) -> str:
-    """A digest of a complete shard's content (its arrays' checksums, its fingerprint and inputs):
-    what a downstream stage records to notice that this shard was redone."""
+    """A digest of a complete shard's content (its arrays' checksums, its fingerprint and the
+    identities of the upstream shards it was made from): what a downstream stage records to notice
+    that this shard changed. Raw input files enter only through the arrays made from them, so a
+    scan copied again (new mtime) that prepares to the same arrays keeps its identity."""
     meta = self.meta(case_id)
-    blob = json.dumps([meta.get('fingerprint'), meta.get('inputs'),
+    upstream = {k: v for k, v in (meta.get('inputs') or {}).items() if isinstance(v, str)}
+    blob = json.dumps([meta.get('fingerprint'), upstream,
                        sorted((k, v['crc32']) for k, v in meta['arrays'].items())], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

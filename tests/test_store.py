@@ -60,3 +60,21 @@ def test_inputs_with_a_new_mtime_but_the_same_bytes_are_unchanged(tmp_path):
   f.write_bytes(b'abcdef')
   os.utime(f, ns=(2 * 10**18, 2 * 10**18))
   assert not s.is_complete('old', store_lib.file_identity([str(f)]))
+
+
+def test_identity_follows_content_and_upstream_not_file_stats(tmp_path):
+  s = store_lib.Store(str(tmp_path), 'fp')
+  a = np.arange(6, dtype=np.uint8)
+  s.write('c', {'a': a}, {'inputs': {'/data/scan.nii.gz': [6, 1]}})
+  first = s.identity('c')
+  s.write('c', {'a': a}, {'inputs': {'/data/scan.nii.gz': [6, 2]}})  # re-copied: new mtime
+  assert s.identity('c') == first
+  s.write('c', {'a': a + 1}, {'inputs': {'/data/scan.nii.gz': [6, 2]}})  # other arrays
+  assert s.identity('c') != first
+  s.write('c', {'a': a}, {'inputs': {'prepared': 'aaaa'}})  # made from an upstream shard
+  up = s.identity('c')
+  s.write('c', {'a': a}, {'inputs': {'prepared': 'bbbb'}})  # ... which changed
+  assert s.identity('c') != up
+  other = store_lib.Store(str(tmp_path / 'other'), 'fp2')  # another config, same arrays
+  other.write('c', {'a': a}, {'inputs': {'prepared': 'bbbb'}})
+  assert other.identity('c') != s.identity('c')
