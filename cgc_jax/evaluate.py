@@ -13,6 +13,7 @@ import json
 import math
 import os
 import time
+from typing import Optional
 
 from absl import logging
 import numpy as np
@@ -170,11 +171,9 @@ def evaluate(config, workdir: str):
     nch = prep.meta(cases[0])['arrays']['image']['shape'][-1]
     params, step = restore_params(config, workdir, mesh, nch)
     done = _load_json(os.path.join(out_dir, 'summary.json'))
-    if done and done.get('fingerprint') == fp and done.get('checkpoint_step') == step and \
-       done.get('inputs') == _inputs(prep, labels, cases) and \
-       sorted(c['case'] for c in done.get('cases', [])) == sorted(
-           c for c in cases if prep.meta(c)['has_label']) and \
-       (not config.eval.pictures or _pictures_complete(out_dir, cases)):
+    if is_current(done, fp, step, _inputs(prep, labels, cases),
+                  [c for c in cases if prep.meta(c)['has_label']],
+                  not config.eval.pictures or _pictures_complete(out_dir, cases)):
       logging.info('evaluate: up to date for checkpoint step %d (%s)', step, out_dir)
       print(summary_markdown(done['summary'], done['seconds'], step,
                              false_alarm_voxels(done.get('cases', []))))
@@ -190,24 +189,14 @@ def evaluate(config, workdir: str):
   per_case = []
   p_masks = {}
   for c in cases:
-    meta = prep.meta(c)
-    if not meta['has_label']:
+    if not prep.meta(c)['has_label']:
       continue
-    geom = geometry.Geometry.from_json(meta['geometry'])
-    ref = geometry.to_original(np.asarray(prep.read(c, 'label_native')), geom.native())
-    mn = metrics.all_metrics(preds[c][1], ref, geom.original_spacing)
+    row, mn, mp, p_masks[c] = score_case(config, prep, labels, c, preds[c][1])
     rows[n_name].append(mn)
-    row = {'case': c, **{f'net_{k}': v for k, v in mn.items()}}
-    if labels.is_complete(c):
-      post = np.asarray(labels.read(c, 'posterior'), np.float32)
-      thr = config.gmm.threshold if config.pseudo_labels.source == 'gmm' else 0.5
-      p_masks[c] = post > thr
-      # the pseudo-label stage scored this same stored posterior on the same grid: reuse it
-      mp = labels.meta(c)['report'].get('metrics') or metrics.all_metrics(
-          geometry.prob_to_original_mask(post, geom, thr), ref, geom.original_spacing)
+    if mp is not None:
       rows[p_name].append(mp)
-      row.update({f'p_{k}': v for k, v in mp.items()})
     per_case.append(row)
+  p_masks = {c: m for c, m in p_masks.items() if m is not None}
   if not per_case:
     logging.info('evaluate: no case has ground truth: masks written, no metrics')
     return None
@@ -224,6 +213,40 @@ def evaluate(config, workdir: str):
   logging.info('evaluation (%d cases with ground truth):\n%s', len(per_case), md)
   print(md)
   return summaries
+
+
+def is_current(done: Optional[dict], fingerprint: str, step: int, inputs: dict, labelled: list,
+               pictures_ok: bool) -> bool:
+  """Whether a finished evaluation (`done`: its summary.json, or None) still stands: same config
+  fingerprint, checkpoint step and input shards, the same cases with ground truth, and its
+  pictures drawn when they are asked for."""
+  return bool(done) and done.get('fingerprint') == fingerprint and \
+      done.get('checkpoint_step') == step and done.get('inputs') == inputs and \
+      sorted(c['case'] for c in done.get('cases', [])) == sorted(labelled) and pictures_ok
+
+
+def score_case(config, prep: store_lib.Store, labels: store_lib.Store, case: str,
+               net_mask: np.ndarray) -> tuple:
+  """Scores one case that has ground truth, on its original grid.
+
+  net_mask: bool mask on the case's original grid. Returns (row, network metrics, P metrics or
+  None, P mask on the prepared grid or None): row is the case's line of cases.csv (`case`, then
+  `net_<metric>` and, when the case has P, `p_<metric>`). P's metrics are the ones the pseudo-label
+  stage stored for this same posterior on this same grid, computed here only when absent.
+  """
+  meta = prep.meta(case)
+  geom = geometry.Geometry.from_json(meta['geometry'])
+  ref = geometry.to_original(np.asarray(prep.read(case, 'label_native')), geom.native())
+  mn = metrics.all_metrics(net_mask, ref, geom.original_spacing)
+  row = {'case': case, **{f'net_{k}': v for k, v in mn.items()}}
+  if not labels.is_complete(case):
+    return row, mn, None, None
+  post = np.asarray(labels.read(case, 'posterior'), np.float32)
+  thr = config.gmm.threshold if config.pseudo_labels.source == 'gmm' else 0.5
+  mp = labels.meta(case)['report'].get('metrics') or metrics.all_metrics(
+      geometry.prob_to_original_mask(post, geom, thr), ref, geom.original_spacing)
+  row.update({f'p_{k}': v for k, v in mp.items()})
+  return row, mn, mp, post > thr
 
 
 def _pictures_complete(out_dir: str, cases: list) -> bool:
@@ -373,6 +396,40 @@ def _nanmean(values) -> float:
   return float(v[np.isfinite(v)].mean()) if np.isfinite(v).any() else float('nan')
 
 
+def tracking_signals(prob: np.ndarray, mirrored: np.ndarray, posterior: np.ndarray,
+                     brain: np.ndarray, confident: float,
+                     label: Optional[np.ndarray] = None) -> dict:
+  """One case's label-free signals (see track_during_training) and, given a label, its Dice.
+
+  prob, mirrored: [X,Y,Z] f32 lesion probability of the scan and of its left-right mirror image
+  (mirrored back), both zero outside the brain; posterior: [X,Y,Z] f32 P's lesion posterior; brain,
+  label: [X,Y,Z] bool. Masks are probability > 0.5.
+  """
+  eps = 1e-6
+  mask, pmask, flip = prob > 0.5, posterior > 0.5, mirrored > 0.5
+  q = np.clip(prob, eps, 1 - eps)
+  pos, neg = brain & (posterior >= 1 - confident), brain & (posterior <= confident)
+  terms = [float(-np.log(1 - q[neg]).mean())] if neg.any() else []
+  if pos.any():
+    terms.append(float(-np.log(q[pos]).mean()))
+  # both masks empty: no evidence either way (an empty mask is perfectly flip-consistent, and a
+  # network that predicts nothing would otherwise score best): NaN, left out of the mean
+  r = {'flip_agreement': metrics.dice(mask, flip) if mask.any() or flip.any() else float('nan'),
+       'p_agreement': metrics.dice(mask, pmask),
+       'confident_ce': float(np.mean(terms)) if terms else float('nan')}
+  if label is not None:
+    r['dice'] = metrics.dice(mask, label)
+  return r
+
+
+def tracking_means(rows: dict) -> dict:
+  """{signal: mean over cases, NaN left out} of {case: tracking_signals(...)}; a signal no case has
+  (dice without labels) is absent."""
+  return {k: _nanmean([r[k] for r in rows.values() if k in r])
+          for k in ('flip_agreement', 'p_agreement', 'confident_ce', 'dice')
+          if any(k in r for r in rows.values())}
+
+
 def track_during_training(config, workdir, mesh):
   """Returns f(params, step) that appends one row to WORKDIR/train/track.jsonl: per case and as a
   mean, the label-free signals and, where ground truth exists, Dice (analysis only: ground truth
@@ -396,7 +453,7 @@ def track_during_training(config, workdir, mesh):
   cfg.eval.tta_flip = False
   predictor = sliding_window.Predictor(cfg, mesh)
   path = paths.track_file(workdir)
-  conf, eps = config.eval.confident, 1e-6
+  conf = config.eval.confident
 
   def f(params, step):
     rows = {}
@@ -406,24 +463,9 @@ def track_during_training(config, workdir, mesh):
       prob = predictor.predict_volume(params['unet'], image) * brain
       mirrored = predictor.predict_volume(params['unet'], image[::-1])[::-1] * brain
       post = np.asarray(labels.read(c, 'posterior'), np.float32)
-      mask, pmask = prob > 0.5, post > 0.5
-      q = np.clip(prob, eps, 1 - eps)
-      pos, neg = brain & (post >= 1 - conf), brain & (post <= conf)
-      terms = [float(-np.log(1 - q[neg]).mean())] if neg.any() else []
-      if pos.any():
-        terms.append(float(-np.log(q[pos]).mean()))
-      # both masks empty: no evidence either way (an empty mask is perfectly flip-consistent, and a
-      # network that predicts nothing would otherwise score best): NaN, left out of the mean
-      flip = mirrored > 0.5
-      r = {'flip_agreement': metrics.dice(mask, flip) if mask.any() or flip.any() else float('nan'),
-           'p_agreement': metrics.dice(mask, pmask),
-           'confident_ce': float(np.mean(terms)) if terms else float('nan')}
-      if prep.meta(c)['has_label']:
-        r['dice'] = metrics.dice(mask, np.asarray(prep.read(c, 'label')) > 0)
-      rows[c] = r
-    means = {k: _nanmean([r[k] for r in rows.values() if k in r])
-             for k in ('flip_agreement', 'p_agreement', 'confident_ce', 'dice')
-             if any(k in r for r in rows.values())}
+      label = np.asarray(prep.read(c, 'label')) > 0 if prep.meta(c)['has_label'] else None
+      rows[c] = tracking_signals(prob, mirrored, post, brain, conf, label)
+    means = tracking_means(rows)
     logging.info('step %d: %s', step, ', '.join(
         f'{k} {v:.4f}' + (' (ground truth, analysis only)' if k == 'dice' else '')
         for k, v in means.items()))

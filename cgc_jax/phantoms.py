@@ -122,58 +122,93 @@ def _tumour(rng, tissue, shape):
 def subject(anatomy, rng, p, lesion_free):
   """One phantom subject -> ({modality: f32 or i16 volume}, u8 label, affine)."""
   tissue = _deform(anatomy, rng, p.deform_mm / 2.0)
+  make = ct_subject if p.kind == 'ct' else mri_subject
+  vols, label = make(tissue, rng, p, lesion_free)
+  return to_spacing(vols, label, np.asarray(anatomy['affine'], np.float64), tissue['mask'] > 0.5,
+                    p)
+
+
+def ct_subject(tissue, rng, p, lesion_free):
+  """A CQ500-like CT: ({'ct': i16 HU volume}, u8 label) from tissue fractions on the 2 mm template.
+
+  0 (lesion-free) or 1-3 bleeds of 55-85 HU; label = blood fraction > 0.5; CSF/GM/WM at their HU
+  means (jittered per subject), blurred by p.blur voxels, Gaussian noise, -1024 outside the brain.
+  """
   shape = tissue['mask'].shape
   brain = tissue['mask'] > 0.5
   frac = [tissue['csf'], tissue['gm'], tissue['wm']]
-  if p.kind == 'ct':
-    blood = np.zeros(shape, np.float32)
-    n = 0 if lesion_free else int(rng.integers(1, 4))
-    bleeds = []
-    for _ in range(n):
-      _, act, _ = _tumour(rng, tissue, shape)
-      small = ndimage.zoom(act, 1.0, order=0)
-      blood = np.maximum(blood, small * (rng.uniform(0.25, 0.5)))
-      bleeds.append(rng.uniform(55, 85))
-    blood = np.clip(blood / max(blood.max(), 1e-6), 0, 1) if n else blood
-    label = (blood > 0.5).astype(np.uint8)
-    rest = 1.0 - blood
-    hu_blood = float(np.mean(bleeds)) if bleeds else 70.0
-    means = [m + rng.normal(0, 1.5) for m in _CT_MEANS]
-    ct = sum(f * rest * m for f, m in zip(frac, means)) + blood * hu_blood
-    ct = ndimage.gaussian_filter(ct, p.blur) + rng.normal(0, _CT_NOISE_HU, shape)
-    ct = np.where(brain, ct, -1024.0)
-    vols = {'ct': np.round(ct).astype(np.int16)}
+  blood = np.zeros(shape, np.float32)
+  n = 0 if lesion_free else int(rng.integers(1, 4))
+  bleeds = []
+  for _ in range(n):
+    _, act, _ = _tumour(rng, tissue, shape)
+    small = ndimage.zoom(act, 1.0, order=0)
+    blood = np.maximum(blood, small * (rng.uniform(0.25, 0.5)))
+    bleeds.append(rng.uniform(55, 85))
+  blood = np.clip(blood / max(blood.max(), 1e-6), 0, 1) if n else blood
+  label = (blood > 0.5).astype(np.uint8)
+  rest = 1.0 - blood
+  hu_blood = float(np.mean(bleeds)) if bleeds else 70.0
+  means = [m + rng.normal(0, 1.5) for m in _CT_MEANS]
+  ct = sum(f * rest * m for f, m in zip(frac, means)) + blood * hu_blood
+  ct = ndimage.gaussian_filter(ct, p.blur) + rng.normal(0, _CT_NOISE_HU, shape)
+  ct = np.where(brain, ct, -1024.0)
+  return {'ct': np.round(ct).astype(np.int16)}, label
+
+
+def brats_label(oed, act, nec, brain) -> np.ndarray:
+  """BraTS labels (u8) from nested tumour fractions: 2 oedema, 4 enhancing, 1 necrosis where each
+  fraction is > 0.5 inside the brain (later ones overwrite: necrosis inside enhancing inside
+  oedema), 0 elsewhere."""
+  label = np.zeros(oed.shape, np.uint8)
+  label[(oed > 0.5) & brain] = 2
+  label[(act > 0.5) & brain] = 4
+  label[(nec > 0.5) & brain] = 1
+  return label
+
+
+def mri_subject(tissue, rng, p, lesion_free):
+  """A BraTS-like MRI: ({modality: f32 volume}, u8 label) from tissue fractions on the template.
+
+  Each modality mixes the tissue and tumour-part means of _MRI_MEANS (jittered per subject) by
+  their fractions, then partial-volume blur, a smooth multiplicative bias field, Gaussian noise;
+  0 outside the brain, x1000.
+  """
+  shape = tissue['mask'].shape
+  brain = tissue['mask'] > 0.5
+  frac = [tissue['csf'], tissue['gm'], tissue['wm']]
+  if lesion_free:
+    oed = act = nec = np.zeros(shape, np.float32)
   else:
-    if lesion_free:
-      oed = act = nec = np.zeros(shape, np.float32)
-    else:
-      oed, act, nec = _tumour(rng, tissue, shape)
-    act = np.minimum(act, oed)
-    nec = np.minimum(nec, act)
-    parts = [oed - act, act - nec, nec]  # exclusive oedema, enhancing, necrosis fractions
-    rest = 1.0 - oed
-    label = np.zeros(shape, np.uint8)
-    label[(oed > 0.5) & brain] = 2
-    label[(act > 0.5) & brain] = 4
-    label[(nec > 0.5) & brain] = 1
-    bias = np.exp(p.bias * _smooth_noise(rng, shape, 20))
-    vols = {}
-    for name, means in _MRI_MEANS.items():
-      m = np.asarray(means) * rng.uniform(0.93, 1.07, 6)
-      v = sum(f * rest * m[i] for i, f in enumerate(frac)) + sum(
-          f * m[3 + i] for i, f in enumerate(parts))
-      v = ndimage.gaussian_filter(v.astype(np.float32), p.blur) * bias
-      v = v + rng.normal(0, p.noise * m[2], shape)
-      v = np.where(brain, np.maximum(v, 1e-3), 0.0) * 1000.0
-      vols[name] = v.astype(np.float32)
-  affine = np.asarray(anatomy['affine'], np.float64)
+    oed, act, nec = _tumour(rng, tissue, shape)
+  act = np.minimum(act, oed)
+  nec = np.minimum(nec, act)
+  parts = [oed - act, act - nec, nec]  # exclusive oedema, enhancing, necrosis fractions
+  rest = 1.0 - oed
+  label = brats_label(oed, act, nec, brain)
+  bias = np.exp(p.bias * _smooth_noise(rng, shape, 20))
+  vols = {}
+  for name, means in _MRI_MEANS.items():
+    m = np.asarray(means) * rng.uniform(0.93, 1.07, 6)
+    v = sum(f * rest * m[i] for i, f in enumerate(frac)) + sum(
+        f * m[3 + i] for i, f in enumerate(parts))
+    v = ndimage.gaussian_filter(v.astype(np.float32), p.blur) * bias
+    v = v + rng.normal(0, p.noise * m[2], shape)
+    v = np.where(brain, np.maximum(v, 1e-3), 0.0) * 1000.0
+    vols[name] = v.astype(np.float32)
+  return vols, label
+
+
+def to_spacing(vols, label, affine, brain, p):
+  """Resamples a 2 mm subject to p.spacing (linear images, nearest label; MRI zero outside the
+  brain again) and scales the affine's voxel axes to match. At 2 mm: returned as given."""
   spacing = np.asarray(p.spacing, np.float64)
-  if not np.allclose(spacing, 2.0):
-    zoom = 2.0 / spacing
-    vols = {k: ndimage.zoom(v, zoom, order=1).astype(v.dtype) for k, v in vols.items()}
-    if p.kind != 'ct':
-      for k in vols:
-        vols[k] = np.where(ndimage.zoom(brain.astype(np.uint8), zoom, order=0) > 0, vols[k], 0)
-    label = ndimage.zoom(label, zoom, order=0)
-    affine = affine @ np.diag(list(spacing / 2.0) + [1.0])
-  return vols, label, affine
+  if np.allclose(spacing, 2.0):
+    return vols, label, affine
+  zoom = 2.0 / spacing
+  vols = {k: ndimage.zoom(v, zoom, order=1).astype(v.dtype) for k, v in vols.items()}
+  if p.kind != 'ct':
+    for k in vols:
+      vols[k] = np.where(ndimage.zoom(brain.astype(np.uint8), zoom, order=0) > 0, vols[k], 0)
+  label = ndimage.zoom(label, zoom, order=0)
+  return vols, label, affine @ np.diag(list(spacing / 2.0) + [1.0])

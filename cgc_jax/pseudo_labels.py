@@ -49,31 +49,13 @@ def case_pseudo_label(case_id, config, prep_root, prep_fp, out_root, out_fp):
   geom = geometry.Geometry.from_json(meta['geometry'])
   image = np.asarray(prep.read(case_id, 'image', config.data.verify_checksums), np.float32)
   brain = np.asarray(prep.read(case_id, 'brain', config.data.verify_checksums)) > 0
-  mods = meta['modalities']
   src = config.pseudo_labels.source
-  g = config.gmm
-  if src == 'gmm':
-    post, p, report = gmm.consensus(image, brain, list(mods), g, case_id, geom.spacing,
-                                    hu_scale=gmm.hu_scale(config))
-  elif src == 'threshold':
-    post = (threshold_z(image[..., mods.index(g.lesion_channel)], brain) >
-            config.pseudo_labels.threshold_z).astype(np.float32)
-    p = morphology.remove_small(post > 0.5, g.min_component_voxels).astype(np.uint8)
-    report = {'status': 'ok', 'lesion_fraction': float(p.sum() / max(brain.sum(), 1))}
-  elif src == 'nifti':
-    post = _from_nifti(os.path.join(config.pseudo_labels.nifti_dir, f'{case_id}.nii.gz'), geom)
-    p = (post > 0.5).astype(np.uint8)
-    report = {'status': 'ok', 'lesion_fraction': float(p.sum() / max(brain.sum(), 1))}
-  elif src == 'ground_truth':
-    if not meta['has_label']:
-      raise errors.DataError(
-          f'{case_id}: pseudo_labels.source=ground_truth but the case has no label')
-    post = np.asarray(prep.read(case_id, 'label'), np.float32)
-    p = (post > 0.5).astype(np.uint8)
-    report = {'status': 'ok', 'lesion_fraction': float(p.sum() / max(brain.sum(), 1))}
-  else:
-    raise ValueError(
-        f'unknown pseudo_labels.source {src!r} (gmm | threshold | nifti | ground_truth)')
+  if src == 'ground_truth' and not meta['has_label']:
+    raise errors.DataError(
+        f'{case_id}: pseudo_labels.source=ground_truth but the case has no label')
+  post, p, report = labels_from_source(
+      config, case_id, image, brain, list(meta['modalities']), geom,
+      label=np.asarray(prep.read(case_id, 'label')) if src == 'ground_truth' else None)
   report['source'] = src
   post = post.astype(np.float16).astype(np.float32)  # what is stored: export and score that
   out = store_lib.Store(out_root, out_fp)
@@ -89,6 +71,36 @@ def case_pseudo_label(case_id, config, prep_root, prep_fp, out_root, out_fp):
   out.write(case_id, {'p': p.astype(np.uint8), 'posterior': post.astype(np.float16)},
             {'report': report, 'inputs': case_inputs(config, prep, case_id)})
   return report
+
+
+def labels_from_source(config, case_id: str, image: np.ndarray, brain: np.ndarray, mods: list,
+                       geom, label=None) -> tuple:
+  """One case's P from pseudo_labels.source: (posterior [X,Y,Z] f32, P [X,Y,Z] u8, report dict).
+
+  image: [X,Y,Z,C] f32 prepared channels (`mods` names them); brain: [X,Y,Z] bool; label: the
+  prepared ground truth, needed by source=ground_truth only. gmm: the mixture consensus
+  (gmm.consensus, whose report it returns); threshold: lesion-channel z-score above
+  pseudo_labels.threshold_z, components below gmm.min_component_voxels dropped; nifti: the mask
+  file <nifti_dir>/<case>.nii.gz on the prepared grid; ground_truth: label > 0.
+  """
+  src, g = config.pseudo_labels.source, config.gmm
+  if src == 'gmm':
+    return gmm.consensus(image, brain, mods, g, case_id, geom.spacing,
+                         hu_scale=gmm.hu_scale(config))
+  if src == 'threshold':
+    post = (threshold_z(image[..., mods.index(g.lesion_channel)], brain) >
+            config.pseudo_labels.threshold_z).astype(np.float32)
+    p = morphology.remove_small(post > 0.5, g.min_component_voxels).astype(np.uint8)
+  elif src == 'nifti':
+    post = _from_nifti(os.path.join(config.pseudo_labels.nifti_dir, f'{case_id}.nii.gz'), geom)
+    p = (post > 0.5).astype(np.uint8)
+  elif src == 'ground_truth':
+    post = (np.asarray(label) > 0).astype(np.float32)
+    p = post.astype(np.uint8)
+  else:
+    raise ValueError(
+        f'unknown pseudo_labels.source {src!r} (gmm | threshold | nifti | ground_truth)')
+  return post, p, {'status': 'ok', 'lesion_fraction': float(p.sum() / max(brain.sum(), 1))}
 
 
 def original_mask(config, post, geom) -> np.ndarray:

@@ -165,6 +165,65 @@ class LoadedCase:
     return np.stack(self.channels, axis=-1)
 
 
+def geometry_problems(path: str, vol: tuple, ref_path: str, ref: tuple, any_spatial: bool,
+                      data_cfg) -> list:
+  """Problems of one channel's (or the label's) grid against the case's reference channel.
+
+  vol, ref: (data, affine, spacing, header) as nifti.load_volume gives them; any_spatial: whether
+  some channel of the case has spatial information (the reference is then one that does). A shape
+  or spacing mismatch is an error; a header without spatial information is a warning; an affine
+  mismatch is an error with data.strict_geometry, else a warning (all within
+  data.affine_tolerance).
+  """
+  data, affine, spacing, hdr = vol
+  if data.shape != ref[0].shape:
+    return [nifti.Problem(path, f'shape {data.shape} differs from {ref[0].shape} of {ref_path}')]
+  if not nifti.has_spatial_info(hdr):
+    where = (f'the case geometry is taken from {ref_path}' if any_spatial else
+             'no channel of this case has any: voxel indices are used as 1 mm coordinates')
+    return [nifti.Problem(path, 'header has no spatial information (qform and sform codes '
+                          f'0); {where}', 'warning')]
+  if not np.allclose(spacing, ref[2], atol=data_cfg.affine_tolerance):
+    return [nifti.Problem(path, f'voxel spacing {np.round(spacing, 4).tolist()} differs from '
+                          f'{np.round(ref[2], 4).tolist()} of {ref_path}')]
+  if not np.allclose(affine, ref[1], atol=data_cfg.affine_tolerance):
+    return [nifti.Problem(path, f'affine differs from that of {ref_path}',
+                          'error' if data_cfg.strict_geometry else 'warning')]
+  return []
+
+
+def intensity_problems(path: str, data: np.ndarray, data_cfg) -> list:
+  """Problems of one image's values: NaN/Inf or a constant image (errors), and for CT values that
+  do not look like Hounsfield units (a warning: min >= 0, or the median above
+  data.ct_background_below outside [-100, 150])."""
+  lo, hi = float(data.min()), float(data.max())  # NaN propagates: one pass each, no masks
+  if not (np.isfinite(lo) and np.isfinite(hi)):
+    return [nifti.Problem(path, f'{int((~np.isfinite(data)).sum())} NaN or Inf voxels')]
+  if lo == hi:
+    return [nifti.Problem(path, f'constant image (every voxel = {lo:g}): failed brain extraction '
+                          'or an empty export?')]
+  if data_cfg.kind == 'ct':
+    inside = data[data > data_cfg.ct_background_below]
+    med = float(np.median(inside)) if inside.size else float('nan')
+    if lo >= 0 or not -100 <= med <= 150:
+      return [nifti.Problem(path, f'intensities do not look like Hounsfield units (min {lo:g}, '
+                            f'median of non-background {med:g}): rescale slope/intercept lost?',
+                            'warning')]
+  return []
+
+
+def label_problems(path: str, lab: np.ndarray, label_values) -> list:
+  """Problems of a label volume: NaN/Inf, or values outside `label_values` (0 always allowed)."""
+  if not (np.isfinite(lab.min()) and np.isfinite(lab.max())):
+    return [nifti.Problem(path, f'{int((~np.isfinite(lab)).sum())} NaN or Inf voxels')]
+  values = np.unique(lab[lab != 0])  # 0 is always background; sorting the rest is cheap
+  bad = sorted(set(values.tolist()) - set(float(v) for v in label_values) - {0.0})
+  if bad:
+    return [nifti.Problem(path, f'label values {bad[:10]} not in the allowed set '
+                          f'{list(label_values)}')]
+  return []
+
+
 def load_case(files: CaseFiles, data_cfg) -> LoadedCase:
   """Loads and verifies one case. Raises DataError listing EVERY problem found (each with its
   file)."""
@@ -186,64 +245,14 @@ def load_case(files: CaseFiles, data_cfg) -> LoadedCase:
   ref_mod = spatial[0] if spatial else next(iter(vols), None)
   ref = vols.get(ref_mod)
   if ref is not None:
-    ref_path = files.images[ref_mod]
-    for m, (data, affine, spacing,
-            hdr) in list(vols.items()) + ([('label', label)] if label else []):
-      path = files.label if m == 'label' else files.images[m]
-      if data.shape != ref[0].shape:
-        problems.append(
-            nifti.Problem(path, f'shape {data.shape} differs from {ref[0].shape} of {ref_path}'))
-        continue
-      if not nifti.has_spatial_info(hdr):
-        where = (f'the case geometry is taken from {ref_path}' if spatial else
-                 'no channel of this case has any: voxel indices are used as 1 mm coordinates')
-        problems.append(
-            nifti.Problem(
-                path, f'header has no spatial information (qform and sform codes '
-                f'0); {where}', 'warning'))
-        continue
-      if not np.allclose(spacing, ref[2], atol=data_cfg.affine_tolerance):
-        problems.append(
-            nifti.Problem(
-                path, f'voxel spacing {np.round(spacing, 4).tolist()} differs from '
-                f'{np.round(ref[2], 4).tolist()} of {ref_path}'))
-      elif not np.allclose(affine, ref[1], atol=data_cfg.affine_tolerance):
-        problems.append(nifti.Problem(path, f'affine differs from that of {ref_path}',
-                                'error' if data_cfg.strict_geometry else 'warning'))
-  for m, (data, *_ ) in vols.items():
-    path = files.images[m]
-    lo, hi = float(data.min()), float(data.max())  # NaN propagates: one pass each, no masks
-    if not (np.isfinite(lo) and np.isfinite(hi)):
-      problems.append(nifti.Problem(path, f'{int((~np.isfinite(data)).sum())} NaN or Inf voxels'))
-      continue
-    if lo == hi:
-      problems.append(
-          nifti.Problem(
-              path, f'constant image (every voxel = {lo:g}): failed brain extraction '
-              'or an empty export?'))
-      continue
-    if data_cfg.kind == 'ct':
-      inside = data[data > data_cfg.ct_background_below]
-      med = float(np.median(inside)) if inside.size else float('nan')
-      if lo >= 0 or not -100 <= med <= 150:
-        problems.append(
-            nifti.Problem(
-                path, f'intensities do not look like Hounsfield units (min {lo:g}, '
-                f'median of non-background {med:g}): rescale slope/intercept lost?', 'warning'))
+    where = {**files.images, 'label': files.label}
+    for m, vol in list(vols.items()) + ([('label', label)] if label else []):
+      problems += geometry_problems(where[m], vol, files.images[ref_mod], ref, bool(spatial),
+                                    data_cfg)
+  for m, (data, *_) in vols.items():
+    problems += intensity_problems(files.images[m], data, data_cfg)
   if label is not None:
-    lab = label[0]
-    if not (np.isfinite(lab.min()) and np.isfinite(lab.max())):
-      problems.append(
-          nifti.Problem(files.label, f'{int((~np.isfinite(lab)).sum())} NaN or Inf voxels'))
-    else:
-      values = np.unique(lab[lab != 0])  # 0 is always background; sorting the rest is cheap
-      bad_values = sorted(
-          set(values.tolist()) - set(float(v) for v in data_cfg.label_values) - {0.0})
-      if bad_values:
-        problems.append(
-            nifti.Problem(
-                files.label, f'label values {bad_values[:10]} not in the allowed set '
-                f'{list(data_cfg.label_values)}'))
+    problems += label_problems(files.label, label[0], data_cfg.label_values)
 
   errors = [p for p in problems if p.severity == 'error']
   if errors:

@@ -7,6 +7,7 @@ import pytest
 
 from cgc_jax import distributed
 from cgc_jax import evaluate
+from cgc_jax import geometry
 from cgc_jax import paths
 from cgc_jax import prepare
 from cgc_jax import sliding_window
@@ -63,6 +64,63 @@ def test_tracked_signals_match_hand_values(tiny_workdir, tmp_path, monkeypatch):
   for k in ('flip_agreement', 'p_agreement', 'confident_ce', 'dice'):
     np.testing.assert_allclose(rows[0][k], np.mean([r[k] for r in rows[0]['cases'].values()]),
                                rtol=1e-9)
+
+
+def test_tracking_signals_on_a_hand_made_case():
+  """Six voxels, five in the brain: every signal worked out by hand."""
+  brain = np.array([1, 1, 1, 1, 1, 0], bool)
+  prob = np.array([0.9, 0.8, 0.3, 0.1, 0.6, 0.0], np.float32)
+  mirrored = np.array([0.9, 0.2, 0.7, 0.1, 0.6, 0.0], np.float32)
+  post = np.array([1.0, 0.6, 0.9, 0.0, 0.1, 1.0], np.float32)
+  label = np.array([1, 1, 0, 0, 0, 0], bool)
+  r = evaluate.tracking_signals(prob, mirrored, post, brain, 0.2, label)
+  # masks: net {0,1,4}, flip {0,2,4}, P {0,1,2,5}
+  np.testing.assert_allclose(r['flip_agreement'], 2 * 2 / 6)
+  np.testing.assert_allclose(r['p_agreement'], 2 * 2 / 7)
+  # confident lesion voxels (post >= 0.8, in the brain): 0, 2; confident normal (<= 0.2): 3, 4
+  want = np.mean([-np.mean(np.log([1 - 0.1, 1 - 0.6])), -np.mean(np.log([0.9, 0.3]))])
+  np.testing.assert_allclose(r['confident_ce'], want, rtol=1e-6)
+  np.testing.assert_allclose(r['dice'], 2 * 2 / 5)
+  assert 'dice' not in evaluate.tracking_signals(prob, mirrored, post, brain, 0.2)
+  empty = evaluate.tracking_signals(np.zeros(6, np.float32), np.zeros(6, np.float32), post,
+                                    brain, 0.2)
+  assert np.isnan(empty['flip_agreement']) and empty['p_agreement'] == 0.0
+  means = evaluate.tracking_means({'a': r, 'b': empty})
+  np.testing.assert_allclose(means['flip_agreement'], r['flip_agreement'])  # NaN left out
+  np.testing.assert_allclose(means['p_agreement'], r['p_agreement'] / 2)
+  np.testing.assert_allclose(means['dice'], r['dice'])  # only the case that has a label
+
+
+def test_score_case_against_a_hand_count(tiny_workdir):
+  """The network's Dice from voxel counts on the original grid; P's metrics are the pseudo-label
+  stage's stored ones, and its mask is the stored posterior above the threshold."""
+  cfg = tiny_config()
+  prep, labels = paths.prepared_store(cfg, tiny_workdir), paths.pl_store(cfg, tiny_workdir)
+  case = next(c for c in prep.complete_cases() if prep.meta(c)['has_label'])
+  geom = geometry.Geometry.from_json(prep.meta(case)['geometry'])
+  ref = geometry.to_original(np.asarray(prep.read(case, 'label_native')), geom.native()) > 0
+  net = np.zeros_like(ref)
+  net[:net.shape[0] // 2] = True  # half the volume
+  row, mn, mp, p_mask = evaluate.score_case(cfg, prep, labels, case, net)
+  want = 2 * (net & ref).sum() / (net.sum() + ref.sum())
+  np.testing.assert_allclose(mn['dice'], want, rtol=1e-12)
+  assert row['case'] == case and row['net_dice'] == mn['dice']
+  assert mp == labels.meta(case)['report']['metrics'] and row['p_dice'] == mp['dice']
+  np.testing.assert_array_equal(
+      p_mask, np.asarray(labels.read(case, 'posterior'), np.float32) > cfg.gmm.threshold)
+  assert evaluate.score_case(cfg, prep, labels, case, ref)[1]['dice'] == 1.0
+
+
+def test_an_evaluation_is_current_only_while_everything_it_used_is():
+  done = {'fingerprint': 'f', 'checkpoint_step': 40, 'inputs': {'a': ['1', '2']},
+          'cases': [{'case': 'a'}, {'case': 'b'}]}
+  args = ('f', 40, {'a': ['1', '2']}, ['b', 'a'], True)
+  assert evaluate.is_current(done, *args)
+  assert not evaluate.is_current(None, *args)
+  for i, other in enumerate(('g', 80, {'a': ['1', '3']}, ['a'], False)):
+    changed = list(args)
+    changed[i] = other
+    assert not evaluate.is_current(done, *changed), i
 
 
 def test_select_keeps_the_best_tracked_checkpoint(tmp_path):

@@ -205,6 +205,34 @@ def test_other_sources(tmp_path, tiny_workdir):
   assert marked > 0
 
 
+def test_labels_from_source_without_a_mixture():
+  """threshold: the z-score rule with small components dropped; ground_truth: label > 0; the
+  report's lesion fraction counted by hand; an unknown source is named."""
+  brain = np.ones((6, 6, 6), bool)
+  brain[0] = False  # 180 voxels
+  flair = np.zeros((6, 6, 6), np.float32)
+  flair[2:4, 2:4, 2:4] = 10.0  # an 8-voxel bright cube
+  flair[5, 5, 5] = 10.0  # and a single bright voxel, apart from it
+  image = np.stack([flair, np.zeros_like(flair)], -1)
+  c = tiny_config(**{'pseudo_labels.source': 'threshold', 'gmm.min_component_voxels': 2})
+  post, p, report = pseudo_labels.labels_from_source(c, 'x', image, brain, ['flair', 't1'], None)
+  np.testing.assert_array_equal(
+      post > 0.5, pseudo_labels.threshold_z(flair, brain) > c.pseudo_labels.threshold_z)
+  want = np.zeros((6, 6, 6), np.uint8)
+  want[2:4, 2:4, 2:4] = 1  # the single voxel is below min_component_voxels
+  np.testing.assert_array_equal(p, want)
+  assert report == {'status': 'ok', 'lesion_fraction': 8 / 180}
+  label = np.zeros((6, 6, 6), np.uint8)
+  label[1, 1, 1:4] = [1, 2, 4]
+  c = tiny_config(**{'pseudo_labels.source': 'ground_truth'})
+  post, p, report = pseudo_labels.labels_from_source(c, 'x', image, brain, ['flair'], None, label)
+  np.testing.assert_array_equal(p, label > 0)
+  assert post.dtype == np.float32 and report['lesion_fraction'] == 3 / 180
+  with pytest.raises(ValueError, match="unknown pseudo_labels.source 'atlas'"):
+    pseudo_labels.labels_from_source(tiny_config(**{'pseudo_labels.source': 'atlas'}), 'x',
+                                     image, brain, ['flair'], None)
+
+
 def test_threshold_method_z_scores_inside_the_brain():
   """The threshold pseudo-labels use a brain z-score, so a CT channel in [0, 1] works like MRI."""
   brain = np.zeros((6, 6, 6), bool)

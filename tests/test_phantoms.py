@@ -1,6 +1,8 @@
 """Phantoms: real MNI152 anatomy, BraTS-like MRI and CQ500-like CT, read back by the readers."""
 import nibabel as nib
 import numpy as np
+from ml_collections import ConfigDict
+from scipy import ndimage
 
 from cgc_jax import paths
 from cgc_jax import phantoms
@@ -64,3 +66,31 @@ def test_ct_phantoms_in_hu_through_the_whole_ct_path(tmp_path):
         for m in r['means']]
   assert all(50 <= hu[j] <= 90 for j in r['lesion_components'])
   assert r['metrics']['dice'] > 0.2  # the hard CT case: imperfect by design
+
+
+def test_brats_label_nests_the_tumour_parts():
+  oed = np.array([0.9, 0.9, 0.9, 0.9, 0.2, 0.9])
+  act = np.array([0.1, 0.7, 0.8, 0.8, 0.9, 0.9])
+  nec = np.array([0.0, 0.1, 0.6, 0.6, 0.0, 0.9])
+  brain = np.array([1, 1, 1, 0, 1, 1], bool)
+  np.testing.assert_array_equal(phantoms.brats_label(oed, act, nec, brain), [2, 4, 1, 0, 4, 1])
+
+
+def test_to_spacing_resamples_images_label_and_affine():
+  p = ConfigDict({'spacing': (4.0, 4.0, 1.0), 'kind': 'mri'})
+  img = np.arange(4 * 4 * 2, dtype=np.float32).reshape(4, 4, 2) + 1
+  brain = np.ones((4, 4, 2), bool)
+  brain[0] = False
+  label = np.zeros((4, 4, 2), np.uint8)
+  label[2:, 2:] = 1
+  affine = np.diag([2.0, 2.0, 2.0, 1.0])
+  affine[:3, 3] = [-10, 5, 3]
+  vols, lab, aff = phantoms.to_spacing({'t1': img * brain}, label, affine, brain, p)
+  assert vols['t1'].shape == lab.shape == (2, 2, 4) and vols['t1'].dtype == np.float32
+  np.testing.assert_array_equal(aff, np.diag([4.0, 4.0, 1.0, 1.0]) + np.pad(
+      np.array([[-10.0], [5.0], [3.0]]), ((0, 1), (3, 0))))
+  np.testing.assert_array_equal(lab, ndimage.zoom(label, (0.5, 0.5, 2.0), order=0))
+  assert (vols['t1'][0] == 0).all()  # outside the (resampled) brain: 0 again
+  same = phantoms.to_spacing({'t1': img}, label, affine, brain, ConfigDict({'spacing': (2.0,) * 3,
+                                                                          'kind': 'mri'}))
+  assert same[0]['t1'] is img and same[1] is label and same[2] is affine

@@ -233,3 +233,55 @@ def test_a_case_folder_or_a_single_file_as_the_root(tmp_path):
   one = readers.discover(c.data, os.path.join(d, 'T1.nii.gz'))
   assert [(f.case_id, f.images, f.label) for f in one] == [
       ('T1', {'ct': os.path.join(d, 'T1.nii.gz')}, None)]
+
+
+def _cfg(**kw):
+  c = ConfigDict({'affine_tolerance': 1e-3, 'strict_geometry': False, 'kind': 'mri',
+                  'ct_background_below': -500.0})
+  c.update(kw)
+  return c
+
+
+def test_geometry_problems_one_rule_each():
+  hdr = nib.Nifti1Header()
+  hdr.set_qform(np.eye(4), code=1)
+  bare = nib.Nifti1Header()  # qform and sform codes 0
+  ref = (np.zeros((4, 4, 4)), np.eye(4), np.ones(3), hdr)
+
+  def probs(vol, **kw):
+    return [(p.severity, p.message) for p in readers.geometry_problems('x.nii', vol, 'r.nii', ref,
+                                                                       True, _cfg(**kw))]
+  assert probs(ref) == []
+  assert probs((np.zeros((4, 4, 5)),) + ref[1:]) == [
+      ('error', 'shape (4, 4, 5) differs from (4, 4, 4) of r.nii')]
+  assert probs(ref[:3] + (bare,))[0][0] == 'warning'
+  assert 'taken from r.nii' in probs(ref[:3] + (bare,))[0][1]
+  assert probs((ref[0], ref[1], np.array([1.0, 1.0, 1.5]), hdr)) == [
+      ('error', 'voxel spacing [1.0, 1.0, 1.5] differs from [1.0, 1.0, 1.0] of r.nii')]
+  shifted = np.eye(4)
+  shifted[0, 3] = 0.01  # beyond the 1e-3 tolerance
+  assert probs((ref[0], shifted, ref[2], hdr)) == [
+      ('warning', 'affine differs from that of r.nii')]
+  assert probs((ref[0], shifted, ref[2], hdr), strict_geometry=True)[0][0] == 'error'
+  shifted[0, 3] = 5e-4  # within it
+  assert probs((ref[0], shifted, ref[2], hdr)) == []
+
+
+def test_intensity_and_label_problems_one_rule_each():
+  def probs(data, **kw):
+    return [(p.severity, p.message) for p in readers.intensity_problems('x.nii', data, _cfg(**kw))]
+  img = np.arange(8, dtype=np.float32).reshape(2, 2, 2)
+  assert probs(img) == []
+  bad = img.copy()
+  bad[0, 0, 0], bad[1, 1, 1] = np.nan, np.inf
+  assert probs(bad) == [('error', '2 NaN or Inf voxels')]
+  assert probs(np.full((2, 2, 2), 3.0))[0][0] == 'error'
+  ct = np.array([-1024.0, -1024.0, 20.0, 30.0, 40.0])
+  assert probs(ct, kind='ct') == []
+  assert probs(ct + 1024.0, kind='ct')[0][0] == 'warning'  # no negative values: not HU
+  assert 'median of non-background 400' in probs(ct * 10 + 100.0, kind='ct')[0][1]
+  lab = np.array([0.0, 1.0, 2.0, 4.0, 3.0, 7.0])
+  assert [p.message for p in readers.label_problems('l.nii', lab, (0, 1, 2, 4))] == [
+      'label values [3.0, 7.0] not in the allowed set [0, 1, 2, 4]']
+  assert readers.label_problems('l.nii', lab[:4], (0, 1, 2, 4)) == []
+  assert 'NaN or Inf' in readers.label_problems('l.nii', np.array([np.nan, 1.0]), (0, 1))[0].message
