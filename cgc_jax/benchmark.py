@@ -179,14 +179,13 @@ def bench_train(config, opts: Options):
            'brain': np.ones((b,) + crop, np.float32)}
   batch = distributed.global_batch(batch, distributed.data_sharding(mesh))
   step = train.make_train_step(config, mesh, tx)
-  key = jax.random.key(0)
-  compiled = step.lower(state, batch, key).compile()
+  compiled = step.lower(state, batch).compile()
   flops = _cost_flops(compiled)
-  state, _ = step(state, batch, key)  # warm-up
+  state, _ = step(state, batch)  # warm-up
   jax.block_until_ready(state)
   t0 = time.time()
   for _ in range(opts.steps):
-    state, m = step(state, batch, key)
+    state, m = step(state, batch)
   jax.block_until_ready(m)
   dt = (time.time() - t0) / opts.steps
   # convolutions alone, forward + backward, same shapes and dtype and implementation

@@ -5,14 +5,14 @@ has finished, the manifest and one error listing every failed case (good cases a
 from absl import logging
 
 from cgc_jax import errors
-from cgc_jax import parallel
+from cgc_jax import workers
 from cgc_jax import store as store_lib
 
 
 def report_failures(results: dict, what: str):
-  failures = [r for r in results.values() if isinstance(r, parallel.CaseFailure)]
+  failures = [r for r in results.values() if isinstance(r, workers.CaseFailure)]
   for cid, r in results.items():
-    if not isinstance(r, parallel.CaseFailure):
+    if not isinstance(r, workers.CaseFailure):
       for w in r.get('warnings', []):
         logging.warning('%s: %s', cid, w)
       if r.get('approximate_brain'):

@@ -12,6 +12,7 @@ import orbax.checkpoint as ocp
 
 from cgc_jax import errors
 from cgc_jax import fingerprints
+from cgc_jax import train_state
 
 
 IncompatibleCheckpointError = errors.IncompatibleCheckpointError
@@ -47,8 +48,7 @@ class Checkpointer:
     errors = []
     for s in steps:
       try:
-        r = self.manager.restore(s, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), record=ocp.args.JsonRestore()))
+        r = self._restore_step(s, abstract_state)
       except Exception as e:  # pylint: disable=broad-except
         if step is not None:
           raise
@@ -59,8 +59,28 @@ class Checkpointer:
       if errors:
         logging.warning('restored step %d instead of the newest step %d, which is unreadable', s,
                         errors[0][0])
-      return r.state, r.record, s
+      return r
     raise FileNotFoundError(f'{self.directory}: no readable checkpoint ({errors[-1][1]})')
+
+  def _restore_step(self, s: int, abstract_state):
+    """(state, record, s) of step s; a checkpoint in the layout before TrainState lost its unused
+    `rng` (train_state.LegacyTrainState) is read through that layout, `rng` dropped."""
+    def read(target):
+      r = self.manager.restore(s, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), record=ocp.args.JsonRestore()))
+      return r.state, r.record, s
+    try:
+      return read(abstract_state)
+    except Exception:  # pylint: disable=broad-except
+      if not isinstance(abstract_state, train_state.TrainState):
+        raise
+      try:
+        legacy, record, _ = read(train_state.LegacyTrainState.abstract(abstract_state))
+      except Exception:  # pylint: disable=broad-except
+        pass  # not the legacy layout either: the first error is the one to report
+      else:
+        return legacy.current(), record, s
+      raise
 
   def wait(self):
     self.manager.wait_until_finished()

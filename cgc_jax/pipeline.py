@@ -14,7 +14,7 @@ import time
 from absl import logging
 
 from cgc_jax import errors
-from cgc_jax import parallel
+from cgc_jax import workers
 from cgc_jax import paths
 from cgc_jax import prepare
 from cgc_jax import readers

@@ -18,7 +18,7 @@ import numpy as np
 from cgc_jax import bookkeeping
 from cgc_jax import errors
 from cgc_jax import geometry
-from cgc_jax import parallel
+from cgc_jax import workers
 from cgc_jax import paths
 from cgc_jax import readers
 from cgc_jax import store as store_lib
@@ -125,7 +125,7 @@ def verify(config, workdir, root=None):
   data_cfg = reader_config(config)
   files = case_files(config, workdir, root)
   jobs = [(f.case_id, (f, data_cfg, '', '', False)) for f in files]
-  results = parallel.map_cases(prepare_case, jobs, config.data.num_workers, 'verify',
+  results = workers.map_cases(prepare_case, jobs, config.data.num_workers, 'verify',
                                expected_types=(readers.DataError,))
   bookkeeping.report_failures(results, 'verify')
   logging.info('verify: %d cases OK', len(files))
@@ -141,7 +141,7 @@ def run(config, workdir, root=None, store=None) -> list:
   todo = bookkeeping.start_cases(config, store, [f.case_id for f in files], 'prepare', inputs)
   by_id = {f.case_id: f for f in files}
   jobs = [(c, (by_id[c], data_cfg, store.root, store.fingerprint)) for c in todo]
-  results = parallel.map_cases(prepare_case, jobs, config.data.num_workers, 'prepare',
+  results = workers.map_cases(prepare_case, jobs, config.data.num_workers, 'prepare',
                                expected_types=(readers.DataError,))
   return bookkeeping.finish_cases(config, store, [f.case_id for f in files], results, 'prepare',
                                   inputs)

@@ -19,7 +19,7 @@ from cgc_jax import gmm
 from cgc_jax import metrics
 from cgc_jax import morphology
 from cgc_jax import nifti
-from cgc_jax import parallel
+from cgc_jax import workers
 from cgc_jax import paths
 from cgc_jax import store as store_lib
 
@@ -159,7 +159,7 @@ def run(config, workdir) -> list:
   inputs = {c: case_inputs(config, prep, c) for c in cases}
   todo = bookkeeping.start_cases(config, out, cases, 'pseudo_labels', inputs)
   jobs = [(c, (c, config, prep.root, prep.fingerprint, out.root, out.fingerprint)) for c in todo]
-  results = parallel.map_cases(case_pseudo_label, jobs, config.data.num_workers, 'pseudo_labels',
+  results = workers.map_cases(case_pseudo_label, jobs, config.data.num_workers, 'pseudo_labels',
                                expected_types=(errors.DataError, gmm.GMMError))
   done = bookkeeping.finish_cases(config, out, cases, results, 'pseudo_labels', inputs)
   from cgc_jax import distributed  # pylint: disable=g-import-not-at-top

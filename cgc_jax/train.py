@@ -1,6 +1,6 @@
 """The train stage: one pure jitted CGC step on a device mesh, orbax checkpoints, exact resume.
 
-`train_step(state, batch, rng) -> (state, metrics)` is written once for any mesh: the batch is
+`train_step(state, batch) -> (state, metrics)` is written once for any mesh: the batch is
 sharded along the mesh's `data` axis, the state is replicated and donated, and the CGC losses reduce
 over the global batch (XLA inserts the collectives).
 """
@@ -75,9 +75,9 @@ def loss_fn(params, batch, config):
   return total, metrics
 
 
-def train_step(state: train_state.TrainState, batch, rng, *, config, tx):
-  """One optimiser step. Pure: (state, batch, rng) -> (new state, metrics). rng: reserved."""
-  del rng  # the model is deterministic; augmentation happens on the host
+def train_step(state: train_state.TrainState, batch, *, config, tx):
+  """One optimiser step. Pure: (state, batch) -> (new state, metrics). No randomness: the model is
+  deterministic and augmentation happens on the host (input_pipeline)."""
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   (_, metrics), grads = grad_fn(state.params, batch, config)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -89,7 +89,7 @@ def train_step(state: train_state.TrainState, batch, rng, *, config, tx):
 def make_train_step(config, mesh, tx):
   repl, data = distributed.replicated(mesh), distributed.data_sharding(mesh)
   return jax.jit(functools.partial(train_step, config=config, tx=tx),
-                 in_shardings=(repl, data, repl), out_shardings=(repl, repl), donate_argnums=0)
+                 in_shardings=(repl, data), out_shardings=(repl, repl), donate_argnums=0)
 
 
 def _record(config, step, sampler, inputs):
@@ -186,7 +186,6 @@ def train_and_evaluate(config, workdir: str, periodic_eval=None) -> train_state.
     return state
   step_fn = make_train_step(config, mesh, tx)
   data = distributed.data_sharding(mesh)
-  base_key = jax.random.key(tcfg.seed + 1)
   voxels = tcfg.batch_size * math.prod(tcfg.crop)
   log = run_log.RunLog(workdir, start) if distributed.is_main() else None
   t0, t_last, s_last = time.time(), time.time(), start
@@ -196,7 +195,7 @@ def train_and_evaluate(config, workdir: str, periodic_eval=None) -> train_state.
     with _Sigterm() as term:
       for step, local in sampler.iterate(start, tcfg.steps):
         batch = distributed.global_batch(local, data)
-        state, metrics = step_fn(state, batch, jax.random.fold_in(base_key, step))
+        state, metrics = step_fn(state, batch)
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         done = step + 1
         bad = [k for k, v in m.items() if not math.isfinite(v)]

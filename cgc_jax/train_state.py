@@ -17,7 +17,25 @@ class TrainState:
   step: jax.Array  # i32[]
   params: Any
   opt_state: Any
-  rng: jax.Array  # u32[2] raw key data
+
+
+@flax.struct.dataclass
+class LegacyTrainState:
+  """The state as checkpoints made before 2026-12 hold it: with an `rng` (u32[2]) never read.
+  checkpoint.Checkpointer.restore reads such checkpoints through it and drops `rng`."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+
+  @classmethod
+  def abstract(cls, state: TrainState) -> 'LegacyTrainState':
+    """The legacy layout of an abstract TrainState (rng: u32[2], sharded like `step`)."""
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=getattr(state.step, 'sharding', None))
+    return cls(step=state.step, params=state.params, opt_state=state.opt_state, rng=rng)
+
+  def current(self) -> TrainState:
+    return TrainState(step=self.step, params=self.params, opt_state=self.opt_state)
 
 
 def make_optimizer(tcfg):
@@ -40,24 +58,22 @@ def init_params(config, rng, num_channels: int):
 
 
 def _init_fn(config, num_channels: int, tx):
-  def init(key):
+  def init():
     # parameters from XLA's RngBitGenerator ('rbg'): the same values on every device, and the init
     # program compiles in about 2 s instead of about 12 s with threefry on CPU
     params = init_params(config, jax.random.key(config.train.seed, impl='rbg'), num_channels)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jax.random.key_data(key))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
   return init
 
 
 def create_state(config, mesh, num_channels: int, tx) -> TrainState:
   """Initialises the replicated state directly on the mesh (no host copy)."""
-  key = jax.random.key(config.train.seed)
   return jax.jit(_init_fn(config, num_channels, tx),
-                 out_shardings=distributed.replicated(mesh))(key)
+                 out_shardings=distributed.replicated(mesh))()
 
 
 def abstract_state(config, mesh, num_channels: int, tx) -> TrainState:
   """The state's shapes, dtypes and (replicated) shardings, for restoring: nothing is computed."""
-  shapes = jax.eval_shape(_init_fn(config, num_channels, tx), jax.random.key(config.train.seed))
+  shapes = jax.eval_shape(_init_fn(config, num_channels, tx))
   repl = distributed.replicated(mesh)
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), shapes)

@@ -100,7 +100,7 @@ def test_no_convergence_is_a_clear_error_naming_the_case():
   img, brain, _ = _two_tissue_volume(np.random.default_rng(2))
   with pytest.raises(gmm.GMMError, match='did not converge after 2 attempts'):
     gmm.pseudo_label(img, brain, [0, 1], 0, _gcfg(max_iter=1, tol=1e-12, retries=1), 'case_x')
-  # the stage wraps it with the case id (parallel.CaseFailure); here the raw message suffices
+  # the stage wraps it with the case id (workers.CaseFailure); here the raw message suffices
 
 
 def test_fewer_distinct_intensities_than_k():

@@ -239,7 +239,7 @@ def test_offline_stage_modules_do_not_load_jax():
   import sys  # pylint: disable=g-import-not-at-top
   code = ('import sys\n'
           'import cgc_jax.prepare, cgc_jax.pseudo_labels, cgc_jax.readers, cgc_jax.gmm, '
-          'cgc_jax.morphology, cgc_jax.geometry, cgc_jax.store, cgc_jax.parallel, cgc_jax.metrics, '
+          'cgc_jax.morphology, cgc_jax.geometry, cgc_jax.store, cgc_jax.workers, cgc_jax.metrics, '
           'cgc_jax.errors, cgc_jax.pipeline, cgc_jax.nifti, cgc_jax.paths, cgc_jax.bookkeeping\n'
           'print(sorted(m for m in sys.modules if m.split(".")[0] in ("jax", "flax", "orbax")))')
   r = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
@@ -269,10 +269,10 @@ def test_the_product_never_imports_torch():
 
 def test_every_user_facing_error_lives_in_errors():
   # pylint: disable-next=g-import-not-at-top
-  from cgc_jax import errors, gmm, parallel, prepare, readers, store
+  from cgc_jax import errors, gmm, prepare, readers, store, workers
   assert readers.DataError is errors.DataError and prepare.StageError is errors.StageError
   assert store.CorruptShardError is errors.CorruptShardError and gmm.GMMError is errors.GMMError
-  assert parallel.CaseFailure is errors.CaseFailure and pipeline.WorkdirError is errors.WorkdirError
+  assert workers.CaseFailure is errors.CaseFailure and pipeline.WorkdirError is errors.WorkdirError
   assert pipeline.USER_ERRORS == errors.USER_ERRORS
   assert {e.__module__ for e in errors.USER_ERRORS} == {'cgc_jax.errors'}
 

@@ -33,7 +33,7 @@ def _one_step(cfg, devices, batch):
   state = train_state.create_state(cfg, mesh, batch['image'].shape[-1], tx)
   step = train.make_train_step(cfg, mesh, tx)
   gb = distributed.global_batch(batch, distributed.data_sharding(mesh))
-  state, metrics = step(state, gb, jax.random.key(0))
+  state, metrics = step(state, gb)
   return jax.device_get(state.params), jax.device_get(metrics)
 
 
@@ -141,3 +141,31 @@ def test_non_finite_loss_stops_with_step_and_cases(tiny_workdir, tmp_path):
   copy_inputs(tiny_workdir, wd)
   with pytest.raises(train.NonFiniteError, match=r'step \d+: non-finite .*batch cases \[.phantom'):
     train.train_and_evaluate(cfg, wd)
+
+
+def test_checkpoints_in_the_layout_with_rng_still_restore(tmp_path):
+  """Checkpoints written while TrainState still held an (unused) rng restore into today's state,
+  values unchanged; today's layout restores as it was saved."""
+  cfg = tiny_config()
+  mesh = distributed.mesh()
+  tx, _ = train_state.make_optimizer(cfg.train)
+  nch = len(cfg.data.modalities)
+  state = train_state.create_state(cfg, mesh, nch, tx)
+  abstract = train_state.abstract_state(cfg, mesh, nch, tx)
+  assert not hasattr(state, 'rng')
+  old = train_state.LegacyTrainState(step=state.step + 5, params=state.params,
+                                     opt_state=state.opt_state,
+                                     rng=jnp.array([7, 9], jnp.uint32))
+  ck = checkpoint.Checkpointer(str(tmp_path), 3, async_save=False)
+  ck.save(5, old, {'data_step': 5})
+  ck.save(6, state.replace(step=state.step + 6), {'data_step': 6})
+  ck.wait()
+  for step in (5, 6):
+    got, record, s = ck.restore(abstract, step)
+    assert type(got) is train_state.TrainState and s == step and int(got.step) == step
+    assert record == {'data_step': step}
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(got.params),
+                 jax.device_get(state.params))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(got.opt_state),
+                 jax.device_get(state.opt_state))
+  ck.close()
