@@ -6,6 +6,8 @@
                     after --mode=prepare)
   --what=train      s/step, XLA FLOPs and GFLOP/s of the train step, of its convolutions alone, a
                     matmul peak, peak host memory; bf16 MFU on GPU
+  --what=conv       the step's 3x3x3 convolutions (forward + both backward) in every formulation:
+                    native, sum2d (unet.py) and the candidates of conv_variants.py
   --what=inference  sliding-window time and voxels/s on one volume (default 240x240x155), +- flip
   TTA
   --against=torch   train and inference: the same U-Net in PyTorch (torch_peer.py) timed in the same
@@ -29,7 +31,8 @@ from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'configs/*.py file', lock_config=False)
-flags.DEFINE_enum('what', 'train', ['prepare', 'gmm', 'train', 'inference'], 'benchmark')
+flags.DEFINE_enum('what', 'train', ['prepare', 'gmm', 'train', 'conv', 'inference'],
+                  'benchmark')
 flags.DEFINE_string('workdir', '', 'workdir (gmm: a prepared one; others: scratch, default temp)')
 flags.DEFINE_integer('steps', 3, 'timed train steps (after one warm-up step)')
 flags.DEFINE_integer('batch', 0, 'train: global batch override (0 = config)')
@@ -156,6 +159,59 @@ def _conv_shapes(config, batch):
   return shapes
 
 
+def _conv_args(config, batch, dtype, rng):
+  """(inputs, kernels, output cotangents) of every 3x3x3 conv of one step."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  shapes = _conv_shapes(config, batch)
+  xs = [jnp.asarray(rng.normal(size=s + (ci,)), dtype) for s, ci, _ in shapes]
+  ks = [jnp.asarray(rng.normal(size=(3, 3, 3, ci, co)) * 0.01, dtype) for _, ci, co in shapes]
+  gs = [jnp.asarray(rng.normal(size=s + (co,)), dtype) for s, _, co in shapes]
+  return xs, ks, gs
+
+
+def _convs_fn(conv):
+  """f(xs, ks, gs): each conv's forward output and its two backward convolutions (input and kernel
+  gradient) for a given output cotangent, as in the step; the first conv's input gradient is not
+  needed there (the image is not differentiated), so not here either. (The gradient of a plain sum
+  of the outputs would let XLA drop the forward convolutions: a floor a third too low.)"""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  def convs(xs, ks, gs):
+    out = []
+    for i, (x, k, g) in enumerate(zip(xs, ks, gs)):
+      if i == 0:
+        y, vjp = jax.vjp(lambda k, x=x: conv(x, k), k)
+      else:
+        y, vjp = jax.vjp(conv, x, k)
+      out.append((y, vjp(g)))
+    return out
+  return convs
+
+
+def bench_conv(config, opts: Options):
+  """Every formulation of the 3x3x3 convolution (unet.conv3x3x3's native and sum2d, and
+  conv_variants') on the config's convolutions, forward + both backward, in one run."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from cgc_jax import conv_variants, unet  # pylint: disable=g-import-not-at-top
+  b = opts.batch or config.train.batch_size
+  args = _conv_args(config, b, jnp.float32, np.random.default_rng(0))
+  impls = {'native': lambda x, k: unet.conv3x3x3(x, k, 'native'),
+           'sum2d': lambda x, k: unet.conv3x3x3(x, k, 'sum2d'), **conv_variants.VARIANTS}
+  per_conv = [2 * 27 * int(np.prod(x.shape)) * k.shape[-1] for x, k in zip(*args[:2])]
+  flops = 3 * sum(per_conv) - per_conv[0]  # forward and both backward; no image gradient
+  rows, times = [], {}
+  for name, conv in impls.items():
+    fn = jax.jit(_convs_fn(conv))
+    times[name] = _time(fn, *args, n=max(1, opts.steps))
+    rows.append((name, times[name], flops / times[name] / 1e9, ''))
+  rows = [r[:3] + (times[r[0]] / times['sum2d'],) for r in rows]
+  _table(f'3x3x3 convolutions of one step, forward + both backward ({len(args[0])} convs, crop '
+         f'{tuple(config.train.crop)}, base {config.model.base}, batch {b}, '
+         f'{jax.devices()[0].device_kind}; GFLOP/s from the direct-convolution count '
+         f'{flops / 1e9:.4g} GFLOP)', ['formulation', 's', 'GFLOP/s', 'time / sum2d'], rows)
+
+
 def config_channels(config):
   return len(config.data.modalities)
 
@@ -191,27 +247,10 @@ def bench_train(config, opts: Options):
   # convolutions alone, forward + backward, same shapes and dtype and implementation
   dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[config.model.dtype]
   impl = unet.resolve_conv_impl(config.model.conv_impl)
-  shapes = _conv_shapes(config, b)
-  xs = [jnp.asarray(rng.normal(size=s + (ci,)), dtype) for s, ci, _ in shapes]
-  ks = [jnp.asarray(rng.normal(size=(3, 3, 3, ci, co)) * 0.01, dtype) for _, ci, co in shapes]
-  gs = [jnp.asarray(rng.normal(size=s + (co,)), dtype) for s, _, co in shapes]
-
-  def convs(xs, ks, gs):
-    """Each conv's forward output and its two backward convolutions (input and kernel gradient)
-    for a given output cotangent, as in the step; the first conv's input gradient is not needed
-    there (the image is not differentiated), so not here either. (The gradient of a plain sum of
-    the outputs would let XLA drop the forward convolutions: a floor a third too low.)"""
-    out = []
-    for i, (x, k, g) in enumerate(zip(xs, ks, gs)):
-      if i == 0:
-        y, vjp = jax.vjp(lambda k, x=x: unet.conv3x3x3(x, k, impl), k)
-      else:
-        y, vjp = jax.vjp(lambda x, k: unet.conv3x3x3(x, k, impl), x, k)
-      out.append((y, vjp(g)))
-    return out
-  conv_fn = jax.jit(convs)
-  conv_flops = _cost_flops(conv_fn.lower(xs, ks, gs).compile())
-  conv_dt = _time(conv_fn, xs, ks, gs, n=max(1, opts.steps))
+  conv_args = _conv_args(config, b, dtype, rng)
+  conv_fn = jax.jit(_convs_fn(lambda x, k: unet.conv3x3x3(x, k, impl)))
+  conv_flops = _cost_flops(conv_fn.lower(*conv_args).compile())
+  conv_dt = _time(conv_fn, *conv_args, n=max(1, opts.steps))
   n = 4096 if jax.default_backend() != 'cpu' else 2048
   a = jnp.asarray(rng.normal(size=(n, n)), dtype)
   mm = jax.jit(lambda a: a @ a)
@@ -288,7 +327,7 @@ def main(argv):
   opts = Options(workdir=FLAGS.workdir, steps=FLAGS.steps, batch=FLAGS.batch,
                  volume=tuple(int(v) for v in FLAGS.volume.split(',')), tta=FLAGS.tta,
                  max_cases=FLAGS.max_cases, against=FLAGS.against)
-  {'prepare': bench_prepare, 'gmm': bench_gmm, 'train': bench_train,
+  {'prepare': bench_prepare, 'gmm': bench_gmm, 'train': bench_train, 'conv': bench_conv,
    'inference': bench_inference}[FLAGS.what](FLAGS.config, opts)
 
 

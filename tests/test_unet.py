@@ -1,9 +1,13 @@
+import importlib
+
 from flax import linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cgc_jax import benchmark
+from cgc_jax import conv_variants
 from cgc_jax import unet
 
 
@@ -19,6 +23,49 @@ def test_sum2d_conv_equals_native_conv_and_gradients():
   gb = jax.grad(loss('sum2d'), (0, 1))(x, k)
   for u, v in zip(ga, gb):
     np.testing.assert_allclose(np.asarray(u), np.asarray(v), atol=1e-4)
+
+
+def _values_and_grads_match(x, k, fn, rtol):
+  """fn(x, k), d/dx and d/dk of sum(sin(fn)) against lax.conv_general_dilated's, within rtol of
+  their largest magnitude; d/dk sums over every voxel (up to 10^6 f32 terms, added in another
+  order by each formulation), so it gets 10 x rtol."""
+  loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k)))
+  native = lambda x, k: unet.conv3x3x3(x, k, 'native')
+  want = [jax.jit(native)(x, k), *jax.jit(jax.grad(loss(native), (0, 1)))(x, k)]
+  got = [jax.jit(fn)(x, k), *jax.jit(jax.grad(loss(fn), (0, 1)))(x, k)]
+  for w, g, tol in zip(want, got, (rtol, rtol, 10 * rtol)):
+    w, g = np.asarray(w), np.asarray(g)
+    assert g.shape == w.shape
+    np.testing.assert_allclose(g, w, atol=tol * np.abs(w).max())
+
+
+@pytest.mark.parametrize('name', ['im2col27', 'im2col9', 'winograd'])
+def test_conv_variants_equal_native_conv_and_gradients(name):
+  rng = np.random.default_rng(1)
+  for shape in ((2, 6, 5, 7, 3), (1, 4, 4, 4, 2)):  # odd and even sizes
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(3, 3, 3, shape[-1], 4)), jnp.float32)
+    _values_and_grads_match(x, k, conv_variants.VARIANTS[name], 1e-5)
+
+
+_CONFIGS = ('demo', 'brats_sample', 'brats_dev', 'brats', 'brats_paper_geometry', 'ct_phantoms',
+            'cq500')
+
+
+@pytest.mark.slow
+def test_sum2d_equals_native_at_every_conv_shape_of_the_configs():
+  """Every distinct 3x3x3 convolution of the configs' U-Nets (batch 1), values and gradients.
+  brats.py (an accelerator config, where `auto` is native) keeps its channel counts with each
+  spatial axis cut to a quarter, to stay within a CPU test's time."""
+  shapes = set()
+  for name in _CONFIGS:
+    for s, cin, cout in benchmark._conv_shapes(importlib.import_module(name).get_config(), 1):
+      shapes.add((tuple(max(2, v // 4) for v in s[1:]) if name == 'brats' else s[1:], cin, cout))
+  rng = np.random.default_rng(0)
+  for spatial, cin, cout in sorted(shapes):
+    x = jnp.asarray(rng.normal(size=(1,) + spatial + (cin,)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(3, 3, 3, cin, cout)) / np.sqrt(27 * cin), jnp.float32)
+    _values_and_grads_match(x, k, lambda x, k: unet.conv3x3x3(x, k, 'sum2d'), 1e-5)
 
 
 def test_upconv_is_a_stride2_transposed_conv():

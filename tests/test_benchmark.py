@@ -1,0 +1,37 @@
+"""The benchmarks run and print their tables (figures themselves are machine-dependent: not
+asserted); the convolution list they time is the U-Net's, counted by hand."""
+import re
+
+from cgc_jax import benchmark
+
+from conftest import tiny_config
+
+
+def _small(**kw):
+  return tiny_config(**{'model.levels': 2, 'model.base': 2, 'train.crop': (8, 8, 8),
+                        'train.batch_size': 1, 'data.modalities': ('flair',), **kw})
+
+
+def test_conv_shapes_are_the_unets_convolutions():
+  # encoder level 0: 1 -> 2, 2 -> 2; level 1 (pooled): 2 -> 4, 4 -> 4; decoder level 0 (upsampled
+  # 2 channels concatenated with the skip's 2): 4 -> 2, 2 -> 2
+  assert benchmark._conv_shapes(_small(), 3) == [
+      ((3, 8, 8, 8), 1, 2), ((3, 8, 8, 8), 2, 2), ((3, 4, 4, 4), 2, 4), ((3, 4, 4, 4), 4, 4),
+      ((3, 8, 8, 8), 4, 2), ((3, 8, 8, 8), 2, 2)]
+
+
+def test_conv_and_train_benchmarks_print_their_tables(capsys):
+  opts = benchmark.Options(steps=1)
+  benchmark.bench_conv(_small(), opts)
+  out = capsys.readouterr().out
+  # direct-convolution FLOPs: 2 * 27 * voxels * cin * cout per direction, three directions, the
+  # first conv without its input gradient: 2 * 27 * (3 * 10752 - 1024) = 1686528
+  assert 'direct-convolution count 0.001687 GFLOP' in out
+  for name in ('native', 'sum2d', 'im2col27', 'im2col9', 'winograd'):
+    assert re.search(rf'^\| {name} \| [0-9.e+-]+ \| [0-9.e+-]+ \| [0-9.e+-]+ \|$', out, re.M), name
+  assert re.search(r'^\| sum2d \| [0-9.e+-]+ \| [0-9.e+-]+ \| 1 \|$', out, re.M)
+  benchmark.bench_train(_small(**{'train.batch_size': 8}), opts)  # the tests' 8 CPU devices
+  out = capsys.readouterr().out
+  for row in ('train step', 'convolutions alone (fwd+bwd)', 'matmul 2048x2048 (float32)'):
+    assert f'| {row} |' in out
+  assert 'peak host memory' in out
