@@ -30,17 +30,22 @@ import numpy as np
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'configs/*.py file', lock_config=False)
-flags.DEFINE_enum('what', 'train', ['prepare', 'gmm', 'train', 'conv', 'inference'],
-                  'benchmark')
-flags.DEFINE_string('workdir', '', 'workdir (gmm: a prepared one; others: scratch, default temp)')
-flags.DEFINE_integer('steps', 3, 'timed train steps (after one warm-up step)')
-flags.DEFINE_integer('batch', 0, 'train: global batch override (0 = config)')
-flags.DEFINE_string('volume', '240,240,155', 'inference: volume shape')
-flags.DEFINE_bool('tta', True, 'inference: also time flip TTA')
-flags.DEFINE_integer('max_cases', 0, 'prepare/gmm: at most this many cases (0 = all)')
-flags.DEFINE_enum('against', '', ['', 'torch'],
-                  'train/inference: also time this peer in the same run')
+
+
+def _define_flags():
+  """The command line's flags: defined only when run as a program, so importing this module (tests,
+  other programs) does not clash with another entry point's flags of the same names."""
+  config_flags.DEFINE_config_file('config', None, 'configs/*.py file', lock_config=False)
+  flags.DEFINE_enum('what', 'train', ['prepare', 'gmm', 'train', 'conv', 'inference'],
+                    'benchmark')
+  flags.DEFINE_string('workdir', '', 'workdir (gmm: a prepared one; others: scratch, default temp)')
+  flags.DEFINE_integer('steps', 3, 'timed train steps (after one warm-up step)')
+  flags.DEFINE_integer('batch', 0, 'train: global batch override (0 = config)')
+  flags.DEFINE_string('volume', '240,240,155', 'inference: volume shape')
+  flags.DEFINE_bool('tta', True, 'inference: also time flip TTA')
+  flags.DEFINE_integer('max_cases', 0, 'prepare/gmm: at most this many cases (0 = all)')
+  flags.DEFINE_enum('against', '', ['', 'torch'],
+                    'train/inference: also time this peer in the same run')
 
 
 @dataclasses.dataclass
@@ -332,5 +337,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   flags.mark_flags_as_required(['config'])
   app.run(main)
