@@ -4,10 +4,10 @@ mm.
     python -m cgc_jax.main --config=configs/brats_sample.py \
         --config.data.root=../shared/data/brats2018_sample --workdir=runs/brats_sample
 
-Every stage in 10 min 24 s on 2 CPU cores. Measured on the original 1 mm grid (2026-11-30, seed 0):
-P (the real-MRI recipe of common.py with its two FLAIR + T1 members) Dice 0.834 +- 0.144, CGC
-network 0.842 +- 0.129 (240 steps as brats_dev.py, flip TTA; 0.834 at 120 steps); the single K=4
-mixture this replaces gave P 0.763.
+Every stage in about 10 min on 2 idle CPU cores. Measured on the original 1 mm grid (2026-11-30,
+seed 0): P (the real-MRI recipe of common.py with its two FLAIR + T1 members) Dice 0.834 +- 0.144,
+CGC network 0.842 +- 0.127 (brats_dev.py's 240 steps of generalised cross-entropy, flip TTA;
+0.842 with cross-entropy, 0.834 at 120 steps); the single K=4 mixture this replaces gave P 0.763.
 """
 import os
 import sys
