@@ -127,6 +127,17 @@ def export_missing(config, prep: store_lib.Store, out: store_lib.Store, cases: l
   return n
 
 
+def expected_inputs(config, prep: store_lib.Store, out: store_lib.Store, case_id: str) -> dict:
+  """case_inputs(), or what an existing P shard recorded when that names the same prepared shard
+  by the identity formula of earlier versions (store.Store.legacy_identity): such a shard is
+  current, not redone."""
+  cur = case_inputs(config, prep, case_id)
+  meta = out.meta(case_id, missing_ok=True)
+  if meta and meta.get('inputs') == dict(cur, prepared=prep.legacy_identity(case_id)):
+    return meta['inputs']
+  return cur
+
+
 def case_inputs(config, prep: store_lib.Store, case_id: str) -> dict:
   """What a case's P is made from: its prepared shard (by content) and, for source=nifti, the mask
   file. A redone prepared case or a replaced mask makes the P shard stale."""
@@ -156,7 +167,7 @@ def run(config, workdir) -> list:
     raise errors.StageError(f'{prep.root}: no prepared cases: run --mode=prepare first')
   out = paths.pl_store(config, workdir)
   logging.info('pseudo_labels: source %s', config.pseudo_labels.source)
-  inputs = {c: case_inputs(config, prep, c) for c in cases}
+  inputs = {c: expected_inputs(config, prep, out, c) for c in cases}
   todo = bookkeeping.start_cases(config, out, cases, 'pseudo_labels', inputs)
   jobs = [(c, (c, config, prep.root, prep.fingerprint, out.root, out.fingerprint)) for c in todo]
   results = workers.map_cases(case_pseudo_label, jobs, config.data.num_workers, 'pseudo_labels',

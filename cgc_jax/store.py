@@ -146,6 +146,15 @@ class Store:
                        sorted((k, v['crc32']) for k, v in meta['arrays'].items())], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+  def legacy_identity(self, case_id: str) -> str:
+    """identity() by the formula of versions before 2026-12 (the raw `inputs` entry as recorded,
+    file stats included). Shards and checkpoints of such workdirs recorded it; downstream stages
+    accept it in place of identity() for the same unchanged shard, so they stay current."""
+    meta = self.meta(case_id)
+    blob = json.dumps([meta.get('fingerprint'), meta.get('inputs'),
+                       sorted((k, v['crc32']) for k, v in meta['arrays'].items())], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
   def meta(self, case_id: str, missing_ok: bool = False) -> Optional[dict]:
     path = os.path.join(self.case_dir(case_id), 'meta.json')
     if not os.path.exists(path):

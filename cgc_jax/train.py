@@ -10,6 +10,7 @@ import math
 import os
 import signal
 import time
+from typing import Optional
 
 from absl import logging
 import jax
@@ -98,6 +99,13 @@ def _record(config, step, sampler, inputs):
           'config': json.loads(config.to_json_best_effort())}
 
 
+def accept_legacy(recorded: Optional[dict], inputs: dict, labels) -> dict:
+  """`inputs` (case -> P shard identity) with each case whose checkpoint recorded the same shard
+  by the earlier identity formula (store.Store.legacy_identity) given that recorded value."""
+  return {c: recorded[c] if recorded and recorded.get(c) not in (None, v) and
+          recorded[c] == labels.legacy_identity(c) else v for c, v in inputs.items()}
+
+
 def stale_reasons(record: dict, config, inputs: dict) -> list:
   """Why checkpoints with `record` cannot be continued by this run: the differing train fields, and
   the cases whose pseudo-labels (`inputs`: case -> P shard identity) changed since. [] = current."""
@@ -167,7 +175,8 @@ def train_and_evaluate(config, workdir: str, periodic_eval=None) -> train_state.
   ckpt = checkpoint.Checkpointer(paths.checkpoints(workdir), tcfg.keep_checkpoints)
   start = 0
   if ckpt.latest_step() is not None and tcfg.restart_when_stale:
-    reasons = stale_reasons(ckpt.record(ckpt.latest_step()), config, inputs)
+    record = ckpt.record(ckpt.latest_step())
+    reasons = stale_reasons(record, config, accept_legacy(record.get('inputs'), inputs, labels))
     if reasons:
       ckpt.close()
       _set_aside(workdir, reasons, config.dist.barrier_timeout_s)

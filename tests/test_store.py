@@ -78,3 +78,31 @@ def test_identity_follows_content_and_upstream_not_file_stats(tmp_path):
   other = store_lib.Store(str(tmp_path / 'other'), 'fp2')  # another config, same arrays
   other.write('c', {'a': a}, {'inputs': {'prepared': 'bbbb'}})
   assert other.identity('c') != s.identity('c')
+
+
+def test_legacy_identity_is_the_earlier_formula_and_accepted_downstream(tmp_path):
+  """Workdirs of earlier versions recorded identities with the raw inputs (file stats) inside:
+  legacy_identity() reproduces that value, P shards and checkpoints recording it stay current."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  from cgc_jax import pseudo_labels, train  # pylint: disable=g-import-not-at-top
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  prep = store_lib.Store(str(tmp_path / 'prep'), 'fp')
+  inputs = {'/data/scan.nii.gz': [6, 1]}
+  prep.write('c', {'a': np.arange(3, dtype=np.uint8)}, {'inputs': inputs})
+  crc = prep.meta('c')['arrays']['a']['crc32']
+  old = hashlib.sha256(json.dumps(['fp', inputs, [['a', crc]]], sort_keys=True).encode())
+  assert prep.legacy_identity('c') == old.hexdigest()[:16] != prep.identity('c')
+  labels = store_lib.Store(str(tmp_path / 'pl'), 'fq')
+  cfg = tiny_config()
+  labels.write('c', {'p': np.zeros(3, np.uint8)},
+               {'inputs': {'prepared': prep.legacy_identity('c')}})
+  assert pseudo_labels.expected_inputs(cfg, prep, labels, 'c') == {
+      'prepared': prep.legacy_identity('c')}  # an earlier version's P of this shard: current
+  labels.write('c', {'p': np.zeros(3, np.uint8)}, {'inputs': {'prepared': 'other'}})
+  assert pseudo_labels.expected_inputs(cfg, prep, labels, 'c') == {'prepared': prep.identity('c')}
+  now = {'c': labels.identity('c')}
+  assert train.accept_legacy({'c': labels.legacy_identity('c')}, now, labels) == {
+      'c': labels.legacy_identity('c')}
+  assert train.accept_legacy({'c': 'changed'}, now, labels) == now
+  assert train.accept_legacy(None, now, labels) == now
