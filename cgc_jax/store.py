@@ -116,6 +116,13 @@ def file_identity(paths) -> dict:
   return out
 
 
+def _shard_digest(meta: dict, inputs) -> str:
+  """16 hex digits of sha256 over a shard's fingerprint, the given inputs and its arrays' crc32s."""
+  blob = json.dumps([meta.get('fingerprint'), inputs,
+                     sorted((k, v['crc32']) for k, v in meta['arrays'].items())], sort_keys=True)
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 class Store:
   """A folder of per-case shards. `fingerprint` identifies the config that produced them."""
 
@@ -141,19 +148,15 @@ class Store:
     that this shard changed. Raw input files enter only through the arrays made from them, so a
     scan copied again (new mtime) that prepares to the same arrays keeps its identity."""
     meta = self.meta(case_id)
-    upstream = {k: v for k, v in (meta.get('inputs') or {}).items() if isinstance(v, str)}
-    blob = json.dumps([meta.get('fingerprint'), upstream,
-                       sorted((k, v['crc32']) for k, v in meta['arrays'].items())], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return _shard_digest(meta, {k: v for k, v in (meta.get('inputs') or {}).items()
+                                if isinstance(v, str)})
 
   def legacy_identity(self, case_id: str) -> str:
     """identity() by the formula of versions before 2026-12 (the raw `inputs` entry as recorded,
     file stats included). Shards and checkpoints of such workdirs recorded it; downstream stages
     accept it in place of identity() for the same unchanged shard, so they stay current."""
     meta = self.meta(case_id)
-    blob = json.dumps([meta.get('fingerprint'), meta.get('inputs'),
-                       sorted((k, v['crc32']) for k, v in meta['arrays'].items())], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return _shard_digest(meta, meta.get('inputs'))
 
   def meta(self, case_id: str, missing_ok: bool = False) -> Optional[dict]:
     path = os.path.join(self.case_dir(case_id), 'meta.json')
