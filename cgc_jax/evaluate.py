@@ -191,12 +191,12 @@ def evaluate(config, workdir: str):
   for c in cases:
     if not prep.meta(c)['has_label']:
       continue
-    row, mn, mp, p_masks[c] = score_case(config, prep, labels, c, preds[c][1])
+    row, mn, mp, p_mask = score_case(config, prep, labels, c, preds[c][1])
     rows[n_name].append(mn)
     if mp is not None:
       rows[p_name].append(mp)
+      p_masks[c] = p_mask
     per_case.append(row)
-  p_masks = {c: m for c, m in p_masks.items() if m is not None}
   if not per_case:
     logging.info('evaluate: no case has ground truth: masks written, no metrics')
     return None
