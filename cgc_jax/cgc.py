@@ -48,6 +48,26 @@ def confidence_weight(posterior, gamma: float):
   return jnp.power(jnp.abs(2.0 * posterior - 1.0), gamma)
 
 
+def elr_loss(logits, teacher_logits, weight, target_scale=1.0, clip: float = 1e-4):
+  """Early-learning regularisation (Liu et al. 2020): mean of log(1 - <prob, target>) over the
+  voxels, the target being target_scale times the teacher's class probabilities (held constant).
+  Minimising it pulls the network towards what it predicted while it was still learning the easy,
+  mostly right part of P, against fitting P's errors later.
+
+  logits, teacher_logits: f32[B, X, Y, Z, 2]; weight: f32[B, X, Y, Z]; target_scale: f32[] in
+  [0, 1] (the paper's targets start at zero and grow as a moving average: 1 - decay**step). Both
+  probabilities are clipped to [clip, 1 - clip] and renormalised, as in the paper's code, which
+  bounds the log. Returns sum(weight * log(1 - <prob, target>)) / max(sum(weight), 1) (<= 0).
+  """
+  def probs(x):
+    pr = jnp.clip(jax.nn.softmax(x, axis=-1), clip, 1.0 - clip)
+    return pr / pr.sum(-1, keepdims=True)
+  target = jax.lax.stop_gradient(target_scale * probs(teacher_logits))
+  inner = jnp.sum(probs(logits) * target, axis=-1)
+  reg = jnp.log(1.0 - inner)
+  return jnp.sum(weight * reg) / jnp.maximum(jnp.sum(weight), 1.0)
+
+
 def soft_dice_loss(logits, p, weight, smooth: float = 1.0):
   """1 - soft Dice of the lesion probability against P, per crop, averaged over the batch.
 

@@ -92,6 +92,7 @@ TABLES = {
         ('voxel weights from the GMM posterior, gamma = 1', 'gmm', {'train.confidence_gamma': 1.0}),
         ('self-training, round 2 (trained on round 1\'s masks)', 'gmm', {ROUNDS: 2}),
         ('twice the steps', 'gmm', {'train.steps': ('x', 2)}),
+        ('early-learning regularisation, lambda = 3', 'gmm', {'train.elr_lambda': 3.0}),
     ],
     # not a paper table: how much the CGC terms' weight (both lambdas) matters
     'weights': [(f'full CGC, lambda = {w}', 'gmm',

@@ -20,6 +20,11 @@ _IGNORED = {'num_workers', 'verify_checksums', 'log_every', 'prefetch', 'export_
             'conv_impl'}  # conv_impl: same arithmetic, only speed differs
 
 
+# Fields added after runs existed, left out while at these values (which reproduce the earlier
+# behaviour), so that those runs stay current: (section, key) -> value.
+_OMIT_AT = {('train', 'elr_lambda'): 0.0, ('train', 'elr_decay'): 0.97}
+
+
 def _clean(d):
   if isinstance(d, dict):
     return {k: _clean(v) for k, v in sorted(d.items()) if k not in _IGNORED}
@@ -36,6 +41,9 @@ def fields(config, stage: str) -> dict:
   for section, key in _PATHS:  # the same folder, however it is spelled
     if full.get(section, {}).get(key):
       full[section][key] = os.path.realpath(full[section][key])
+  for (section, key), value in _OMIT_AT.items():
+    if section in full and full[section].get(key, value) == value:
+      full[section].pop(key, None)
   return {k: _clean(full[k]) for k in _STAGE_FIELDS[stage]}
 
 

@@ -35,11 +35,13 @@ Preempted = errors.Preempted  # defined in errors.py (every user-facing error in
 NonFiniteError = errors.NonFiniteError  # defined in errors.py, with every user-facing error
 
 
-def loss_fn(params, batch, config):
+def loss_fn(params, batch, config, teacher=None):
   """Total CGC loss and its components for one global batch.
 
   batch: image f32[B, X, Y, Z, C], p f32[B, X, Y, Z], brain f32[B, X, Y, Z] (and posterior
-  f32[B, X, Y, Z], P's soft posterior, when train.confidence_gamma > 0).
+  f32[B, X, Y, Z], P's soft posterior, when train.confidence_gamma > 0). teacher: (parameters of
+  the same form as params, target scale f32[]) when train.elr_lambda > 0, the early-learning
+  regulariser's teacher (train_state.teacher_params).
   """
   net, coarse_head, proj_head = unet.build(config.model)
   logits, feats = net.apply({'params': params['unet']}, batch['image'])
@@ -55,10 +57,16 @@ def loss_fn(params, batch, config):
   if t.dice_weight:
     l_dice = cgc.soft_dice_loss(logits, target, weight)
     l_seg = l_seg + t.dice_weight * l_dice
+  if t.elr_lambda:
+    teacher_logits, _ = net.apply({'params': teacher[0]['unet']}, batch['image'])
+    l_elr = cgc.elr_loss(logits, teacher_logits, weight, teacher[1])
+    l_seg = l_seg + t.elr_lambda * l_elr
   k = config.cgc
   lesion, normal = cgc.cell_masks(batch['p'], batch['brain'], feats.shape[1:4], k.cell_threshold,
                                   k.normal_in_brain)
   metrics = {'seg': l_seg, 'lesion_cells': lesion.mean()}
+  if t.elr_lambda:
+    metrics['elr'] = l_elr
   total = l_seg
   if k.coarse:
     vecs, labels, valid = cgc.region_vectors(feats, lesion, normal)
@@ -80,7 +88,9 @@ def train_step(state: train_state.TrainState, batch, *, config, tx):
   """One optimiser step. Pure: (state, batch) -> (new state, metrics). No randomness: the model is
   deterministic and augmentation happens on the host (input_pipeline)."""
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (_, metrics), grads = grad_fn(state.params, batch, config)
+  t = config.train
+  teacher = (train_state.teacher_params(state.opt_state, t.elr_decay) if t.elr_lambda else None)
+  (_, metrics), grads = grad_fn(state.params, batch, config, teacher)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics['grad_norm'] = optax.tree.norm(grads)

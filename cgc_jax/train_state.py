@@ -1,7 +1,7 @@
 """The training state (step, parameters, optimiser state), the optimiser, and how to create the
 state on a device mesh or describe it for a restore. Shared by training, evaluation and benchmarks.
 """
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import jax
@@ -38,12 +38,48 @@ class LegacyTrainState:
     return TrainState(step=self.step, params=self.params, opt_state=self.opt_state)
 
 
+class TeacherState(NamedTuple):
+  count: jax.Array  # i32[], updates seen
+  ema: Any  # the moving average of the parameters, biased towards their initial values
+
+
+def teacher_weights(decay: float):
+  """An optax transformation that leaves the updates alone and keeps in its state the moving
+  average of the parameters it is given (the values before each step): ema <- decay * ema +
+  (1 - decay) * params. `teacher_params` reads the bias-corrected average."""
+  def init(params):
+    return TeacherState(count=jnp.zeros((), jnp.int32), ema=jax.tree.map(jnp.zeros_like, params))
+
+  def update(updates, state, params):
+    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema, params)
+    return updates, TeacherState(count=state.count + 1, ema=ema)
+
+  return optax.GradientTransformation(init, update)
+
+
+def teacher_params(opt_state, decay: float):
+  """The teacher of early-learning regularisation: (params, scale). params: the bias-corrected
+  moving average of the parameters (ema / (1 - decay**count)) held by `teacher_weights`, the last
+  link of the chain that `make_optimizer` builds when train.elr_lambda > 0 (before the first
+  update: the state's zeros). scale = 1 - decay**count, f32[]: the weight a moving average of
+  predictions started at zero, as the paper's targets are, would give them by now."""
+  state = opt_state[-1]
+  scale = 1.0 - jnp.power(decay, state.count.astype(jnp.float32))
+  correction = jnp.maximum(scale, 1.0 - decay)
+  return jax.tree.map(lambda e: e / correction, state.ema), scale
+
+
 def make_optimizer(tcfg):
+  """AdamW on a warm-up + cosine schedule with global-norm clipping; with train.elr_lambda > 0,
+  followed by `teacher_weights` (the optimiser state then also holds the teacher)."""
   sched = optax.warmup_cosine_decay_schedule(0.0, tcfg.lr, tcfg.warmup_steps,
                                              max(tcfg.steps, tcfg.warmup_steps + 1),
                                              end_value=tcfg.lr * tcfg.end_lr_fraction)
-  return optax.chain(optax.clip_by_global_norm(tcfg.grad_clip),
-                     optax.adamw(sched, weight_decay=tcfg.weight_decay)), sched
+  links = [optax.clip_by_global_norm(tcfg.grad_clip),
+           optax.adamw(sched, weight_decay=tcfg.weight_decay)]
+  if tcfg.get('elr_lambda', 0.0):
+    links.append(teacher_weights(tcfg.elr_decay))
+  return optax.chain(*links), sched
 
 
 def init_params(config, rng, num_channels: int):

@@ -124,6 +124,10 @@ def base_config() -> ml_collections.ConfigDict:
   t.gce_q = 0.0  # >0: generalised cross-entropy with this q instead of cross-entropy (q=1: MAE)
   t.bootstrap = 0.0  # >0: target = (1 - b) * P + b * the network's own hard decision
   t.confidence_gamma = 0.0  # >0: voxel weight |2 * posterior - 1| ** gamma (unsure P counts less)
+  # >0: early-learning regularisation, lambda * log(1 - <prob, teacher prob>) with a teacher whose
+  # weights are the moving average (decay elr_decay per step) of the network's own
+  t.elr_lambda = 0.0
+  t.elr_decay = 0.97
   t.lr = 3e-3  # peak learning rate (AdamW)
   t.warmup_steps = 10
   t.end_lr_fraction = 0.05  # cosine decays to lr * this

@@ -60,6 +60,33 @@ def test_bootstrap_target_and_confidence_weight():
   np.testing.assert_allclose(np.asarray(cgc.confidence_weight(post, 0.0)), np.ones(5))
 
 
+def test_elr_loss_matches_numpy_and_pulls_towards_the_teacher():
+  rng = np.random.default_rng(2)
+  logits = rng.normal(size=(2, 3, 3, 3, 2)).astype(np.float32)
+  teacher = rng.normal(size=(2, 3, 3, 3, 2)).astype(np.float32)
+  w = (rng.random((2, 3, 3, 3)) > 0.3).astype(np.float32)
+
+  def probs(x):
+    pr = np.clip(np.exp(_np_log_softmax(x.astype(np.float64))), 1e-4, 1 - 1e-4)
+    return pr / pr.sum(-1, keepdims=True)
+  want = (w * np.log(1 - (probs(logits) * probs(teacher)).sum(-1))).sum() / w.sum()
+  assert float(cgc.elr_loss(logits, teacher, w)) == pytest.approx(want, abs=1e-5)
+  # a target scaled by s (the paper's zero-started moving average): log(1 - s <p, t>)
+  want = (w * np.log(1 - 0.3 * (probs(logits) * probs(teacher)).sum(-1))).sum() / w.sum()
+  assert float(cgc.elr_loss(logits, teacher, w, 0.3)) == pytest.approx(want, abs=1e-5)
+  # its gradient moves the logits towards the teacher's decision and none flows to the teacher
+  t = np.zeros((1, 1, 1, 1, 2), np.float32)
+  t[..., 1] = 4.0  # teacher: lesion
+  x = np.zeros((1, 1, 1, 1, 2), np.float32)
+  one = np.ones((1, 1, 1, 1), np.float32)
+  g = np.asarray(jax.grad(lambda a: cgc.elr_loss(a, jnp.asarray(t), one))(jnp.asarray(x)))
+  assert g[..., 1] < 0 < g[..., 0]  # descent raises the lesion logit
+  gt = jax.grad(lambda b: cgc.elr_loss(jnp.asarray(x), b, one))(jnp.asarray(t))
+  assert not np.any(np.asarray(gt))
+  # a confident teacher and a network that agrees: the log is bounded by the clipping
+  assert float(cgc.elr_loss(t, t, one)) > np.log(1e-4) - 1e-3
+
+
 def _np_region(feats, lesion, normal):
   b, d = feats.shape[0], feats.shape[-1]
   vecs, labels, valid = [], [], []

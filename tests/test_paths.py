@@ -28,6 +28,19 @@ def test_no_stage_imports_another_stage():
     assert not _imports(stage) & (set(STAGES) - {stage}), stage
 
 
+def test_fields_added_later_leave_fingerprints_alone_at_their_old_behaviour():
+  c = tiny_config()
+  before = fingerprints.of(c, 'train')
+  assert 'elr_lambda' not in fingerprints.fields(c, 'train')['train']
+  c.train.elr_lambda = 3.0
+  assert fingerprints.of(c, 'train') != before
+  assert fingerprints.fields(c, 'train')['train']['elr_lambda'] == 3.0
+  c.train.elr_lambda = 0.0
+  assert fingerprints.of(c, 'train') == before
+  c.train.seed = 5  # any other field still counts
+  assert fingerprints.of(c, 'train') != before
+
+
 def test_stores_sit_where_the_layout_says_with_their_stage_fingerprints(tmp_path):
   c = tiny_config()
   wd = str(tmp_path)

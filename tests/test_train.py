@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
+from cgc_jax import cgc
 from cgc_jax import checkpoint
 from cgc_jax import distributed
 from cgc_jax import input_pipeline
 from cgc_jax import paths
 from cgc_jax import train
 from cgc_jax import train_state
+from cgc_jax import unet
 
 from conftest import copy_inputs
 from conftest import tiny_config
@@ -66,6 +68,51 @@ def test_loss_depends_on_other_devices_vectors(tiny_workdir):
   parts = [f(state.params, {k: jnp.asarray(v[i:i + 1]) for k, v in batch.items()})[1]
            for i in range(8)]
   assert abs(float(full['fine']) - np.mean([float(p['fine']) for p in parts])) > 1e-4
+
+
+def test_teacher_is_the_bias_corrected_moving_average_of_the_parameters():
+  tx = train_state.teacher_weights(0.5)
+  params = {'w': jnp.asarray([2.0, -4.0])}
+  state = tx.init(params)
+  seen = []
+  for value in ([2.0, -4.0], [4.0, 0.0], [0.0, 8.0]):
+    params = {'w': jnp.asarray(value)}
+    seen.append(np.asarray(value))
+    updates, state = tx.update({'w': jnp.ones(2)}, state, params)
+    np.testing.assert_allclose(np.asarray(updates['w']), [1.0, 1.0])  # updates untouched
+  # ema = 0.125 * a + 0.25 * b + 0.5 * c (weights 0.5^3..); bias correction divides by 1 - 0.5^3
+  want = (0.125 * seen[0] + 0.25 * seen[1] + 0.5 * seen[2]) / 0.875
+  got, scale = train_state.teacher_params((None, state), 0.5)
+  np.testing.assert_allclose(np.asarray(got['w']), want, rtol=1e-6)
+  assert float(scale) == pytest.approx(0.875)
+
+
+def test_elr_step_adds_the_teacher_term(tiny_workdir):
+  """With train.elr_lambda the optimiser state carries the teacher; after one step the teacher is
+  the initial parameters (one average, bias-corrected), its targets' scale 1 - decay, and the step's
+  loss equals the loss without ELR plus lambda times cgc.elr_loss against that teacher."""
+  cfg = tiny_config()
+  cfg.train.elr_lambda = 2.0
+  batch = {k: jnp.asarray(v) for k, v in _batch(tiny_workdir, cfg).items()}
+  mesh = Mesh(np.asarray(jax.devices()[:1]), ('data',))
+  tx, _ = train_state.make_optimizer(cfg.train)
+  state = train_state.create_state(cfg, mesh, batch['image'].shape[-1], tx)
+  init = jax.device_get(state.params)
+  state, _ = train.make_train_step(cfg, mesh, tx)(state, batch)
+  teacher, scale = train_state.teacher_params(state.opt_state, cfg.train.elr_decay)
+  assert float(scale) == pytest.approx(1.0 - cfg.train.elr_decay)
+  for a, b in zip(jax.tree.leaves(init), jax.tree.leaves(teacher)):
+    np.testing.assert_allclose(np.asarray(b), a, rtol=1e-5, atol=1e-6)
+  _, with_elr = train.loss_fn(state.params, batch, cfg, (teacher, scale))
+  plain_cfg = tiny_config()
+  _, plain = train.loss_fn(state.params, batch, plain_cfg)
+  net, _, _ = unet.build(cfg.model)
+  logits, _ = net.apply({'params': state.params['unet']}, batch['image'])
+  t_logits, _ = net.apply({'params': teacher['unet']}, batch['image'])
+  elr = float(cgc.elr_loss(logits, t_logits, batch['brain'], scale))
+  assert elr < 0
+  assert float(with_elr['elr']) == pytest.approx(elr, abs=1e-5)
+  assert float(with_elr['loss']) == pytest.approx(float(plain['loss']) + 2.0 * elr, abs=1e-4)
 
 
 class _Interrupt(Exception):
