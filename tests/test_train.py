@@ -40,14 +40,15 @@ def _one_step(cfg, devices, batch):
 
 
 @pytest.mark.slow
-def test_one_device_equals_eight_devices(tiny_workdir):
+@pytest.mark.parametrize('elr_lambda', [0.0, 2.0])
+def test_one_device_equals_eight_devices(tiny_workdir, elr_lambda):
   assert jax.device_count() == 8
-  cfg = tiny_config()
+  cfg = tiny_config(**{'train.elr_lambda': elr_lambda})
   batch = _batch(tiny_workdir, cfg)
   assert batch['p'].sum() > 0
   p1, m1 = _one_step(cfg, jax.devices()[:1], batch)
   p8, m8 = _one_step(cfg, jax.devices(), batch)
-  for k in ('loss', 'seg', 'coarse', 'fine'):
+  for k in ('loss', 'seg', 'coarse', 'fine') + (('elr',) if elr_lambda else ()):
     assert float(m1[k]) == pytest.approx(float(m8[k]), abs=1e-5), k
   assert float(m1['fine']) > 0  # the global-batch contrastive loss is really exercised
   flat1, flat8 = jax.tree.leaves(p1), jax.tree.leaves(p8)
