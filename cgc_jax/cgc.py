@@ -131,6 +131,24 @@ def coarse_loss(class_logits, labels, valid):
   return jnp.sum(nll * v) / jnp.maximum(v.sum(), 1.0)
 
 
+def _blocks(a, patch):
+  """Mini-patch view: a [B, X, Y, Z, ...] (X divisible by patch[0], ...) -> [B, M, K, ...],
+  M = number of mini-patches per crop, K = px * py * pz cells per mini-patch (row-major)."""
+  b, x, y, z = a.shape[:4]
+  px, py, pz = patch
+  gx, gy, gz = x // px, y // py, z // pz
+  rest = a.shape[4:]
+  a = a.reshape((b, gx, px, gy, py, gz, pz) + rest)
+  a = a.transpose((0, 1, 3, 5, 2, 4, 6) + tuple(range(7, 7 + len(rest))))
+  return a.reshape((b, gx * gy * gz, px * py * pz) + rest)
+
+
+def _padded(feats, lesion, normal, patch):
+  """Pads the grid so that `patch` divides it; padded cells belong to neither class."""
+  pad = [(0, 0)] + [(0, (-n) % q) for n, q in zip(feats.shape[1:4], patch)]
+  return jnp.pad(feats, pad + [(0, 0)]), jnp.pad(lesion, pad), jnp.pad(normal, pad)
+
+
 def patch_vectors(feats, lesion, normal, patch):
   """Fine granularity: per mini-patch of `patch` cells, mean F over its lesion and its normal cells.
 
@@ -138,25 +156,52 @@ def patch_vectors(feats, lesion, normal, patch):
   Returns vecs f32[B * M * 2, D], labels i32[B * M * 2] (0 normal, 1 lesion), valid bool[B * M * 2],
   M = number of mini-patches per crop.
   """
-  b, x, y, z, d = feats.shape
-  px, py, pz = patch
-  pad = [(0, 0)] + [(0, (-n) % q) for n, q in zip((x, y, z), patch)]
-  feats = jnp.pad(feats, pad + [(0, 0)])
-  lesion = jnp.pad(lesion, pad)
-  normal = jnp.pad(normal, pad)
-  gx, gy, gz = feats.shape[1] // px, feats.shape[2] // py, feats.shape[3] // pz
-
-  def blocks(a):  # [B, X, Y, Z, ...] -> [B, M, px*py*pz, ...]
-    rest = a.shape[4:]
-    a = a.reshape((b, gx, px, gy, py, gz, pz) + rest)
-    a = a.transpose((0, 1, 3, 5, 2, 4, 6) + tuple(range(7, 7 + len(rest))))
-    return a.reshape((b, gx * gy * gz, px * py * pz) + rest)
-
-  f = blocks(feats)
-  masks = jnp.stack([blocks(normal), blocks(lesion)], axis=2)  # [B, M, 2, K]
+  d = feats.shape[-1]
+  feats, lesion, normal = _padded(feats, lesion, normal, patch)
+  f = _blocks(feats, patch)
+  masks = jnp.stack([_blocks(normal, patch), _blocks(lesion, patch)], axis=2)  # [B, M, 2, K]
   vecs, count = masked_mean(f[:, :, None], masks)  # [B, M, 2, D]
   labels = jnp.broadcast_to(jnp.arange(2, dtype=jnp.int32), count.shape)
   return vecs.reshape(-1, d), labels.reshape(-1), (count > 0).reshape(-1)
+
+
+def patch_cells(feats, lesion, normal, patch):
+  """Fine granularity, cell reading: every cell of every mini-patch, grouped by mini-patch.
+
+  feats f32[B, x, y, z, D]; lesion, normal bool[B, x, y, z] -> cells f32[B * M, K, D],
+  labels i32[B * M, K] (1 lesion, 0 normal), valid bool[B * M, K] (lesion or normal; padded cells
+  and normal-excluded cells are not), K = cells per mini-patch.
+  """
+  d = feats.shape[-1]
+  feats, lesion, normal = _padded(feats, lesion, normal, patch)
+  cells = _blocks(feats, patch)
+  k = cells.shape[2]
+  les = _blocks(lesion, patch).reshape(-1, k)
+  return (cells.reshape(-1, k, d), les.astype(jnp.int32),
+          (les | _blocks(normal, patch).reshape(-1, k)))
+
+
+def local_supcon_loss(z, labels, valid, tau):
+  """Supervised contrast of cells against the other cells of their own mini-patch only.
+
+  z: f32[G, K, d] L2-normalised, G mini-patches of K cells; labels i32[G, K]; valid bool[G, K].
+  Anchors are the valid cells whose mini-patch holds at least one valid cell of each class (the
+  lesion border): for such an anchor i, -mean_{p in P(i)} log(exp(z_i.z_p / tau) /
+  sum_{a != i valid, same mini-patch} exp(z_i.z_a / tau)); its negatives are the nearby cells of
+  the other class, the hard ones. Averaged over anchors; 0 when there are none.
+  """
+  k = z.shape[1]
+  sim = jnp.einsum('gid,gjd->gij', z, z) / tau
+  not_self = ~jnp.eye(k, dtype=bool)
+  pair = valid[:, :, None] & valid[:, None, :] & not_self
+  masked = jnp.where(pair, sim, -1e9)
+  log_prob = sim - jax.nn.logsumexp(masked, axis=2, keepdims=True)
+  same = labels[:, :, None] == labels[:, None, :]
+  pos = pair & same
+  npos, nneg = pos.sum(2), (pair & ~same).sum(2)
+  mean_pos = jnp.sum(jnp.where(pos, log_prob, 0.0), axis=2) / jnp.maximum(npos, 1)
+  anchor = valid & (npos > 0) & (nneg > 0)
+  return -jnp.sum(jnp.where(anchor, mean_pos, 0.0)) / jnp.maximum(anchor.sum(), 1)
 
 
 def supcon_loss(z, labels, valid, tau):

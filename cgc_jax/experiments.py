@@ -81,8 +81,11 @@ TABLES = {
     'temperature': [(f'full CGC, tau = {t}', 'gmm', dict(_FULL, **{'cgc.tau': t}))
                     for t in (0.07, 0.1, 0.2, 0.3, 0.7, 0.9)],
     'length': [('backbone + P', 'gmm', _BACKBONE), ('full CGC', 'gmm', _FULL)],
-    # whether the CGC module helps at a given geometry (configs/brats_paper_geometry.py)
-    'cgc': [('backbone + P', 'gmm', _BACKBONE), ('full CGC', 'gmm', _FULL)],
+    # whether the CGC module helps at a given geometry (configs/brats_paper_geometry.py), and
+    # readings of its fine term beyond the paper's
+    'cgc': [('backbone + P', 'gmm', _BACKBONE), ('full CGC', 'gmm', _FULL),
+            ('full CGC, fine term over cells within their mini-patch', 'gmm',
+             dict(_FULL, **{'cgc.fine_anchors': 'cell'}))],
     # beyond the paper: learning from noisy P without memorising it (each row one switch on top
     # of the configured recipe; ROUNDS rows retrain on the previous round's network masks)
     'refine': [

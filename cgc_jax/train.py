@@ -75,9 +75,16 @@ def loss_fn(params, batch, config, teacher=None):
     total = total + k.lambda_coarse * l_coarse
     metrics['coarse'] = l_coarse
   if k.fine:
-    vecs, labels, valid = cgc.patch_vectors(feats, lesion, normal, tuple(k.patch))
-    z = proj_head.apply({'params': params['proj']}, vecs)
-    l_fine = cgc.supcon_loss(z, labels, valid, k.tau)
+    if k.fine_anchors == 'cell':
+      cells, labels, valid = cgc.patch_cells(feats, lesion, normal, tuple(k.patch))
+      z = proj_head.apply({'params': params['proj']}, cells)
+      l_fine = cgc.local_supcon_loss(z, labels, valid, k.tau)
+    elif k.fine_anchors == 'patch':
+      vecs, labels, valid = cgc.patch_vectors(feats, lesion, normal, tuple(k.patch))
+      z = proj_head.apply({'params': params['proj']}, vecs)
+      l_fine = cgc.supcon_loss(z, labels, valid, k.tau)
+    else:
+      raise ValueError(f'cgc.fine_anchors must be patch or cell, not {k.fine_anchors!r}')
     total = total + k.lambda_fine * l_fine
     metrics['fine'] = l_fine
   metrics['loss'] = total

@@ -105,6 +105,10 @@ def base_config() -> ml_collections.ConfigDict:
   k.lambda_fine = 0.1  # weight of the fine loss
   k.patch = (6, 6, 2)  # mini-patch size z in bottleneck cells
   k.tau = 0.2  # SupCon temperature
+  # fine anchors: patch = per mini-patch the mean of its lesion cells and of its normal cells,
+  # contrasted over the global batch (the paper); cell = every cell, contrasted only with the
+  # cells of its own mini-patch, at mini-patches holding both classes (hard, local negatives)
+  k.fine_anchors = 'patch'
   k.cell_threshold = 0.5  # a bottleneck cell is lesion when its P fraction >= this
   k.normal_in_brain = True  # normal cells must be inside the brain (else padding counts as normal)
 

@@ -174,6 +174,78 @@ def test_patch_vectors_match_numpy_with_partial_patches():
   np.testing.assert_allclose(np.asarray(vecs), np.stack([w[0] for w in want]), atol=1e-5)
 
 
+def _np_local_supcon(z, labels, valid, tau):
+  """Loop reference: per mini-patch g, anchors with a positive and a negative in g."""
+  losses = []
+  for g in range(z.shape[0]):
+    sim = z[g] @ z[g].T / tau
+    k = z.shape[1]
+    for i in range(k):
+      if not valid[g, i]:
+        continue
+      others = [a for a in range(k) if a != i and valid[g, a]]
+      pos = [a for a in others if labels[g, a] == labels[g, i]]
+      neg = [a for a in others if labels[g, a] != labels[g, i]]
+      if not pos or not neg:
+        continue
+      denom = np.log(np.sum(np.exp(sim[i, others])))
+      losses.append(-np.mean([sim[i, p] - denom for p in pos]))
+  return np.mean(losses) if losses else 0.0
+
+
+def test_local_supcon_matches_numpy_and_ignores_other_mini_patches():
+  rng = np.random.default_rng(5)
+  for g, k, tau in [(3, 8, 0.2), (5, 12, 0.07)]:
+    z = rng.normal(size=(g, k, 6))
+    z /= np.linalg.norm(z, axis=-1, keepdims=True)
+    labels = rng.integers(0, 2, (g, k))
+    labels[0] = 0  # one mini-patch of one class: no anchors there
+    valid = rng.random((g, k)) > 0.2
+    got = cgc.local_supcon_loss(jnp.asarray(z, jnp.float32), jnp.asarray(labels),
+                                jnp.asarray(valid), tau)
+    want = _np_local_supcon(z, labels, valid, tau)
+    assert want > 0
+    assert float(got) == pytest.approx(want, abs=1e-5)
+  # moving a one-class mini-patch's cells changes nothing: it neither anchors nor gives negatives
+  z2 = z.copy()
+  z2[0] = z2[0][::-1]
+  got2 = cgc.local_supcon_loss(jnp.asarray(z2, jnp.float32), jnp.asarray(labels),
+                               jnp.asarray(valid), tau)
+  assert float(got2) == pytest.approx(float(got), abs=1e-6)
+  # no mini-patch holds both classes: 0, with finite gradients
+  f = lambda z: cgc.local_supcon_loss(z, jnp.zeros((g, k), int), jnp.ones((g, k), bool), tau)
+  assert float(f(jnp.asarray(z, jnp.float32))) == 0.0
+  assert np.all(np.isfinite(np.asarray(jax.grad(f)(jnp.asarray(z, jnp.float32)))))
+
+
+def test_patch_cells_match_a_loop_with_partial_patches():
+  rng = np.random.default_rng(6)
+  feats = rng.normal(size=(2, 5, 4, 3, 6)).astype(np.float32)  # 5x4x3 grid, patch 2x2x2: partial
+  lesion = rng.random((2, 5, 4, 3)) > 0.6
+  normal = ~lesion & (rng.random((2, 5, 4, 3)) > 0.2)
+  cells, labels, valid = cgc.patch_cells(jnp.asarray(feats), jnp.asarray(lesion),
+                                         jnp.asarray(normal), (2, 2, 2))
+  assert cells.shape == (2 * 3 * 2 * 2, 8, 6)
+  g = 0
+  for b in range(2):
+    for i in range(0, 6, 2):
+      for j in range(0, 4, 2):
+        for k in range(0, 4, 2):
+          c = 0
+          for di in range(2):
+            for dj in range(2):
+              for dk in range(2):
+                x, y, zz = i + di, j + dj, k + dk
+                inside = x < 5 and y < 4 and zz < 3
+                want_f = feats[b, x, y, zz] if inside else np.zeros(6)
+                want_l = int(lesion[b, x, y, zz]) if inside else 0
+                want_v = bool(lesion[b, x, y, zz] or normal[b, x, y, zz]) if inside else False
+                np.testing.assert_allclose(np.asarray(cells[g, c]), want_f, atol=1e-6)
+                assert int(labels[g, c]) == want_l and bool(valid[g, c]) == want_v
+                c += 1
+          g += 1
+
+
 def test_edge_cases_are_finite_with_finite_gradients():
   z = jnp.ones((4, 8)) / np.sqrt(8)
   # no positive pairs: every label distinct among valid vectors

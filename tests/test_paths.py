@@ -37,6 +37,11 @@ def test_fields_added_later_leave_fingerprints_alone_at_their_old_behaviour():
   assert fingerprints.fields(c, 'train')['train']['elr_lambda'] == 3.0
   c.train.elr_lambda = 0.0
   assert fingerprints.of(c, 'train') == before
+  assert 'fine_anchors' not in fingerprints.fields(c, 'train')['cgc']
+  c.cgc.fine_anchors = 'cell'
+  assert fingerprints.of(c, 'train') != before
+  c.cgc.fine_anchors = 'patch'
+  assert fingerprints.of(c, 'train') == before
   c.train.seed = 5  # any other field still counts
   assert fingerprints.of(c, 'train') != before
 

@@ -40,10 +40,16 @@ def _one_step(cfg, devices, batch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('elr_lambda', [0.0, 2.0])
-def test_one_device_equals_eight_devices(tiny_workdir, elr_lambda):
+@pytest.mark.parametrize('overrides', [
+    {},
+    {'train.elr_lambda': 2.0},
+    # cells contrasted within their mini-patch; a low threshold makes the tiny crops' 2x2x2
+    # bottlenecks hold both classes
+    {'cgc.fine_anchors': 'cell', 'cgc.cell_threshold': 0.02}])
+def test_one_device_equals_eight_devices(tiny_workdir, overrides):
   assert jax.device_count() == 8
-  cfg = tiny_config(**{'train.elr_lambda': elr_lambda})
+  cfg = tiny_config(**overrides)
+  elr_lambda = cfg.train.elr_lambda
   batch = _batch(tiny_workdir, cfg)
   assert batch['p'].sum() > 0
   p1, m1 = _one_step(cfg, jax.devices()[:1], batch)
