@@ -222,3 +222,22 @@ def supcon_loss(z, labels, valid, tau):
   mean_pos = jnp.sum(jnp.where(pos, log_prob, 0.0), axis=1) / jnp.maximum(npos, 1)
   anchor = valid & (npos > 0)
   return -jnp.sum(jnp.where(anchor, mean_pos, 0.0)) / jnp.maximum(anchor.sum(), 1)
+
+
+def supcon_floor(labels, valid, tau):
+  """The least value supcon_loss (group None) or local_supcon_loss (labels, valid [G, K]) can take
+  for these labels: mean over the same anchors of log(n_pos + n_neg * exp(-2 / tau)), reached when
+  every positive coincides with its anchor and every negative is opposite. The loss minus this
+  floor is how much of the term is still to learn: ~0 means it gives the encoder no gradient.
+  """
+  local = labels.ndim == 2
+  if not local:
+    labels, valid = labels[None], valid[None]
+  k = labels.shape[1]
+  pair = valid[:, :, None] & valid[:, None, :] & ~jnp.eye(k, dtype=bool)
+  same = labels[:, :, None] == labels[:, None, :]
+  npos = (pair & same).sum(2).astype(jnp.float32)
+  nneg = (pair & ~same).sum(2).astype(jnp.float32)
+  anchor = valid & (npos > 0) & ((nneg > 0) if local else True)
+  per = jnp.log(jnp.maximum(npos, 1.0) + nneg * jnp.exp(-2.0 / tau))
+  return jnp.sum(jnp.where(anchor, per, 0.0)) / jnp.maximum(anchor.sum(), 1)

@@ -87,6 +87,7 @@ def loss_fn(params, batch, config, teacher=None):
       raise ValueError(f'cgc.fine_anchors must be patch or cell, not {k.fine_anchors!r}')
     total = total + k.lambda_fine * l_fine
     metrics['fine'] = l_fine
+    metrics['fine_floor'] = cgc.supcon_floor(labels, valid, k.tau)
   metrics['loss'] = total
   return total, metrics
 
@@ -240,7 +241,8 @@ def train_and_evaluate(config, workdir: str, periodic_eval=None) -> train_state.
           logging.info('train step %d/%d: loss %.4f (seg %.4f%s%s) | %.2f steps/s, %.2e voxels/s, '
                        'ETA %.0fs', done, tcfg.steps, m['loss'], m['seg'],
                        f', coarse {m["coarse"]:.4f}' if 'coarse' in m else '',
-                       f', fine {m["fine"]:.4f}' if 'fine' in m else '', rate, rate * voxels,
+                       f', fine {m["fine"]:.4f} (floor {m["fine_floor"]:.4f})' if 'fine' in m else
+                       '', rate, rate * voxels,
                        (tcfg.steps - done) / max(rate, 1e-9))
         if done % tcfg.checkpoint_every == 0 or done == tcfg.steps or term.hit:
           ckpt.save(done, state, _record(config, done, sampler, inputs))

@@ -218,6 +218,32 @@ def test_local_supcon_matches_numpy_and_ignores_other_mini_patches():
   assert np.all(np.isfinite(np.asarray(jax.grad(f)(jnp.asarray(z, jnp.float32)))))
 
 
+def test_supcon_floor_is_reached_by_perfect_clusters_and_bounds_random_ones():
+  rng = np.random.default_rng(7)
+  tau = 0.2
+  labels = rng.integers(0, 2, (4, 10))
+  labels[:, 0], labels[:, 1] = 0, 1  # both classes in every group
+  valid = rng.random((4, 10)) > 0.2
+  valid[:, :2] = True
+  e = np.zeros((2, 5))
+  e[0, 0], e[1, 0] = 1.0, -1.0  # each class at one point, the two classes opposite
+  perfect = jnp.asarray(e[labels], jnp.float32)
+  lab, val = jnp.asarray(labels), jnp.asarray(valid)
+  for loss, args in ((cgc.local_supcon_loss, (lab, val)),
+                     (cgc.supcon_loss, (lab.reshape(-1), val.reshape(-1)))):
+    z = perfect if loss is cgc.local_supcon_loss else perfect.reshape(-1, 5)
+    floor = float(cgc.supcon_floor(*args, tau))
+    assert float(loss(z, *args, tau)) == pytest.approx(floor, abs=1e-4)
+    for _ in range(3):
+      r = rng.normal(size=z.shape)
+      r /= np.linalg.norm(r, axis=-1, keepdims=True)
+      assert float(loss(jnp.asarray(r, jnp.float32), *args, tau)) > floor + 0.1
+  # global: log(n_pos) when negatives are negligible (hand value for 3 + 2 valid vectors)
+  got = cgc.supcon_floor(jnp.array([0, 0, 0, 1, 1]), jnp.ones(5, bool), 0.2)
+  want = (3 * np.log(2 + 2 * np.exp(-10)) + 2 * np.log(1 + 3 * np.exp(-10))) / 5
+  assert float(got) == pytest.approx(want, abs=1e-6)
+
+
 def test_patch_cells_match_a_loop_with_partial_patches():
   rng = np.random.default_rng(6)
   feats = rng.normal(size=(2, 5, 4, 3, 6)).astype(np.float32)  # 5x4x3 grid, patch 2x2x2: partial
