@@ -29,6 +29,7 @@ from absl import logging
 import numpy as np
 from ml_collections import config_flags
 
+from cgc_jax import errors
 from cgc_jax import evaluate
 from cgc_jax import metrics
 from cgc_jax import paths
@@ -223,6 +224,9 @@ def _train_run(c, base: str, pwd: str) -> str:
   logging.info('experiments: training %s (P from %s, seed %s)', wd, c.pseudo_labels.source,
                c.train.seed)
   pipeline.run(c, wd, 'all')
+  if not os.path.exists(os.path.join(wd, paths.EVAL, 'summary.json')):  # train saved and stopped
+    raise errors.Preempted(f'experiments: SIGTERM while training {wd}: its state is saved; re-run '
+                           'the same command to continue the table')
   return wd
 
 
@@ -434,7 +438,11 @@ def _main():
     rows = p_rows(config) + (channel_rows(FLAGS.channels) if FLAGS.channels else [])
   if FLAGS.rows:
     rows = select_rows(rows or TABLES[FLAGS.table], FLAGS.rows)
-  results = run_table(config, FLAGS.workdir, FLAGS.table, seeds, FLAGS.track_every, rows)
+  try:
+    results = run_table(config, FLAGS.workdir, FLAGS.table, seeds, FLAGS.track_every, rows)
+  except errors.Preempted as e:  # as the main job: the state is saved, exit 0 for the scheduler
+    logging.warning('%s', e)
+    return
   out = os.path.join(FLAGS.workdir, 'experiments')
   os.makedirs(out, exist_ok=True)
   md = markdown(FLAGS.table, results, config)

@@ -148,3 +148,20 @@ def test_rows_select_a_budget_of_the_table():
   assert len(rows) == 7
   with pytest.raises(ValueError, match='rows 1..7'):
     experiments.select_rows(rows, '8')
+
+
+def test_a_sigterm_in_a_run_stops_the_table_without_a_row(tiny_workdir, tmp_path, monkeypatch):
+  """Train saves and returns on SIGTERM (pipeline.run then returns too); the table must stop there,
+  saying so, not read the run's missing evaluation."""
+  from cgc_jax import errors, train  # pylint: disable=g-import-not-at-top
+  base = str(tmp_path / 'base')
+  copy_inputs(tiny_workdir, base)
+
+  def preempted(*args, **kwargs):
+    raise train.Preempted('SIGTERM: saved step 1; re-run the same command to continue')
+  monkeypatch.setattr(train, 'train_and_evaluate', preempted)
+  monkeypatch.setitem(experiments.TABLES, 'mini', [('backbone + P', 'gmm', {'cgc.fine': False})])
+  cfg = tiny_config(**{'train.steps': 2})
+  with pytest.raises(errors.Preempted, match='re-run the same command'):
+    experiments.run_table(cfg, base, 'mini', [0], track_every=0)
+  assert not os.path.exists(os.path.join(base, 'experiments', 'mini'))
