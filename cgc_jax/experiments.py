@@ -208,6 +208,24 @@ def _row_summary(per_seed: dict, seconds: float) -> dict:
   return s
 
 
+def term_gaps(wd: str) -> dict:
+  """How much of each CGC term is left to learn over the last quarter of a run's logged steps:
+  {'fine_above_floor': mean of fine - fine_floor, 'coarse': mean coarse loss}, the keys present
+  where the run logged them (runs before the floor was logged have no fine_above_floor). ~0 means
+  the term gives the encoder no gradient."""
+  path = os.path.join(wd, 'train', 'metrics.jsonl')
+  rows = [json.loads(line) for line in open(path) if line.strip()] if os.path.exists(path) else []
+  rows = rows[len(rows) - max(1, len(rows) // 4):] if rows else []
+  out = {}
+  gaps = [r['fine'] - r['fine_floor'] for r in rows if 'fine' in r and 'fine_floor' in r]
+  if gaps:
+    out['fine_above_floor'] = float(np.mean(gaps))
+  coarse = [r['coarse'] for r in rows if 'coarse' in r]
+  if coarse:
+    out['coarse'] = float(np.mean(coarse))
+  return out
+
+
 def run_dir(base: str, config) -> str:
   """The one workdir of a trained configuration (any table, any row name)."""
   from cgc_jax import fingerprints  # pylint: disable=g-import-not-at-top
@@ -301,7 +319,7 @@ def run_table(config, base: str, table: str, seeds: list, track_every: int = -1,
       results[name]['seconds_per_case'] = _p_seconds(pwd)
       results[name]['per_case'] = {r['case']: r['dice'] for r in _p_rows(pwd)}
       continue
-    per_seed, tracks, rounds_p = {}, {}, {}
+    per_seed, tracks, rounds_p, gaps = {}, {}, {}, {}
     for seed in seeds:
       c = _apply(config, overrides)
       c.pseudo_labels.source = source
@@ -323,9 +341,14 @@ def run_table(config, base: str, table: str, seeds: list, track_every: int = -1,
       per_seed[seed] = [{k[len('net_'):]: v for k, v in r.items() if k.startswith('net_')}
                         for r in cases]
       tracks[seed] = evaluate.read_track(wd)
+      gaps[seed] = term_gaps(wd)
       if round_p:
         rounds_p[seed] = round_p
     results[name] = _row_summary(per_seed, time.time() - t0)
+    for key in ('fine_above_floor', 'coarse'):
+      vals = [g[key] for g in gaps.values() if key in g]
+      if len(vals) == len(gaps):
+        results[name][key] = float(np.mean(vals))
     if rounds_p:  # the Dice of each later round's P (the previous round's masks), per seed
       results[name]['round_p_dice'] = rounds_p
     if table == 'length':
@@ -338,6 +361,10 @@ def run_table(config, base: str, table: str, seeds: list, track_every: int = -1,
   return results
 
 
+def _fmt(v) -> str:
+  return '-' if v is None else f'{v:.4f}'
+
+
 def markdown(table: str, results: dict, config) -> str:
   if table == 'length':
     return length_markdown(results, config)
@@ -346,8 +373,9 @@ def markdown(table: str, results: dict, config) -> str:
     return p_markdown(results, config)
   lines = [f'Table `{table}` ({config.data.layout}, {seeds} seed(s) per trained row; mean +- std '
            'over cases pooled over seeds; P rows: the pseudo-labels themselves)', '',
-           '| row | Dice | std of seed means | Sensitivity | ASSD [mm] | time [s] |',
-           '| --- | --- | --- | --- | --- | --- |']
+           '| row | Dice | std of seed means | Sensitivity | ASSD [mm] | time [s] | '
+           'fine loss above its floor, coarse loss (last quarter of training) |',
+           '| --- | --- | --- | --- | --- | --- | --- |']
   for name, s in results.items():
     sd = s['dice_std_across_seeds']
     if s.get('round_p_dice'):  # self-training: how good the last round's labels were
@@ -355,7 +383,8 @@ def markdown(table: str, results: dict, config) -> str:
     lines.append(f'| {name} | {s["dice"]["mean"]:.4f} +- {s["dice"]["std"]:.4f} | '
                  f'{"-" if math.isnan(sd) else f"{sd:.4f}"} | {s["sensitivity"]["mean"]:.4f} +- '
                  f'{s["sensitivity"]["std"]:.4f} | {s["assd"]["mean"]:.2f} +- '
-                 f'{s["assd"]["std"]:.2f} | {s["seconds"]:.0f} |')
+                 f'{s["assd"]["std"]:.2f} | {s["seconds"]:.0f} | '
+                 f'{_fmt(s.get("fine_above_floor"))}, {_fmt(s.get("coarse"))} |')
   return '\n'.join(lines) + '\n'
 
 

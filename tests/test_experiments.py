@@ -165,3 +165,20 @@ def test_a_sigterm_in_a_run_stops_the_table_without_a_row(tiny_workdir, tmp_path
   with pytest.raises(errors.Preempted, match='re-run the same command'):
     experiments.run_table(cfg, base, 'mini', [0], track_every=0)
   assert not os.path.exists(os.path.join(base, 'experiments', 'mini'))
+
+
+def test_term_gaps_average_the_last_quarter_of_the_log(tmp_path):
+  os.makedirs(tmp_path / 'train')
+  rows = [{'step': i, 'fine': 3.0 + i, 'fine_floor': 2.0 + 0.5 * i, 'coarse': 0.1 * i}
+          for i in range(1, 9)]
+  with open(tmp_path / 'train' / 'metrics.jsonl', 'w') as f:
+    f.write('\n'.join(json.dumps(r) for r in rows) + '\n')
+  got = experiments.term_gaps(str(tmp_path))
+  # last quarter: steps 7 and 8; fine - floor = 1 + 0.5 i -> 4.5, 5.0; coarse 0.7, 0.8
+  assert got['fine_above_floor'] == pytest.approx(4.75)
+  assert got['coarse'] == pytest.approx(0.75)
+  assert experiments.term_gaps(str(tmp_path / 'none')) == {}
+  md = experiments.markdown('cgc', {'full': dict(
+      seeds=[0], dice_std_across_seeds=float('nan'), seconds=1.0, fine_above_floor=0.05,
+      **{k: {'mean': 0.5, 'std': 0.1} for k in ('dice', 'sensitivity', 'assd')})}, tiny_config())
+  assert '| 0.0500, - |' in md
