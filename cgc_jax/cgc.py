@@ -181,26 +181,27 @@ def patch_cells(feats, lesion, normal, patch):
           (les | _blocks(normal, patch).reshape(-1, k)))
 
 
-def local_supcon_loss(z, labels, valid, tau):
-  """Supervised contrast of cells against the other cells of their own mini-patch only.
+def _pairs(labels, valid):
+  """labels i32[G, K], valid bool[G, K] -> (pair, same) bool[G, K, K]: both valid and not the same
+  vector; same class."""
+  k = labels.shape[1]
+  pair = valid[:, :, None] & valid[:, None, :] & ~jnp.eye(k, dtype=bool)
+  return pair, labels[:, :, None] == labels[:, None, :]
 
-  z: f32[G, K, d] L2-normalised, G mini-patches of K cells; labels i32[G, K]; valid bool[G, K].
-  Anchors are the valid cells whose mini-patch holds at least one valid cell of each class (the
-  lesion border): for such an anchor i, -mean_{p in P(i)} log(exp(z_i.z_p / tau) /
-  sum_{a != i valid, same mini-patch} exp(z_i.z_a / tau)); its negatives are the nearby cells of
-  the other class, the hard ones. Averaged over anchors; 0 when there are none.
-  """
-  k = z.shape[1]
+
+def _grouped_supcon(z, labels, valid, tau, need_negative):
+  """SupCon within each group: z f32[G, K, d], labels i32[G, K], valid bool[G, K]. Anchors: valid,
+  with a positive in their group (and a negative, when need_negative). Mean over anchors; 0 if
+  none."""
   sim = jnp.einsum('gid,gjd->gij', z, z) / tau
-  not_self = ~jnp.eye(k, dtype=bool)
-  pair = valid[:, :, None] & valid[:, None, :] & not_self
-  masked = jnp.where(pair, sim, -1e9)
-  log_prob = sim - jax.nn.logsumexp(masked, axis=2, keepdims=True)
-  same = labels[:, :, None] == labels[:, None, :]
+  pair, same = _pairs(labels, valid)
+  log_prob = sim - jax.nn.logsumexp(jnp.where(pair, sim, -1e9), axis=2, keepdims=True)
   pos = pair & same
-  npos, nneg = pos.sum(2), (pair & ~same).sum(2)
+  npos = pos.sum(2)
   mean_pos = jnp.sum(jnp.where(pos, log_prob, 0.0), axis=2) / jnp.maximum(npos, 1)
-  anchor = valid & (npos > 0) & (nneg > 0)
+  anchor = valid & (npos > 0)
+  if need_negative:
+    anchor = anchor & ((pair & ~same).sum(2) > 0)
   return -jnp.sum(jnp.where(anchor, mean_pos, 0.0)) / jnp.maximum(anchor.sum(), 1)
 
 
@@ -211,17 +212,19 @@ def supcon_loss(z, labels, valid, tau):
   one positive: -mean_{p in P(i)} log(exp(z_i.z_p / tau) / sum_{a != i, valid} exp(z_i.z_a / tau)).
   Averaged over such anchors; 0 when there are none (no positive pairs in the batch).
   """
-  n = z.shape[0]
-  sim = (z @ z.T) / tau
-  not_self = ~jnp.eye(n, dtype=bool)
-  pair = valid[:, None] & valid[None, :] & not_self
-  masked = jnp.where(pair, sim, -1e9)
-  log_prob = sim - jax.nn.logsumexp(masked, axis=1, keepdims=True)
-  pos = pair & (labels[:, None] == labels[None, :])
-  npos = pos.sum(1)
-  mean_pos = jnp.sum(jnp.where(pos, log_prob, 0.0), axis=1) / jnp.maximum(npos, 1)
-  anchor = valid & (npos > 0)
-  return -jnp.sum(jnp.where(anchor, mean_pos, 0.0)) / jnp.maximum(anchor.sum(), 1)
+  return _grouped_supcon(z[None], labels[None], valid[None], tau, need_negative=False)
+
+
+def local_supcon_loss(z, labels, valid, tau):
+  """Supervised contrast of cells against the other cells of their own mini-patch only.
+
+  z: f32[G, K, d] L2-normalised, G mini-patches of K cells; labels i32[G, K]; valid bool[G, K].
+  Anchors are the valid cells whose mini-patch holds at least one valid cell of each class (the
+  lesion border): for such an anchor i, -mean_{p in P(i)} log(exp(z_i.z_p / tau) /
+  sum_{a != i valid, same mini-patch} exp(z_i.z_a / tau)); its negatives are the nearby cells of
+  the other class, the hard ones. Averaged over anchors; 0 when there are none.
+  """
+  return _grouped_supcon(z, labels, valid, tau, need_negative=True)
 
 
 def supcon_floor(labels, valid, tau):
@@ -233,9 +236,7 @@ def supcon_floor(labels, valid, tau):
   local = labels.ndim == 2
   if not local:
     labels, valid = labels[None], valid[None]
-  k = labels.shape[1]
-  pair = valid[:, :, None] & valid[:, None, :] & ~jnp.eye(k, dtype=bool)
-  same = labels[:, :, None] == labels[:, None, :]
+  pair, same = _pairs(labels, valid)
   npos = (pair & same).sum(2).astype(jnp.float32)
   nneg = (pair & ~same).sum(2).astype(jnp.float32)
   anchor = valid & (npos > 0) & ((nneg > 0) if local else True)

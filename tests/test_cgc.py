@@ -126,7 +126,8 @@ def test_coarse_matches_numpy_including_lesion_free_crop():
   assert float(got) == pytest.approx(_np_coarse(logits, l_np, ok_np), abs=1e-5)
 
 
-def _np_supcon(z, labels, valid, tau):
+def _np_anchor_losses(z, labels, valid, tau, need_negative=False):
+  """Loop reference: the SupCon loss of every anchor among the vectors z (one group)."""
   n = len(z)
   sim = z @ z.T / tau
   losses = []
@@ -135,10 +136,16 @@ def _np_supcon(z, labels, valid, tau):
       continue
     others = [a for a in range(n) if a != i and valid[a]]
     pos = [a for a in others if labels[a] == labels[i]]
-    if not pos:
+    neg = [a for a in others if labels[a] != labels[i]]
+    if not pos or (need_negative and not neg):
       continue
     denom = np.log(np.sum(np.exp(sim[i, others])))
     losses.append(-np.mean([sim[i, p] - denom for p in pos]))
+  return losses
+
+
+def _np_supcon(z, labels, valid, tau):
+  losses = _np_anchor_losses(z, labels, valid, tau)
   return np.mean(losses) if losses else 0.0
 
 
@@ -175,21 +182,9 @@ def test_patch_vectors_match_numpy_with_partial_patches():
 
 
 def _np_local_supcon(z, labels, valid, tau):
-  """Loop reference: per mini-patch g, anchors with a positive and a negative in g."""
-  losses = []
-  for g in range(z.shape[0]):
-    sim = z[g] @ z[g].T / tau
-    k = z.shape[1]
-    for i in range(k):
-      if not valid[g, i]:
-        continue
-      others = [a for a in range(k) if a != i and valid[g, a]]
-      pos = [a for a in others if labels[g, a] == labels[g, i]]
-      neg = [a for a in others if labels[g, a] != labels[g, i]]
-      if not pos or not neg:
-        continue
-      denom = np.log(np.sum(np.exp(sim[i, others])))
-      losses.append(-np.mean([sim[i, p] - denom for p in pos]))
+  """Per mini-patch g, anchors with a positive and a negative in g."""
+  losses = [l for g in range(z.shape[0])
+            for l in _np_anchor_losses(z[g], labels[g], valid[g], tau, need_negative=True)]
   return np.mean(losses) if losses else 0.0
 
 
