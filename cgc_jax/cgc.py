@@ -228,7 +228,7 @@ def local_supcon_loss(z, labels, valid, tau):
 
 
 def supcon_floor(labels, valid, tau):
-  """The least value supcon_loss (group None) or local_supcon_loss (labels, valid [G, K]) can take
+  """The least value supcon_loss (labels, valid [N]) or local_supcon_loss ([G, K]) can take
   for these labels: mean over the same anchors of log(n_pos + n_neg * exp(-2 / tau)), reached when
   every positive coincides with its anchor and every negative is opposite. The loss minus this
   floor is how much of the term is still to learn: ~0 means it gives the encoder no gradient.

@@ -345,9 +345,13 @@ SELECT_RULES = {'flip_agreement': 'max', 'confident_ce': 'min', 'p_agreement': '
 
 
 def read_track(workdir: str) -> list:
-  """train/track.jsonl rows sorted by step (a resumed run's repeated steps: the last row wins; a
-  line cut by a kill mid-append is skipped with a warning)."""
-  path = paths.track_file(workdir)
+  """train/track.jsonl rows sorted by step (read_step_rows)."""
+  return read_step_rows(paths.track_file(workdir))
+
+
+def read_step_rows(path: str) -> list:
+  """A JSON-lines log's rows sorted by step (a resumed run's repeated steps: the last row wins; a
+  line cut by a kill mid-append is skipped with a warning); [] when there is no such file."""
   if not os.path.exists(path):
     return []
   rows = {}

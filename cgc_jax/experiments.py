@@ -213,8 +213,7 @@ def term_gaps(wd: str) -> dict:
   {'fine_above_floor': mean of fine - fine_floor, 'coarse': mean coarse loss}, the keys present
   where the run logged them (runs before the floor was logged have no fine_above_floor). ~0 means
   the term gives the encoder no gradient."""
-  path = os.path.join(wd, 'train', 'metrics.jsonl')
-  rows = [json.loads(line) for line in open(path) if line.strip()] if os.path.exists(path) else []
+  rows = evaluate.read_step_rows(paths.metrics_file(wd))
   rows = rows[len(rows) - max(1, len(rows) // 4):] if rows else []
   out = {}
   gaps = [r['fine'] - r['fine_floor'] for r in rows if 'fine' in r and 'fine_floor' in r]

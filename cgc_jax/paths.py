@@ -36,6 +36,11 @@ def predict_store(config, workdir: str) -> store_lib.Store:
                          fingerprints.of(config, 'prepare'))
 
 
+def metrics_file(workdir: str) -> str:
+  """The train stage's per-step losses (one JSON row a logged step)."""
+  return os.path.join(workdir, TRAIN, 'metrics.jsonl')
+
+
 def track_file(workdir: str) -> str:
   """Label-free signals (and analysis Dice) along training, one JSON row per tracked step."""
   return os.path.join(workdir, TRAIN, 'track.jsonl')
