@@ -81,7 +81,8 @@ def segment_prepared(config, predictor, params, image, brain, geom, evidence: bo
   case-level gate said no lesion): an empty mask."""
   prob = predictor.predict_volume(params, np.asarray(image, np.float32)) * (np.asarray(brain) > 0)
   prob = morphology.filter_components(prob, geom.spacing, config.eval.min_component_mm3,
-                                      config.eval.min_component_probability)
+                                      config.eval.min_component_probability,
+                                      config.eval.keep_fraction)
   if not evidence:
     prob = np.zeros_like(prob)
   return prob, geometry.prob_to_original_mask(prob, geom)

@@ -73,17 +73,22 @@ def cleanup(mask: np.ndarray, brain: np.ndarray, open_iterations: int, keep_frac
 
 
 def filter_components(prob: np.ndarray, spacing, min_mm3: float, min_probability: float,
-                      threshold: float = 0.5) -> np.ndarray:
+                      keep_fraction: float = 0.0, threshold: float = 0.5) -> np.ndarray:
   """Zeroes the lesion probability (f32[X, Y, Z]) of each component of `prob > threshold` smaller
   than `min_mm3` (voxel volume from `spacing`, mm) or whose mean probability is below
-  `min_probability`; other voxels are unchanged. A network that invents a lesion in a healthy scan
-  does so in small or unsure blobs; a real lesion is neither."""
+  `min_probability`, then of each remaining component smaller than `keep_fraction` x the largest
+  remaining one (0: keep all; 1: the largest only, ties kept); other voxels are unchanged. A network
+  that invents a lesion in a healthy scan does so in small or unsure blobs; a real lesion is
+  neither. A lesion that is one mass (a glioma's whole tumour) has no satellites half its size, so
+  the relative rule removes what the network marks away from it."""
   prob = np.asarray(prob, np.float32)
   mask = prob > threshold
-  if (min_mm3 <= 0 and min_probability <= 0) or not mask.any():
+  if (min_mm3 <= 0 and min_probability <= 0 and keep_fraction <= 0) or not mask.any():
     return prob
   lab, sizes = components(mask)
   mean_p = np.bincount(lab.ravel(), prob.ravel(), minlength=sizes.size + 1)[1:] / sizes
   keep = (sizes * float(np.prod(spacing)) >= min_mm3) & (mean_p >= min_probability)
+  if keep_fraction > 0 and keep.any():
+    keep &= sizes >= keep_fraction * sizes[keep].max()
   drop = np.concatenate([[False], ~keep])[lab]
   return np.where(drop, np.float32(0), prob)

@@ -36,4 +36,5 @@ def get_config():
   c.train.log_every = 50
   c.cgc.patch = (6, 6, 2)  # bottleneck 24x24x8
   c.eval.tta_flip = True
+  c.eval.keep_fraction = 0.5  # as brats_dev.py: a whole tumour is one mass
   return c

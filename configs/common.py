@@ -165,6 +165,9 @@ def base_config() -> ml_collections.ConfigDict:
   # a mean lesion probability below this are dropped before the mask is written (0 = keep all).
   e.min_component_mm3 = 0.0
   e.min_component_probability = 0.0
+  # One-mass lesions (a glioma's whole tumour): components of the network's mask smaller than this
+  # fraction of the largest are dropped too (0 = keep all; multifocal lesions, e.g. CT bleeds: 0).
+  e.keep_fraction = 0.0
   # Case-level gate: where the pseudo-label mixture finds no lesion evidence (gmm.min_contrast), the
   # network's mask is emptied too (new scans: the mixture is fitted at prediction time).
   e.gate_on_p_evidence = False

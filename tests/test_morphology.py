@@ -93,3 +93,28 @@ def test_filter_components_by_volume_and_confidence():
   out = morphology.filter_components(prob, sp, min_mm3=0.0, min_probability=0.75)
   assert out[6:8, 6:8, 6:8].max() == 0 and out[0, 9, 9] == np.float32(0.99)
   np.testing.assert_array_equal(morphology.filter_components(prob, sp, 0.0, 0.0), prob)
+
+
+def test_filter_components_relative_to_the_largest():
+  prob = np.zeros((12, 12, 12), np.float32)
+  prob[0:4, 0:4, 0:4] = 0.9  # 64 voxels: the largest
+  prob[6:10, 6:10, 6:8] = 0.8  # 32 voxels: exactly half of it
+  prob[0:3, 8:11, 8:11] = 0.7  # 27 voxels: 0.42 of it
+  prob[11, 0, 11] = 0.99  # 1 voxel
+  sp = (1.0, 1.0, 1.0)
+  out = morphology.filter_components(prob, sp, 0.0, 0.0, keep_fraction=0.5)
+  kept = {(0, 0, 0): 0.9, (6, 6, 6): 0.8, (0, 8, 8): 0.0, (11, 0, 11): 0.0}
+  for (x, y, z), want in kept.items():
+    assert out[x, y, z] == np.float32(want), (x, y, z)
+  assert (out > 0.5).sum() == 64 + 32
+  out = morphology.filter_components(prob, sp, 0.0, 0.0, keep_fraction=1.0)  # the largest only
+  assert (out > 0.5).sum() == 64 and out[0:4, 0:4, 0:4].min() == np.float32(0.9)
+  np.testing.assert_array_equal(morphology.filter_components(prob, sp, 0.0, 0.0, 0.4), np.where(
+      prob == np.float32(0.99), 0, prob))  # 27 >= 0.4 x 64 kept; the single voxel dropped
+  # the fraction counts against the largest component the other rules keep: with the 64 voxels
+  # unsure (0.6 < 0.65), the 32-voxel one is the largest and the 27-voxel one is 0.84 of it
+  unsure = np.where(prob == np.float32(0.9), np.float32(0.6), prob)
+  out = morphology.filter_components(unsure, sp, 0.0, 0.65, keep_fraction=0.8)
+  assert out[0, 0, 0] == 0 and out[11, 0, 11] == 0
+  assert out[6, 6, 6] == np.float32(0.8) and out[0, 8, 8] == np.float32(0.7)
+  assert (out > 0.5).sum() == 32 + 27

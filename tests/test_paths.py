@@ -42,6 +42,12 @@ def test_fields_added_later_leave_fingerprints_alone_at_their_old_behaviour():
   assert fingerprints.of(c, 'train') != before
   c.cgc.fine_anchors = 'patch'
   assert fingerprints.of(c, 'train') == before
+  ev = fingerprints.of(c, 'evaluate')
+  assert 'keep_fraction' not in fingerprints.fields(c, 'evaluate')['eval']
+  c.eval.keep_fraction = 0.5  # an evaluation field: the evaluation goes stale, training does not
+  assert fingerprints.of(c, 'evaluate') != ev and fingerprints.of(c, 'train') == before
+  c.eval.keep_fraction = 0.0
+  assert fingerprints.of(c, 'evaluate') == ev
   c.train.seed = 5  # any other field still counts
   assert fingerprints.of(c, 'train') != before
 
