@@ -41,6 +41,11 @@ class StageError(Exception):
     self.done = list(done)
 
 
+class ConfigError(Exception):
+  """A config field holds a value it cannot take; the message names each field and what it
+  accepts."""
+
+
 class DataError(Exception):
   """Bad input data; the message lists every problem with its file."""
 
@@ -58,5 +63,5 @@ class NonFiniteError(Exception):
 
 
 # What the command line reports as a user error (one paragraph, exit 2; traceback with --verbose).
-USER_ERRORS = (DataError, StageError, CaseFailure, WorkdirError, CorruptShardError,
+USER_ERRORS = (ConfigError, DataError, StageError, CaseFailure, WorkdirError, CorruptShardError,
                IncompatibleCheckpointError, DistributedError)

@@ -13,6 +13,7 @@ import time
 
 from absl import logging
 
+from cgc_jax import config_rules
 from cgc_jax import errors
 from cgc_jax import workers
 from cgc_jax import paths
@@ -192,6 +193,7 @@ def _running(pid: int) -> bool:
 
 def run(config, workdir: str, mode: str = 'all'):
   t0 = time.time()
+  config_rules.check(config)  # a mistyped field stops here, before anything is written
   from cgc_jax import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(config.dist)  # first: every stage below may be split across processes
   if mode == 'verify':  # writes nothing, not even the workdir

@@ -1,0 +1,85 @@
+"""The values each config field may take: named choices and numeric ranges, checked before any
+stage runs, so a mistyped field stops the command with one message (exit 2) instead of a traceback
+minutes into training, and nothing is written.
+
+    check(config)  # raises errors.ConfigError listing every bad field with what it accepts
+"""
+from cgc_jax import errors
+
+# field -> the accepted values (a field the config lacks is not checked: older workdirs' configs)
+CHOICES = {
+    'data.layout': ('brats', 'folder', 'cq500', 'phantoms'),
+    'data.kind': ('mri', 'ct'),
+    'data.store_dtype': ('float16', 'float32'),
+    'data.phantoms.kind': ('mri', 'ct'),
+    'gmm.rule': ('max_mean', 'hu_range'),
+    'pseudo_labels.source': ('gmm', 'threshold', 'nifti', 'ground_truth'),
+    'model.norm': ('instance', 'group'),
+    'model.conv_impl': ('auto', 'sum2d', 'native'),
+    'model.dtype': ('float32', 'bfloat16', 'float16'),
+    'cgc.fine_anchors': ('patch', 'cell'),
+    'train.loss_region': ('brain', 'all'),
+    'eval.select': ('latest', 'flip_agreement', 'confident_ce', 'p_agreement'),
+}
+
+# field -> (low, high, low included, high included)
+RANGES = {
+    'gmm.threshold': (0.0, 1.0, False, False),
+    'gmm.vote': (0.0, 1.0, False, True),
+    'gmm.keep_fraction': (0.0, 1.0, True, True),
+    'cgc.cell_threshold': (0.0, 1.0, False, True),
+    'cgc.tau': (0.0, float('inf'), False, False),
+    'train.steps': (1, float('inf'), True, False),
+    'train.batch_size': (1, float('inf'), True, False),
+    'train.fg_fraction': (0.0, 1.0, True, True),
+    'train.gce_q': (0.0, 1.0, True, True),
+    'train.bootstrap': (0.0, 1.0, True, False),
+    'train.confidence_gamma': (0.0, float('inf'), True, False),
+    'train.elr_decay': (0.0, 1.0, True, False),
+    'train.lr': (0.0, float('inf'), False, False),
+    'eval.overlap': (0.0, 1.0, True, False),
+    'eval.keep_fraction': (0.0, 1.0, True, True),
+    'eval.min_component_probability': (0.0, 1.0, True, True),
+}
+
+
+def _get(config, dotted: str):
+  node = config
+  for part in dotted.split('.'):
+    if part not in node:
+      return _MISSING
+    node = node[part]
+  return node
+
+
+_MISSING = object()
+
+
+def _interval(lo, hi, lo_in, hi_in) -> str:
+  return f'{"[" if lo_in else "("}{lo}, {hi}{"]" if hi_in else ")"}'
+
+
+def problems(config) -> list:
+  """Every bad field as 'name: value (expected ...)', in CHOICES then RANGES order."""
+  out = []
+  for name, allowed in CHOICES.items():
+    value = _get(config, name)
+    if value is not _MISSING and value not in allowed:
+      out.append(f'{name}: {value!r} (expected one of {" | ".join(allowed)})')
+  for name, (lo, hi, lo_in, hi_in) in RANGES.items():
+    value = _get(config, name)
+    if value is _MISSING:
+      continue
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        (lo <= value if lo_in else lo < value) and (value <= hi if hi_in else value < hi)
+    if not ok:
+      out.append(f'{name}: {value!r} (expected a number in {_interval(lo, hi, lo_in, hi_in)})')
+  return out
+
+
+def check(config) -> None:
+  """Raises errors.ConfigError naming every field of `config` outside its choices or range."""
+  bad = problems(config)
+  if bad:
+    raise errors.ConfigError('config: ' + ('; '.join(bad) if len(bad) == 1 else
+                                          f'{len(bad)} bad fields:\n  ' + '\n  '.join(bad)))

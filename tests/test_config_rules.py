@@ -1,0 +1,62 @@
+"""Config fields outside their choices or ranges stop the command before anything is written."""
+import glob
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cgc_jax import config_rules
+from cgc_jax import errors
+from cgc_jax import pipeline
+
+from conftest import ROOT
+from conftest import tiny_config
+
+
+@pytest.mark.parametrize('name', sorted(
+    os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
+    if os.path.basename(p) not in ('__init__.py', 'common.py')) + ['tiny'])
+def test_every_shipped_config_passes(name):
+  assert config_rules.problems(importlib.import_module(name).get_config()) == []
+
+
+def test_every_bad_field_is_named_with_what_it_accepts():
+  c = tiny_config(**{'cgc.fine_anchors': 'cells', 'model.norm': 'batch', 'eval.keep_fraction': 1.5,
+                     'train.steps': 0, 'train.bootstrap': 1.0, 'gmm.threshold': 1.0})
+  assert config_rules.problems(c) == [
+      "model.norm: 'batch' (expected one of instance | group)",
+      "cgc.fine_anchors: 'cells' (expected one of patch | cell)",
+      'gmm.threshold: 1.0 (expected a number in (0.0, 1.0))',
+      'train.steps: 0 (expected a number in [1, inf))',
+      'train.bootstrap: 1.0 (expected a number in [0.0, 1.0))',
+      'eval.keep_fraction: 1.5 (expected a number in [0.0, 1.0])',
+  ]
+  with pytest.raises(errors.ConfigError, match=r'6 bad fields:\n  model.norm'):
+    config_rules.check(c)
+  # the edges of the ranges: included where they say so
+  ok = tiny_config(**{'eval.keep_fraction': 1.0, 'train.gce_q': 0.0, 'train.steps': 1})
+  assert config_rules.problems(ok) == []
+  # a field an older workdir's config lacks is not checked
+  del ok.cgc['fine_anchors']
+  assert config_rules.problems(ok) == []
+
+
+def test_a_bad_field_stops_run_before_the_workdir_exists(tmp_path):
+  wd = str(tmp_path / 'never')
+  with pytest.raises(errors.ConfigError, match="train.loss_region: 'brains'"):
+    pipeline.run(tiny_config(**{'train.loss_region': 'brains'}), wd, 'all')
+  assert not os.path.exists(wd)
+
+
+def test_the_command_line_says_it_in_one_line_and_exits_2(tmp_path):
+  wd = str(tmp_path / 'never')
+  r = subprocess.run(
+      [sys.executable, '-m', 'cgc_jax.main', f'--config={os.path.join(ROOT, "tests", "tiny.py")}',
+       f'--workdir={wd}', '--config.cgc.fine_anchors=cells'], cwd=ROOT, capture_output=True,
+      text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr[-2000:]
+  assert "cgc_jax: error: config: cgc.fine_anchors: 'cells' (expected one of patch | cell)" in \
+      r.stderr
+  assert not os.path.exists(wd)
