@@ -6,6 +6,10 @@ minutes into training, and nothing is written.
 """
 from cgc_jax import errors
 
+# The choices repeat what the stages accept (evaluate.SELECT_RULES, unet.build's dtypes, ...) rather
+# than import them: pipeline imports this module, and must not import JAX (tests/test_config_rules.py
+# checks the two agree).
+
 # field -> the accepted values (a field the config lacks is not checked: older workdirs' configs)
 CHOICES = {
     'data.layout': ('brats', 'folder', 'cq500', 'phantoms'),
@@ -43,6 +47,9 @@ RANGES = {
 }
 
 
+_MISSING = object()
+
+
 def _get(config, dotted: str):
   node = config
   for part in dotted.split('.'):
@@ -50,9 +57,6 @@ def _get(config, dotted: str):
       return _MISSING
     node = node[part]
   return node
-
-
-_MISSING = object()
 
 
 def _interval(lo, hi, lo_in, hi_in) -> str:

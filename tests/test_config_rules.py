@@ -43,6 +43,18 @@ def test_every_bad_field_is_named_with_what_it_accepts():
   assert config_rules.problems(ok) == []
 
 
+def test_the_choices_are_what_the_stages_accept():
+  from cgc_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from cgc_jax import unet  # pylint: disable=g-import-not-at-top
+  assert config_rules.CHOICES['eval.select'] == ('latest',) + tuple(evaluate.SELECT_RULES)
+  for impl in config_rules.CHOICES['model.conv_impl']:
+    unet.resolve_conv_impl(impl)  # raises on an unknown one
+  with pytest.raises(ValueError):
+    unet.resolve_conv_impl('winograd')
+  for dtype in config_rules.CHOICES['model.dtype']:
+    unet.build(tiny_config(**{'model.dtype': dtype}).model)  # a KeyError on an unknown one
+
+
 def test_a_bad_field_stops_run_before_the_workdir_exists(tmp_path):
   wd = str(tmp_path / 'never')
   with pytest.raises(errors.ConfigError, match="train.loss_region: 'brains'"):
