@@ -6,9 +6,9 @@ minutes into training, and nothing is written.
 """
 from cgc_jax import errors
 
-# The choices repeat what the stages accept (evaluate.SELECT_RULES, unet.build's dtypes, ...) rather
-# than import them: pipeline imports this module, and must not import JAX (tests/test_config_rules.py
-# checks the two agree).
+# The choices repeat what the stages accept (evaluate.SELECT_RULES, unet.build's dtypes, ...)
+# rather than import them: pipeline imports this module, and must not import JAX
+# (tests/test_config_rules.py checks the two agree).
 
 # field -> the accepted values (a field the config lacks is not checked: older workdirs' configs)
 CHOICES = {
