@@ -41,9 +41,12 @@ RANGES = {
     'train.confidence_gamma': (0.0, float('inf'), True, False),
     'train.elr_decay': (0.0, 1.0, True, False),
     'train.lr': (0.0, float('inf'), False, False),
+    'train.spatial_p': (0.0, 1.0, True, True),
+    'train.rotate_deg': (0.0, 180.0, True, True),
     'eval.overlap': (0.0, 1.0, True, False),
     'eval.keep_fraction': (0.0, 1.0, True, True),
     'eval.min_component_probability': (0.0, 1.0, True, True),
+    'eval.average_checkpoints': (0, float('inf'), True, False),
 }
 
 
@@ -78,6 +81,9 @@ def problems(config) -> list:
         (lo <= value if lo_in else lo < value) and (value <= hi if hi_in else value < hi)
     if not ok:
       out.append(f'{name}: {value!r} (expected a number in {_interval(lo, hi, lo_in, hi_in)})')
+  n, keep = _get(config, 'eval.average_checkpoints'), _get(config, 'train.keep_checkpoints')
+  if _MISSING not in (n, keep) and not out and n > keep:
+    out.append(f'eval.average_checkpoints: {n} (expected at most train.keep_checkpoints = {keep})')
   return out
 
 

@@ -16,6 +16,7 @@ import time
 from typing import Optional
 
 from absl import logging
+import jax
 import numpy as np
 
 from cgc_jax import checkpoint
@@ -40,7 +41,10 @@ CONVENTIONS = (
 
 
 def restore_params(config, workdir, mesh, num_channels: int):
-  """Params of checkpoint config.eval.step (-1: newest readable), replicated on `mesh`."""
+  """(params, step): the U-Net params of checkpoint config.eval.step (-1: as eval.select says;
+  'latest': the newest readable), replicated on `mesh`. eval.average_checkpoints = n > 1: the
+  element-wise mean of the params of the n newest kept checkpoints up to that step (fewer when
+  fewer are kept, with a warning); `step` is still the newest of them."""
   tx, _ = train_state.make_optimizer(config.train)
   target = train_state.abstract_state(config, mesh, num_channels, tx)
   ckpt = checkpoint.Checkpointer(paths.checkpoints(workdir), config.train.keep_checkpoints)
@@ -53,12 +57,24 @@ def restore_params(config, workdir, mesh, num_channels: int):
     raise errors.StageError(f'{ckpt.directory}: no checkpoint at step {step} (have '
                              f'{ckpt.all_steps()})')
   state, record, s = ckpt.restore(target, step)
+  params = state.params['unet']
+  n = int(config.eval.get('average_checkpoints', 0))
+  if n > 1:
+    steps = [t for t in ckpt.all_steps() if t < s][-(n - 1):]
+    if len(steps) < n - 1:
+      logging.warning('evaluate: eval.average_checkpoints=%d but only steps %s are kept up to step '
+                      '%d: averaging those', n, steps + [s], s)
+    for t in steps:  # a running sum of replicated arrays: no host copy, any number of processes
+      other = ckpt.restore(target, t)[0].params['unet']
+      params = jax.tree.map(lambda a, b: a + b, params, other)
+    params = jax.tree.map(lambda a: a / (len(steps) + 1), params)
+    logging.info('evaluate: params averaged over checkpoint steps %s', steps + [s])
   ckpt.close()
   diffs = fingerprints.diff(record.get('fields', {}).get('model', {}),
                             fingerprints.fields(config, 'train')['model'])
   if diffs:
     raise checkpoint.IncompatibleCheckpointError(f'{ckpt.directory}: model config differs: {diffs}')
-  return state.params['unet'], s
+  return params, s
 
 
 def lesion_evidence(config, image, brain, geom, modalities, case_id: str, report=None) -> bool:

@@ -2,9 +2,10 @@
 
 The batch of global step s is a pure function of (train.seed, s): slot j of the global batch draws
 sample g = s * B + j from an epoch-wise seeded permutation of the cases, and its crop position,
-foreground choice, flips and intensity jitter from `default_rng([seed, s, j])`. So the iterator's
-whole state is the next step number (saved in every checkpoint), resume is exact, and the batch does
-not depend on how many processes or threads build it. Each process builds only its own slots
+foreground choice, flips, intensity jitter and (train.spatial_p) rotation and zoom from
+`default_rng([seed, s, j])`. So the iterator's whole state is the next step number (saved in every
+checkpoint), resume is exact, and the batch does not depend on how many processes or threads build
+it. Each process builds only its own slots
 [process_index * B_local, (process_index + 1) * B_local) and opens only the cases those slots draw
 (on first use); crops read the memory-mapped shards, so a crop reads about the crop only. Host
 threads build the next `prefetch` batches ahead.
@@ -22,6 +23,47 @@ import numpy as np
 from cgc_jax import store as store_lib
 
 _MAX_FG_COORDS = 50000  # lesion voxel coordinates cached per case for foreground sampling
+
+
+def spatial_coords(crop, start, spacing, rng, rotate_deg: float, zoom) -> np.ndarray:
+  """Source voxel coordinates f32[3, X, Y, Z] of a rotated and zoomed crop: the crop's voxel x is
+  read at c + A (x - k), k the crop's centre, c = start + k the same point of the unaugmented crop,
+  and A = S^-1 R S / z in voxels (S = diag(spacing): the rotation is rigid in mm), R rotating by
+  angles drawn uniformly in +-rotate_deg about each axis, z drawn uniformly in `zoom` (z > 1
+  magnifies). Draws 4 numbers from `rng`."""
+  angles = np.deg2rad(rng.uniform(-rotate_deg, rotate_deg, 3))
+  z = rng.uniform(zoom[0], zoom[1])
+  r = np.eye(3)
+  for axis, a in enumerate(angles):
+    i, j = [k for k in range(3) if k != axis]
+    m = np.eye(3)
+    m[i, i] = m[j, j] = np.cos(a)
+    m[i, j], m[j, i] = -np.sin(a), np.sin(a)
+    r = m @ r
+  sp = np.asarray(spacing, np.float64)
+  a = (r * sp[None, :] / sp[:, None]) / z  # S^-1 R S / z
+  k = (np.asarray(crop, np.float64) - 1) / 2
+  grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) - kk for n, kk in zip(crop, k)],
+                              indexing='ij'))
+  centre = np.asarray(start, np.float64) + k
+  return (np.tensordot(a, grid, 1) + centre[:, None, None, None]).astype(np.float32)
+
+
+def resample(array, coords: np.ndarray, order: int, channel=None) -> np.ndarray:
+  """array (memory-mapped [X, Y, Z] or [X, Y, Z, C] with `channel`) read at coords f32[3, ...]:
+  linear (order 1) or nearest (order 0), 0 outside the array. Reads only the block the coords
+  cover."""
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  shape = array.shape[:3]
+  lo = np.clip(np.floor(coords.reshape(3, -1).min(1)).astype(int) - 1, 0, None)
+  hi = np.minimum(np.ceil(coords.reshape(3, -1).max(1)).astype(int) + 2, shape)
+  if np.any(hi <= lo):
+    return np.zeros(coords.shape[1:], np.float32)
+  block = tuple(slice(a, b) for a, b in zip(lo, hi))
+  src = array[block + ((channel,) if channel is not None else ())]
+  local = coords - lo.reshape(3, 1, 1, 1).astype(np.float32)
+  return ndimage.map_coordinates(np.asarray(src, np.float32), local, order=order,
+                                 mode='constant', cval=0.0).astype(np.float32)
 
 
 class CropSampler:
@@ -62,6 +104,9 @@ class CropSampler:
         self._cases[ci] = (image, p, brain, coords.astype(np.int32), post)
       return self._cases[ci]
 
+  def _spacing(self, ci: int) -> tuple:
+    return tuple(self._prep.meta(self.case_ids[ci])['geometry']['spacing'])
+
   def _case_of(self, g: int) -> int:
     n = len(self.case_ids)
     epoch = g // n
@@ -101,6 +146,13 @@ class CropSampler:
     c = out_img.shape[-1]
     scale = 1.0 + rng.uniform(-cfg.intensity_scale, cfg.intensity_scale, c).astype(np.float32)
     shift = rng.uniform(-cfg.intensity_shift, cfg.intensity_shift, c).astype(np.float32)
+    spatial_p = cfg.get('spatial_p', 0.0)
+    if spatial_p > 0 and rng.random() < spatial_p:  # drawn last: the stream above is unchanged
+      coords = spatial_coords(self.crop, start, self._spacing(ci), rng, cfg.rotate_deg, cfg.zoom)
+      out_img = np.stack([resample(image, coords, 1, channel=k) for k in range(c)], -1)
+      out_p = resample(p, coords, 0)
+      out_b = resample(brain, coords, 0)
+      extra = {k: resample(post, coords, 1) for k in extra}
     out_img = np.where(out_b[..., None] > 0, out_img * scale + shift, 0.0).astype(np.float32)
     if cfg.flip:
       axes = tuple(int(a) for a in np.nonzero(flips)[0])

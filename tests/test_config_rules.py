@@ -38,6 +38,12 @@ def test_every_bad_field_is_named_with_what_it_accepts():
   # the edges of the ranges: included where they say so
   ok = tiny_config(**{'eval.keep_fraction': 1.0, 'train.gce_q': 0.0, 'train.steps': 1})
   assert config_rules.problems(ok) == []
+  # fields that must agree: averaging needs the checkpoints kept
+  assert config_rules.problems(tiny_config(**{'eval.average_checkpoints': 4,
+                                              'train.keep_checkpoints': 3})) == [
+      'eval.average_checkpoints: 4 (expected at most train.keep_checkpoints = 3)']
+  assert config_rules.problems(tiny_config(**{'eval.average_checkpoints': 3,
+                                              'train.keep_checkpoints': 3})) == []
   # a field an older workdir's config lacks is not checked
   del ok.cgc['fine_anchors']
   assert config_rules.problems(ok) == []

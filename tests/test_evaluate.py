@@ -210,3 +210,32 @@ def test_lesion_evidence_gate_empties_the_network_mask():
   prob, mask = evaluate.segment_prepared(cfg, _ConstantPredictor(), None, arrays['image'],
                                          arrays['brain'], geom, evidence=False)
   assert not prob.any() and not mask.any()
+
+
+def test_average_checkpoints_is_the_mean_of_the_kept_params(tiny_trained):
+  """eval.average_checkpoints=2 on a run that kept steps 3 and 6: the params are their element-wise
+  mean (NumPy reference from each checkpoint restored alone), and the step reported is 6; asking
+  for more checkpoints than are kept up to eval.step averages what is there."""
+  import jax  # pylint: disable=g-import-not-at-top
+  prep = paths.prepared_store(tiny_config(), tiny_trained)
+  nch = prep.meta(prep.complete_cases()[0])['arrays']['image']['shape'][-1]
+  mesh = distributed.mesh()
+
+  def restore(**kw):
+    p, s = evaluate.restore_params(tiny_config(**kw), tiny_trained, mesh, nch)
+    return jax.tree.map(np.asarray, jax.device_get(p)), s
+  p3, s3 = restore(**{'eval.step': 3})
+  p6, s6 = restore(**{'eval.step': 6})
+  assert (s3, s6) == (3, 6)
+  mean, s = restore(**{'eval.average_checkpoints': 2})
+  assert s == 6
+  leaves = jax.tree.leaves(jax.tree.map(lambda m, a, b: (m, (a.astype(np.float64) + b) / 2),
+                                        mean, p3, p6), is_leaf=lambda x: isinstance(x, tuple))
+  assert leaves and any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(p3),
+                                                              jax.tree.leaves(p6)))
+  for got, want in leaves:
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+  only3, s = restore(**{'eval.average_checkpoints': 5, 'eval.step': 3})
+  assert s == 3
+  for got, want in zip(jax.tree.leaves(only3), jax.tree.leaves(p3)):
+    np.testing.assert_array_equal(got, want)

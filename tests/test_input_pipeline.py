@@ -78,3 +78,64 @@ def test_posterior_crops_follow_p_when_confidence_weights_are_on(tiny_workdir):
   # P is the posterior above gmm.threshold: the two crops share position and flips voxel for voxel
   assert batch['p'].sum() > 0
   np.testing.assert_array_equal(batch['posterior'] > cfg.gmm.threshold, batch['p'] > 0)
+
+
+class _FixedRng:
+  """Stands in for a numpy Generator: uniform() returns the given values in order."""
+
+  def __init__(self, *values):
+    self.values = list(values)
+
+  def uniform(self, lo, hi, size=None):
+    del lo, hi
+    v = self.values.pop(0)
+    return np.asarray(v, np.float64) if size else float(v)
+
+
+def test_spatial_coords_against_the_hand_formula():
+  crop, start = (4, 6, 5), (10, 20, 30)
+  k = (np.asarray(crop) - 1) / 2
+  x = np.stack(np.meshgrid(*map(np.arange, crop), indexing='ij')).reshape(3, -1)
+  # no rotation, no zoom: the plain crop
+  c = input_pipeline.spatial_coords(crop, start, (2, 2, 2), _FixedRng([0, 0, 0], 1.0), 15, (1, 1))
+  np.testing.assert_allclose(c.reshape(3, -1), x + np.asarray(start)[:, None], atol=1e-5)
+  # 90 degrees about the last axis, zoom 2, isotropic: (a, b, c) -> (-b, a, c) / 2 about the centre
+  c = input_pipeline.spatial_coords(crop, start, (1, 1, 1), _FixedRng([0, 0, 90], 2.0), 90, (1, 3))
+  d = x - k[:, None]
+  want = np.stack([-d[1], d[0], d[2]]) / 2 + (np.asarray(start) + k)[:, None]
+  np.testing.assert_allclose(c.reshape(3, -1), want, atol=1e-5)
+  # anisotropic voxels: the rotation is rigid in mm (distances from the centre kept, in mm)
+  sp = np.asarray([1.0, 1.0, 3.0])
+  c = input_pipeline.spatial_coords(crop, start, sp, _FixedRng([20, -35, 10], 1.0), 40, (1, 1))
+  d_out = (c.reshape(3, -1) - (np.asarray(start) + k)[:, None]) * sp[:, None]
+  np.testing.assert_allclose(np.linalg.norm(d_out, axis=0),
+                             np.linalg.norm(d * sp[:, None], axis=0), rtol=1e-5)
+
+
+def test_resample_reads_the_block_and_pads_with_zero():
+  a = np.arange(5 * 6 * 7, dtype=np.float32).reshape(5, 6, 7)
+  coords = np.asarray([[1.5, 0.0, 4.0], [2.0, 5.0, 6.0], [3.0, 1.0, 9.0]], np.float32)[..., None,
+                                                                                       None]
+  got = input_pipeline.resample(a, coords, 1)[:, 0, 0]
+  want = [(a[1, 2, 3] + a[2, 2, 3]) / 2, a[0, 5, 1], 0.0]  # the last is outside (z = 9 >= 7)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  stacked = np.stack([a, -a], -1)
+  np.testing.assert_allclose(input_pipeline.resample(stacked, coords, 0, channel=1)[:, 0, 0],
+                             [-a[2, 2, 3], -a[0, 5, 1], 0.0])  # nearest: 1.5 rounds to 2
+
+
+def test_rotation_off_or_identity_leaves_the_crops_unchanged(tiny_workdir):
+  """spatial_p draws after every other random number: with rotation 0 and zoom 1 every crop equals
+  the unaugmented one; with a real rotation, P and brain stay binary and image is 0 outside brain."""
+  plain = _sampler(tiny_workdir, tiny_config()).local_batch(3)
+  ident = _sampler(tiny_workdir, tiny_config(**{'train.spatial_p': 1.0, 'train.rotate_deg': 0.0,
+                                                'train.zoom': (1.0, 1.0)})).local_batch(3)
+  for k in plain:
+    np.testing.assert_allclose(ident[k], plain[k], atol=1e-6)
+  rot = _sampler(tiny_workdir, tiny_config(**{'train.spatial_p': 1.0, 'train.rotate_deg': 30.0,
+                                              'train.zoom': (0.8, 1.2)})).local_batch(3)
+  assert not np.allclose(rot['image'], plain['image'])
+  assert set(np.unique(rot['p'])) <= {0.0, 1.0} and set(np.unique(rot['brain'])) <= {0.0, 1.0}
+  assert np.all(rot['image'][rot['brain'] == 0] == 0)
+  assert np.all(plain['p'] <= plain['brain'])  # P lies inside the brain, and still does, rotated
+  assert rot['p'].sum() > 0 and np.all(rot['p'] <= rot['brain'])
