@@ -126,7 +126,8 @@ def test_resample_reads_the_block_and_pads_with_zero():
 
 def test_rotation_off_or_identity_leaves_the_crops_unchanged(tiny_workdir):
   """spatial_p draws after every other random number: with rotation 0 and zoom 1 every crop equals
-  the unaugmented one; with a real rotation, P and brain stay binary and image is 0 outside brain."""
+  the unaugmented one; with a real rotation, P and brain stay binary and the image is 0 outside
+  the brain."""
   plain = _sampler(tiny_workdir, tiny_config()).local_batch(3)
   ident = _sampler(tiny_workdir, tiny_config(**{'train.spatial_p': 1.0, 'train.rotate_deg': 0.0,
                                                 'train.zoom': (1.0, 1.0)})).local_batch(3)
