@@ -28,6 +28,10 @@ _OMIT_AT = {('train', 'elr_lambda'): 0.0, ('train', 'elr_decay'): 0.97,
             ('train', 'rotate_deg'): 15.0, ('train', 'zoom'): (0.85, 1.15)}
 
 
+def _as_lists(v):
+  return [_as_lists(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
 def _clean(d):
   if isinstance(d, dict):
     return {k: _clean(v) for k, v in sorted(d.items()) if k not in _IGNORED}
@@ -44,8 +48,8 @@ def fields(config, stage: str) -> dict:
   for section, key in _PATHS:  # the same folder, however it is spelled
     if full.get(section, {}).get(key):
       full[section][key] = os.path.realpath(full[section][key])
-  for (section, key), value in _OMIT_AT.items():
-    if section in full and full[section].get(key, value) == value:
+  for (section, key), value in _OMIT_AT.items():  # tuples as lists: a config read back from JSON
+    if section in full and _as_lists(full[section].get(key, value)) == _as_lists(value):
       full[section].pop(key, None)
   return {k: _clean(full[k]) for k in _STAGE_FIELDS[stage]}
 

@@ -48,8 +48,29 @@ def test_fields_added_later_leave_fingerprints_alone_at_their_old_behaviour():
   assert fingerprints.of(c, 'evaluate') != ev and fingerprints.of(c, 'train') == before
   c.eval.keep_fraction = 0.0
   assert fingerprints.of(c, 'evaluate') == ev
+  for field, other in (('spatial_p', 0.3), ('zoom', (0.9, 1.1))):  # rotation and zoom: train
+    setattr(c.train, field, other)
+    assert fingerprints.of(c, 'train') != before, field
+  c.train.spatial_p, c.train.zoom = 0.0, (0.85, 1.15)
+  assert fingerprints.of(c, 'train') == before
+  c.eval.average_checkpoints = 3
+  assert fingerprints.of(c, 'evaluate') != ev and fingerprints.of(c, 'train') == before
+  c.eval.average_checkpoints = 0
+  assert fingerprints.of(c, 'evaluate') == ev
   c.train.seed = 5  # any other field still counts
   assert fingerprints.of(c, 'train') != before
+
+
+def test_a_config_read_back_from_json_has_the_same_fingerprints():
+  """A workdir records its config as JSON (tuples come back as lists): every stage's fingerprint
+  of the read-back config equals the original's, fields left out at their old values included."""
+  import json  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  for c in (tiny_config(), tiny_config(**{'train.zoom': (0.7, 1.3), 'train.spatial_p': 0.2})):
+    back = ml_collections.ConfigDict(json.loads(c.to_json_best_effort()))
+    assert isinstance(back.train.zoom, list)
+    for stage in ('prepare', 'pseudo_labels', 'train', 'evaluate'):
+      assert fingerprints.of(back, stage) == fingerprints.of(c, stage), stage
 
 
 def test_stores_sit_where_the_layout_says_with_their_stage_fingerprints(tmp_path):
