@@ -85,6 +85,7 @@ class CropSampler:
     self._cases = {}  # case index -> (image, p, brain, fg coords), opened on first use
     self._lock = threading.Lock()
     self._perm_cache = {}
+    self._spacings = {}  # case index -> voxel size in mm (rotation and zoom only)
     self.num_channels = prep.meta(self.case_ids[0])['arrays']['image']['shape'][-1]
 
   def _case(self, ci: int):
@@ -105,7 +106,10 @@ class CropSampler:
       return self._cases[ci]
 
   def _spacing(self, ci: int) -> tuple:
-    return tuple(self._prep.meta(self.case_ids[ci])['geometry']['spacing'])
+    """Case `ci`'s voxel size in mm, read from its meta once (benign race: the value is fixed)."""
+    if ci not in self._spacings:
+      self._spacings[ci] = tuple(self._prep.meta(self.case_ids[ci])['geometry']['spacing'])
+    return self._spacings[ci]
 
   def _case_of(self, g: int) -> int:
     n = len(self.case_ids)
