@@ -24,6 +24,7 @@ CHOICES = {
     'cgc.fine_anchors': ('patch', 'cell'),
     'train.loss_region': ('brain', 'all'),
     'eval.select': ('latest', 'flip_agreement', 'confident_ce', 'p_agreement'),
+    'eval.fold_networks': ('all', 'unseen'),
 }
 
 # field -> (low, high, low included, high included)
@@ -47,6 +48,7 @@ RANGES = {
     'eval.keep_fraction': (0.0, 1.0, True, True),
     'eval.min_component_probability': (0.0, 1.0, True, True),
     'eval.average_checkpoints': (0, float('inf'), True, False),
+    'train.folds': (1, float('inf'), True, False),
 }
 
 
@@ -84,6 +86,21 @@ def problems(config) -> list:
   n, keep = _get(config, 'eval.average_checkpoints'), _get(config, 'train.keep_checkpoints')
   if _MISSING not in (n, keep) and not out and n > keep:
     out.append(f'eval.average_checkpoints: {n} (expected at most train.keep_checkpoints = {keep})')
+  folds = _get(config, 'train.folds')
+  if folds is not _MISSING and isinstance(folds, float) and not folds.is_integer():
+    out.append(f'train.folds: {folds!r} (expected a whole number of networks)')
+  elif folds is not _MISSING and isinstance(folds, (int, float)) and folds > 1:
+    every, select = _get(config, 'eval.every_steps'), _get(config, 'eval.select')
+    if every not in (_MISSING, 0) or select not in (_MISSING, 'latest'):
+      out.append(f'train.folds: {folds} (cross-fitting keeps the latest checkpoint of each network: '
+                 f'expected eval.every_steps = 0 and eval.select = latest, got {every} and '
+                 f'{select})')
+  zoom = _get(config, 'train.zoom')
+  if zoom is not _MISSING and not (
+      isinstance(zoom, (list, tuple)) and len(zoom) == 2 and
+      all(isinstance(z, (int, float)) and not isinstance(z, bool) and z > 0 for z in zoom) and
+      zoom[0] <= zoom[1]):
+    out.append(f'train.zoom: {zoom!r} (expected (low, high) with 0 < low <= high)')
   return out
 
 

@@ -23,6 +23,7 @@ from cgc_jax import checkpoint
 from cgc_jax import distributed
 from cgc_jax import errors
 from cgc_jax import fingerprints
+from cgc_jax import folds as folds_lib
 from cgc_jax import geometry
 from cgc_jax import gmm
 from cgc_jax import metrics
@@ -44,7 +45,26 @@ def restore_params(config, workdir, mesh, num_channels: int):
   """(params, step): the U-Net params of checkpoint config.eval.step (-1: as eval.select says;
   'latest': the newest readable), replicated on `mesh`. eval.average_checkpoints = n > 1: the
   element-wise mean of the params of the n newest kept checkpoints up to that step (fewer when
-  fewer are kept, with a warning); `step` is still the newest of them."""
+  fewer are kept, with a warning); `step` is still the newest of them. `workdir`: the folder
+  holding checkpoints/ (WORKDIR, or one network's folds.run_dirs folder)."""
+  params, step, _ = _restore(config, workdir, mesh, num_channels)
+  return params, step
+
+
+def restore_networks(config, workdir, mesh, num_channels: int):
+  """(nets, step): nets = [(params, the cases that network trained on)], one per network of
+  train.folds (one network: [(params, every training case)]), each restored as restore_params
+  does; step: the evaluated checkpoint step (a list when the networks' steps differ)."""
+  nets, steps = [], []
+  for d in folds_lib.run_dirs(workdir, int(config.train.get('folds', 1))):
+    params, step, seen = _restore(config, d, mesh, num_channels)
+    nets.append((params, frozenset(seen)))
+    steps.append(step)
+  return nets, steps[0] if len(set(steps)) == 1 else steps
+
+
+def _restore(config, workdir, mesh, num_channels: int):
+  """restore_params, plus the cases the checkpoint was trained on (its record's P inputs)."""
   tx, _ = train_state.make_optimizer(config.train)
   target = train_state.abstract_state(config, mesh, num_channels, tx)
   ckpt = checkpoint.Checkpointer(paths.checkpoints(workdir), config.train.keep_checkpoints)
@@ -74,7 +94,7 @@ def restore_params(config, workdir, mesh, num_channels: int):
                             fingerprints.fields(config, 'train')['model'])
   if diffs:
     raise checkpoint.IncompatibleCheckpointError(f'{ckpt.directory}: model config differs: {diffs}')
-  return params, s
+  return params, s, sorted(record.get('inputs') or record.get('cases') or [])
 
 
 def lesion_evidence(config, image, brain, geom, modalities, case_id: str, report=None) -> bool:
@@ -93,9 +113,13 @@ def lesion_evidence(config, image, brain, geom, modalities, case_id: str, report
 
 def segment_prepared(config, predictor, params, image, brain, geom, evidence: bool = True):
   """One prepared case -> (lesion probability f32[X', Y', Z'] on the prepared grid, inside the brain
-  and after the component rules of config.eval; mask u8 on the ORIGINAL grid). evidence=False (the
-  case-level gate said no lesion): an empty mask."""
-  prob = predictor.predict_volume(params, np.asarray(image, np.float32)) * (np.asarray(brain) > 0)
+  and after the component rules of config.eval; mask u8 on the ORIGINAL grid). `params`: one
+  network's, or a list of networks' (their probabilities are averaged before the rules).
+  evidence=False (the case-level gate said no lesion): an empty mask."""
+  members = params if isinstance(params, list) else [params]
+  image = np.asarray(image, np.float32)
+  prob = sum(predictor.predict_volume(p, image) for p in members) / len(members)
+  prob = prob * (np.asarray(brain) > 0)
   prob = morphology.filter_components(prob, geom.spacing, config.eval.min_component_mm3,
                                       config.eval.min_component_probability,
                                       config.eval.keep_fraction)
@@ -104,8 +128,11 @@ def segment_prepared(config, predictor, params, image, brain, geom, evidence: bo
   return prob, geometry.prob_to_original_mask(prob, geom)
 
 
-def predict_cases(config, prep: store_lib.Store, cases, params, predictor, out_dir, reports=None):
+def predict_cases(config, prep: store_lib.Store, cases, nets, predictor, out_dir, reports=None):
   """Predicts every case; returns {case: (prob on prepared grid, mask on original grid)}.
+  nets: restore_networks' list; a case is segmented by the mean of all of them
+  (eval.fold_networks = 'all'), or of those that did not train on it ('unseen': folds.members_for;
+  all of them for a new scan).
   reports: {case: pseudo-label report} where the P stage ran (its evidence is reused)."""
   out = {}
   t0 = time.time()
@@ -116,7 +143,10 @@ def predict_cases(config, prep: store_lib.Store, cases, params, predictor, out_d
     brain = np.asarray(prep.read(c, 'brain')) > 0
     evidence = lesion_evidence(config, image, brain, geom, meta['modalities'], c,
                                (reports or {}).get(c))
-    prob, mask = segment_prepared(config, predictor, params, image, brain, geom, evidence)
+    members = [p for p, _ in nets]
+    if config.eval.get('fold_networks', 'all') == 'unseen':
+      members = [nets[i][0] for i in folds_lib.members_for(c, [seen for _, seen in nets])]
+    prob, mask = segment_prepared(config, predictor, members, image, brain, geom, evidence)
     if distributed.is_main():
       nifti.write_mask(mask, geom, meta, os.path.join(out_dir, f'{c}.nii.gz'))
       if config.eval.get('save_probabilities',
@@ -186,7 +216,7 @@ def evaluate(config, workdir: str):
     step = None
   else:
     nch = prep.meta(cases[0])['arrays']['image']['shape'][-1]
-    params, step = restore_params(config, workdir, mesh, nch)
+    nets, step = restore_networks(config, workdir, mesh, nch)
     done = _load_json(os.path.join(out_dir, 'summary.json'))
     if is_current(done, fp, step, _inputs(prep, labels, cases),
                   [c for c in cases if prep.meta(c)['has_label']],
@@ -197,7 +227,7 @@ def evaluate(config, workdir: str):
       return done['summary']
     predictor = sliding_window.Predictor(config, mesh)
     reports = {c: labels.meta(c)['report'] for c in cases if labels.is_complete(c)}
-    preds = predict_cases(config, prep, cases, params, predictor,
+    preds = predict_cases(config, prep, cases, nets, predictor,
                           os.path.join(out_dir, 'predictions'), reports)
   rows = {'GMM w/ threshold (P)' if config.pseudo_labels.source == 'gmm'
           else f'P ({config.pseudo_labels.source})': [],
@@ -347,13 +377,13 @@ def predict(config, workdir: str, store: store_lib.Store, cases: list) -> str:
   out_dir = paths.predict_output(config, workdir)
   if cases:
     nch = store.meta(cases[0])['arrays']['image']['shape'][-1]
-    params, step = restore_params(config, workdir, mesh, nch)
+    nets, step = restore_networks(config, workdir, mesh, nch)
     predictor = sliding_window.Predictor(config, mesh)
-    preds = predict_cases(config, store, cases, params, predictor, out_dir)
+    preds = predict_cases(config, store, cases, nets, predictor, out_dir)
     if distributed.is_main() and config.eval.pictures:
       from cgc_jax import overlays  # pylint: disable=g-import-not-at-top  (matplotlib)
       overlays.write_predictions(out_dir, store, cases, {c: v[0] for c, v in preds.items()})
-    logging.info('predict: %d masks from checkpoint step %d in %s', len(cases), step, out_dir)
+    logging.info('predict: %d masks from checkpoint step %s in %s', len(cases), step, out_dir)
   return out_dir
 
 

@@ -97,6 +97,8 @@ TABLES = {
         ('self-training, round 2 (trained on round 1\'s masks)', 'gmm', {ROUNDS: 2}),
         ('twice the steps', 'gmm', {'train.steps': ('x', 2)}),
         ('early-learning regularisation, lambda = 3', 'gmm', {'train.elr_lambda': 3.0}),
+        ('cross-fitting, 2 networks (each case scored by the one that never saw it)', 'gmm',
+         {'train.folds': 2}),
     ],
     # not a paper table: how much the CGC terms' weight (both lambdas) matters
     'weights': [(f'full CGC, lambda = {w}', 'gmm',
@@ -324,6 +326,8 @@ def run_table(config, base: str, table: str, seeds: list, track_every: int = -1,
       c.pseudo_labels.source = source
       c.train.seed = int(seed)
       c.eval.every_steps = max(1, c.train.steps // 6) if track_every < 0 else track_every
+      if int(c.train.get('folds', 1)) > 1:  # each network is evaluated at its latest step
+        c.eval.every_steps = 0
       wd, round_p = _train_run(c, base, pwd), []
       for _ in range(1, int(overrides.get(ROUNDS, 1))):  # self-training: P = last round's masks
         c = c.copy_and_resolve_references()

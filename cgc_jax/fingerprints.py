@@ -25,7 +25,8 @@ _IGNORED = {'num_workers', 'verify_checksums', 'log_every', 'prefetch', 'export_
 _OMIT_AT = {('train', 'elr_lambda'): 0.0, ('train', 'elr_decay'): 0.97,
             ('cgc', 'fine_anchors'): 'patch', ('eval', 'keep_fraction'): 0.0,
             ('eval', 'average_checkpoints'): 0, ('train', 'spatial_p'): 0.0,
-            ('train', 'rotate_deg'): 15.0, ('train', 'zoom'): (0.85, 1.15)}
+            ('train', 'rotate_deg'): 15.0, ('train', 'zoom'): (0.85, 1.15), ('train', 'folds'): 1,
+            ('eval', 'fold_networks'): 'all'}
 
 
 def _as_lists(v):

@@ -4,6 +4,7 @@
     WORKDIR/pseudo_labels/   pseudo_labels: P per case, reports/, nifti/ (P on the original grid)
     WORKDIR/checkpoints/     train: orbax checkpoints
     WORKDIR/train/           train: metrics.jsonl, track.jsonl, tensorboard/, curves.png
+    WORKDIR/folds/<f>/       train.folds >= 2: network f's checkpoints/ and train/ (folds.py)
     WORKDIR/eval/            evaluate: predictions/, cases.csv, summary.{json,md}, pictures/
     WORKDIR/predict/         predict: prepared/ (new scans), masks/ (unless eval.output_dir)
     WORKDIR/config.json, log.txt, .lock

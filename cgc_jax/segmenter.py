@@ -34,6 +34,8 @@ class Segmenter:
   """
 
   def __init__(self, config, params, step: int):
+    """params: one network's U-Net params, or a list of networks' (train.folds: the lesion
+    probability is their mean)."""
     self.config = config
     self.params = params
     self.step = step
@@ -47,9 +49,9 @@ class Segmenter:
     config = pipeline.workdir_config(workdir)
     config.eval.step = step
     distributed.initialize(config.dist)
-    params, s = evaluate.restore_params(config, workdir, distributed.mesh(),
+    nets, s = evaluate.restore_networks(config, workdir, distributed.mesh(),
                                         len(config.data.modalities))
-    return cls(config, params, s)
+    return cls(config, [p for p, _ in nets] if len(nets) > 1 else nets[0][0], s)
 
   def _prepare(self, volumes: dict, affine):
     missing = [m for m in self.modalities if m not in volumes]

@@ -22,6 +22,7 @@ from cgc_jax import checkpoint
 from cgc_jax import distributed
 from cgc_jax import errors
 from cgc_jax import fingerprints
+from cgc_jax import folds as folds_lib
 from cgc_jax import input_pipeline
 from cgc_jax import paths
 from cgc_jax import run_log
@@ -173,9 +174,10 @@ class _Sigterm:
 
 
 def train_and_evaluate(config, workdir: str, periodic_eval=None) -> train_state.TrainState:
-  """Trains to config.train.steps, resuming from the newest checkpoint. Returns the final state."""
+  """Trains to config.train.steps, resuming from the newest checkpoint. Returns the final state.
+  train.folds = n >= 2: n networks one after another, network f on every case not in fold f, in
+  WORKDIR/folds/<f>/ (folds.py); the state returned is the last one's."""
   distributed.initialize(config.dist)
-  mesh = distributed.mesh()
   tcfg = config.train
   if tcfg.batch_size % jax.device_count():
     raise errors.StageError(f'train.batch_size {tcfg.batch_size} is not divisible by the '
@@ -185,20 +187,39 @@ def train_and_evaluate(config, workdir: str, periodic_eval=None) -> train_state.
   cases = [c for c in labels.complete_cases() if prep.is_complete(c)]
   if not cases:
     raise errors.StageError(f'{labels.root}: no pseudo-labels: run --mode=pseudo_labels first')
+  n = int(tcfg.get('folds', 1))
+  if n > 1 and len(cases) < n:
+    raise errors.StageError(f'{labels.root}: train.folds={n} needs at least {n} cases with '
+                            f'pseudo-labels, found {len(cases)}')
+  state = None
+  for f, run_dir in enumerate(folds_lib.run_dirs(workdir, n)):
+    if n > 1:
+      logging.info('train: network %d of %d (cross-fitting: fold %d left out), in %s', f + 1, n,
+                   f, run_dir)
+    state = _train_network(config, run_dir, folds_lib.training_cases(cases, f, n), prep, labels,
+                           periodic_eval)
+  return state
+
+
+def _train_network(config, run_dir, cases, prep, labels, periodic_eval):
+  """Trains one network on `cases`, its checkpoints and logs in `run_dir` (WORKDIR, or a fold's
+  folder), resuming from its newest checkpoint."""
+  mesh = distributed.mesh()
+  tcfg = config.train
   sampler = input_pipeline.CropSampler(prep, labels, cases, tcfg, config.data.verify_checksums,
                                        jax.process_index(), jax.process_count())
   num_channels = sampler.num_channels
   tx, sched = train_state.make_optimizer(tcfg)
   inputs = {c: labels.identity(c) for c in cases}
-  ckpt = checkpoint.Checkpointer(paths.checkpoints(workdir), tcfg.keep_checkpoints)
+  ckpt = checkpoint.Checkpointer(paths.checkpoints(run_dir), tcfg.keep_checkpoints)
   start = 0
   if ckpt.latest_step() is not None and tcfg.restart_when_stale:
     record = ckpt.record(ckpt.latest_step())
     reasons = stale_reasons(record, config, accept_legacy(record.get('inputs'), inputs, labels))
     if reasons:
       ckpt.close()
-      _set_aside(workdir, reasons, config.dist.barrier_timeout_s)
-      ckpt = checkpoint.Checkpointer(paths.checkpoints(workdir), tcfg.keep_checkpoints)
+      _set_aside(run_dir, reasons, config.dist.barrier_timeout_s)
+      ckpt = checkpoint.Checkpointer(paths.checkpoints(run_dir), tcfg.keep_checkpoints)
   if ckpt.latest_step() is not None:
     # the config first: a different model would otherwise fail as a shape mismatch inside orbax
     checkpoint.check_compatible(ckpt.record(ckpt.latest_step()), config, ckpt.directory)
@@ -214,7 +235,7 @@ def train_and_evaluate(config, workdir: str, periodic_eval=None) -> train_state.
   step_fn = make_train_step(config, mesh, tx)
   data = distributed.data_sharding(mesh)
   voxels = tcfg.batch_size * math.prod(tcfg.crop)
-  log = run_log.RunLog(workdir, start) if distributed.is_main() else None
+  log = run_log.RunLog(run_dir, start) if distributed.is_main() else None
   t0, t_last, s_last = time.time(), time.time(), start
   logging.info('train: %d cases, steps %d -> %d, global batch %d of %s on %d devices', len(cases),
                start, tcfg.steps, tcfg.batch_size, tuple(tcfg.crop), jax.device_count())

@@ -138,6 +138,10 @@ def base_config() -> ml_collections.ConfigDict:
   # weights are the moving average (decay elr_decay per step) of the network's own
   t.elr_lambda = 0.0
   t.elr_decay = 0.97
+  # Cross-fitting (1 = off): this many networks, network f trained on every case but those of fold
+  # f (case i of the sorted ids is in fold i mod folds), segmenting as their mean (eval.fold_networks
+  # says which of them segment a training case). Costs folds x the training and the inference.
+  t.folds = 1
   t.lr = 3e-3  # peak learning rate (AdamW)
   t.warmup_steps = 10
   t.end_lr_fraction = 0.05  # cosine decays to lr * this
@@ -165,6 +169,9 @@ def base_config() -> ml_collections.ConfigDict:
   # >1: the network is the element-wise mean of the params of this many newest kept checkpoints
   # up to the evaluated one (weight averaging along one run: needs train.keep_checkpoints >= it)
   e.average_checkpoints = 0
+  # train.folds >= 2: a training case is segmented by the mean of all the networks ('all'), or of
+  # those that never saw its P ('unseen'); new scans always by all of them
+  e.fold_networks = 'all'
   e.batch_size = 2  # windows per device call (rounded up to the device count)
   e.every_steps = 0  # >0: label-free signals (and Dice where ground truth exists, analysis only)
   #                    every N training steps, to WORKDIR/train/track.jsonl

@@ -44,6 +44,23 @@ def test_every_bad_field_is_named_with_what_it_accepts():
       'eval.average_checkpoints: 4 (expected at most train.keep_checkpoints = 3)']
   assert config_rules.problems(tiny_config(**{'eval.average_checkpoints': 3,
                                               'train.keep_checkpoints': 3})) == []
+  # cross-fitting: a whole number of networks, each evaluated at its latest checkpoint
+  assert config_rules.problems(tiny_config(**{'train.folds': 0})) == [
+      'train.folds: 0 (expected a number in [1, inf))']
+  c = tiny_config()
+  with c.ignore_type():  # as a config read back from a workdir's JSON may have it
+    c.train.folds = 2.5
+  assert config_rules.problems(c) == ['train.folds: 2.5 (expected a whole number of networks)']
+  assert config_rules.problems(tiny_config(**{'train.folds': 2, 'eval.every_steps': 5})) == [
+      'train.folds: 2 (cross-fitting keeps the latest checkpoint of each network: expected '
+      'eval.every_steps = 0 and eval.select = latest, got 5 and latest)']
+  assert config_rules.problems(tiny_config(**{'train.folds': 2})) == []
+  assert config_rules.problems(tiny_config(**{'train.folds': 1, 'eval.every_steps': 5})) == []
+  # the zoom range: two positive factors, low first
+  for bad in ((1.15, 0.85), (0.0, 1.0), (1.0,)):
+    assert config_rules.problems(tiny_config(**{'train.zoom': bad})) == [
+        f'train.zoom: {bad!r} (expected (low, high) with 0 < low <= high)']
+  assert config_rules.problems(tiny_config(**{'train.zoom': (1.0, 1.0)})) == []
   # a field an older workdir's config lacks is not checked
   del ok.cgc['fine_anchors']
   assert config_rules.problems(ok) == []
