@@ -145,9 +145,9 @@ def test_every_table_can_be_named_on_the_command_line():
 def test_rows_select_a_budget_of_the_table():
   rows = experiments.TABLES['refine']
   assert experiments.select_rows(rows, '5,1') == [rows[0], rows[4]]
-  assert len(rows) == 7
-  with pytest.raises(ValueError, match='rows 1..7'):
-    experiments.select_rows(rows, '8')
+  assert len(rows) == 8
+  with pytest.raises(ValueError, match='rows 1..8'):
+    experiments.select_rows(rows, '9')
 
 
 def test_a_sigterm_in_a_run_stops_the_table_without_a_row(tiny_workdir, tmp_path, monkeypatch):
@@ -165,6 +165,25 @@ def test_a_sigterm_in_a_run_stops_the_table_without_a_row(tiny_workdir, tmp_path
   with pytest.raises(errors.Preempted, match='re-run the same command'):
     experiments.run_table(cfg, base, 'mini', [0], track_every=0)
   assert not os.path.exists(os.path.join(base, 'experiments', 'mini'))
+
+
+def test_a_cross_fitting_row_trains_without_tracking(tiny_workdir, tmp_path, monkeypatch):
+  """Tracking (eval.every_steps) is per network and not offered with train.folds >= 2: a table
+  row with folds runs without it, rows without folds keep it."""
+  from cgc_jax import config_rules  # pylint: disable=g-import-not-at-top
+  base = str(tmp_path / 'base')
+  copy_inputs(tiny_workdir, base)
+  seen = []
+
+  def stop(c, *args):
+    seen.append((c.train.folds, c.eval.every_steps, config_rules.problems(c)))
+    raise KeyboardInterrupt
+  monkeypatch.setattr(experiments, '_train_run', stop)
+  for folds in (2, 1):
+    monkeypatch.setitem(experiments.TABLES, 'mini', [('row', 'gmm', {'train.folds': folds})])
+    with pytest.raises(KeyboardInterrupt):
+      experiments.run_table(tiny_config(**{'train.steps': 6}), base, 'mini', [0])
+  assert seen == [(2, 0, []), (1, 1, [])]
 
 
 def test_term_gaps_average_the_last_quarter_of_the_log(tmp_path):
