@@ -92,9 +92,9 @@ def problems(config) -> list:
   elif folds is not _MISSING and isinstance(folds, (int, float)) and folds > 1:
     every, select = _get(config, 'eval.every_steps'), _get(config, 'eval.select')
     if every not in (_MISSING, 0) or select not in (_MISSING, 'latest'):
-      out.append(f'train.folds: {folds} (cross-fitting keeps the latest checkpoint of each network: '
-                 f'expected eval.every_steps = 0 and eval.select = latest, got {every} and '
-                 f'{select})')
+      out.append(f'train.folds: {folds} (cross-fitting keeps the latest checkpoint of each '
+                 f'network: expected eval.every_steps = 0 and eval.select = latest, got {every} '
+                 f'and {select})')
   zoom = _get(config, 'train.zoom')
   if zoom is not _MISSING and not (
       isinstance(zoom, (list, tuple)) and len(zoom) == 2 and

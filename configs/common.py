@@ -139,8 +139,9 @@ def base_config() -> ml_collections.ConfigDict:
   t.elr_lambda = 0.0
   t.elr_decay = 0.97
   # Cross-fitting (1 = off): this many networks, network f trained on every case but those of fold
-  # f (case i of the sorted ids is in fold i mod folds), segmenting as their mean (eval.fold_networks
-  # says which of them segment a training case). Costs folds x the training and the inference.
+  # f (case i of the sorted ids is in fold i mod folds), segmenting as their mean
+  # (eval.fold_networks says which of them segment a training case). Costs folds x the training
+  # and the inference.
   t.folds = 1
   t.lr = 3e-3  # peak learning rate (AdamW)
   t.warmup_steps = 10
