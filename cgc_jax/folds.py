@@ -1,5 +1,6 @@
-"""Cross-fitting (train.folds = n >= 2): n networks, each trained on every case but one fold's, so
-that each training case is segmented by a network that never saw its pseudo-labels.
+"""Cross-fitting (train.folds = n >= 2): n networks, each trained on every case but one fold's;
+a case is segmented by the mean of all of them, or (eval.fold_networks='unseen') of those that
+never saw its pseudo-labels.
 
 A network trained on all cases fits each case's own P, errors included; a case's out-of-fold
 network can only carry over what the other cases' P agree on. Case i of the sorted case ids is in
