@@ -48,6 +48,7 @@ RANGES = {
     'eval.keep_fraction': (0.0, 1.0, True, True),
     'eval.min_component_probability': (0.0, 1.0, True, True),
     'eval.average_checkpoints': (0, float('inf'), True, False),
+    'eval.border_mm': (0.0, float('inf'), True, False),
     'train.folds': (1, float('inf'), True, False),
 }
 
@@ -95,6 +96,10 @@ def problems(config) -> list:
       out.append(f'train.folds: {folds} (cross-fitting keeps the latest checkpoint of each '
                  f'network: expected eval.every_steps = 0 and eval.select = latest, got {every} '
                  f'and {select})')
+  border, source = _get(config, 'eval.border_mm'), _get(config, 'pseudo_labels.source')
+  if isinstance(border, (int, float)) and border > 0 and source not in (_MISSING, 'gmm'):
+    out.append(f'eval.border_mm: {border} (the border refinement refits the mixture on new scans: '
+               f'expected pseudo_labels.source = gmm, got {source!r})')
   zoom = _get(config, 'train.zoom')
   if zoom is not _MISSING and not (
       isinstance(zoom, (list, tuple)) and len(zoom) == 2 and

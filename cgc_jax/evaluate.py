@@ -97,43 +97,61 @@ def _restore(config, workdir, mesh, num_channels: int):
   return params, s, sorted(record.get('inputs') or record.get('cases') or [])
 
 
-def lesion_evidence(config, image, brain, geom, modalities, case_id: str, report=None) -> bool:
-  """The case-level gate (eval.gate_on_p_evidence): False when the pseudo-label mixture found no
-  lesion evidence in this case (its status 'no_lesion_evidence', gmm.min_contrast). `report`: the
-  pseudo-label stage's report for the case when it has one; otherwise (new scans) the mixture
-  consensus is fitted now, as the stage would."""
-  if not config.eval.gate_on_p_evidence or config.pseudo_labels.source != 'gmm':
-    return True
-  if report is None:
-    _, _, report = gmm.consensus(np.asarray(image, np.float32), np.asarray(brain) > 0,
+def case_mixture(config, image, brain, geom, modalities, case_id: str, stored=None) -> tuple:
+  """What the case's pseudo-label mixture says, where evaluation needs it -> (evidence: bool, p:
+  bool[X', Y', Z'] or None).
+
+  evidence: False when the mixture found no lesion evidence (its status 'no_lesion_evidence',
+  gmm.min_contrast) and the case-level gate (eval.gate_on_p_evidence) is on; otherwise True.
+  p: the case's P on the prepared grid when eval.border_mm > 0 (the border refinement), else None.
+  stored: (report, p) from the pseudo-label stage when the case has them (p None when not read);
+  otherwise (new scans) the mixture consensus is fitted now, as the stage would.
+  """
+  gmm_source = config.pseudo_labels.source == 'gmm'
+  gate = bool(config.eval.gate_on_p_evidence) and gmm_source
+  border = config.eval.get('border_mm', 0.0) > 0 and gmm_source
+  if not (gate or border):
+    return True, None
+  report, p = stored if stored is not None else (None, None)
+  if report is None or (border and p is None):
+    _, p, report = gmm.consensus(np.asarray(image, np.float32), np.asarray(brain) > 0,
                                  list(modalities), config.gmm, case_id, geom.spacing,
                                  gmm.hu_scale(config))
-  return report.get('status') != 'no_lesion_evidence'
+  evidence = not gate or report.get('status') != 'no_lesion_evidence'
+  return evidence, (np.asarray(p) > 0 if border else None)
 
 
-def segment_prepared(config, predictor, params, image, brain, geom, evidence: bool = True):
+def segment_prepared(config, predictor, params, image, brain, geom, evidence: bool = True,
+                     p=None):
   """One prepared case -> (lesion probability f32[X', Y', Z'] on the prepared grid, inside the brain
-  and after the component rules of config.eval; mask u8 on the ORIGINAL grid). `params`: one
-  network's, or a list of networks' (their probabilities are averaged before the rules).
-  evidence=False (the case-level gate said no lesion): an empty mask."""
+  and after the rules of config.eval; mask u8 on the ORIGINAL grid). `params`: one network's, or a
+  list of networks' (their probabilities are averaged before the rules).
+  evidence=False (the case-level gate said no lesion): an empty mask. p: the case's P (bool, the
+  prepared grid; case_mixture) for eval.border_mm: voxels within that many mm of the border of the
+  network's mask (after the component rules) take P's side (morphology.refine_border), then the
+  component rules run again."""
   members = params if isinstance(params, list) else [params]
   image = np.asarray(image, np.float32)
-  prob = sum(predictor.predict_volume(p, image) for p in members) / len(members)
+  prob = sum(predictor.predict_volume(p_, image) for p_ in members) / len(members)
   prob = prob * (np.asarray(brain) > 0)
-  prob = morphology.filter_components(prob, geom.spacing, config.eval.min_component_mm3,
-                                      config.eval.min_component_probability,
-                                      config.eval.keep_fraction)
+  e = config.eval
+  rules = lambda q: morphology.filter_components(q, geom.spacing, e.min_component_mm3,
+                                                 e.min_component_probability, e.keep_fraction)
+  prob = rules(prob)
+  if p is not None and e.get('border_mm', 0.0) > 0:
+    prob = rules(morphology.refine_border(prob, p, geom.spacing, e.border_mm))
   if not evidence:
     prob = np.zeros_like(prob)
   return prob, geometry.prob_to_original_mask(prob, geom)
 
 
-def predict_cases(config, prep: store_lib.Store, cases, nets, predictor, out_dir, reports=None):
+def predict_cases(config, prep: store_lib.Store, cases, nets, predictor, out_dir, labels=None):
   """Predicts every case; returns {case: (prob on prepared grid, mask on original grid)}.
   nets: restore_networks' list; a case is segmented by the mean of all of them
   (eval.fold_networks = 'all'), or of those that did not train on it ('unseen': folds.members_for;
   all of them for a new scan).
-  reports: {case: pseudo-label report} where the P stage ran (its evidence is reused)."""
+  labels: the pseudo-label store where the P stage ran (a case's report and P are reused from it;
+  case_mixture)."""
   out = {}
   t0 = time.time()
   for i, c in enumerate(cases):
@@ -141,12 +159,15 @@ def predict_cases(config, prep: store_lib.Store, cases, nets, predictor, out_dir
     geom = geometry.Geometry.from_json(meta['geometry'])
     image = np.asarray(prep.read(c, 'image', config.data.verify_checksums), np.float32)
     brain = np.asarray(prep.read(c, 'brain')) > 0
-    evidence = lesion_evidence(config, image, brain, geom, meta['modalities'], c,
-                               (reports or {}).get(c))
+    stored = None
+    if labels is not None and labels.is_complete(c):
+      stored = (labels.meta(c)['report'], labels.read(c, 'p', config.data.verify_checksums)
+                if config.eval.get('border_mm', 0.0) > 0 else None)
+    evidence, p = case_mixture(config, image, brain, geom, meta['modalities'], c, stored)
     members = [p for p, _ in nets]
     if config.eval.get('fold_networks', 'all') == 'unseen':
       members = [nets[i][0] for i in folds_lib.members_for(c, [seen for _, seen in nets])]
-    prob, mask = segment_prepared(config, predictor, members, image, brain, geom, evidence)
+    prob, mask = segment_prepared(config, predictor, members, image, brain, geom, evidence, p)
     if distributed.is_main():
       nifti.write_mask(mask, geom, meta, os.path.join(out_dir, f'{c}.nii.gz'))
       if config.eval.get('save_probabilities',
@@ -226,9 +247,8 @@ def evaluate(config, workdir: str):
                              false_alarm_voxels(done.get('cases', []))))
       return done['summary']
     predictor = sliding_window.Predictor(config, mesh)
-    reports = {c: labels.meta(c)['report'] for c in cases if labels.is_complete(c)}
     preds = predict_cases(config, prep, cases, nets, predictor,
-                          os.path.join(out_dir, 'predictions'), reports)
+                          os.path.join(out_dir, 'predictions'), labels)
   rows = {'GMM w/ threshold (P)' if config.pseudo_labels.source == 'gmm'
           else f'P ({config.pseudo_labels.source})': [],
           f'predictions ({external})' if external else 'CGC network': []}

@@ -92,3 +92,30 @@ def filter_components(prob: np.ndarray, spacing, min_mm3: float, min_probability
     keep &= sizes >= keep_fraction * sizes[keep].max()
   drop = np.concatenate([[False], ~keep])[lab]
   return np.where(drop, np.float32(0), prob)
+
+
+def refine_border(prob: np.ndarray, p: np.ndarray, spacing, mm: float,
+                  threshold: float = 0.5) -> np.ndarray:
+  """The network's border drawn by the case's own pseudo-label mixture.
+
+  prob: f32[X, Y, Z] the network's lesion probability; p: bool[X, Y, Z] P (the case's mixture
+  consensus) on the same grid; spacing: mm. Every voxel whose centre lies within `mm` (Euclidean,
+  in mm) of the border of `prob > threshold`, on either side (a voxel of the mask within `mm` of a
+  voxel outside it, or a voxel outside within `mm` of the mask), takes P's side of the threshold:
+  max(prob, threshold + 0.01) where P marks it, min(prob, threshold - 0.01) where not; every other
+  voxel keeps `prob`. So the network says where the lesion is (P's false lesions away from it and
+  its missed cores do not enter) and the mixture, fitted to this scan's own intensities, says where
+  its edge runs. The network's own value is kept where the two agree, so a probability resampled
+  to another grid stays smooth. Returns f32[X, Y, Z]; `prob` unchanged when mm <= 0 or the mask is
+  empty."""
+  prob = np.asarray(prob, np.float32)
+  mask = prob > threshold
+  if mm <= 0 or not mask.any():
+    return prob
+  sampling = np.asarray(spacing, np.float64)
+  outside = ndimage.distance_transform_edt(~mask, sampling=sampling)  # 0 inside the mask
+  inside = ndimage.distance_transform_edt(mask, sampling=sampling)  # 0 outside the mask
+  band = np.where(mask, inside, outside) <= mm + 1e-6
+  side = np.where(np.asarray(p, bool), np.maximum(prob, np.float32(threshold + 0.01)),
+                  np.minimum(prob, np.float32(threshold - 0.01)))
+  return np.where(band, side, prob).astype(np.float32)

@@ -73,10 +73,10 @@ class Segmenter:
 
   def _segment(self, volumes: dict, affine, case_id: str):
     arrays, geom = self._prepare(volumes, affine)
-    evidence = evaluate.lesion_evidence(self.config, arrays['image'], arrays['brain'], geom,
+    evidence, p = evaluate.case_mixture(self.config, arrays['image'], arrays['brain'], geom,
                                         self.modalities, case_id)
     prob, mask = evaluate.segment_prepared(self.config, self._predictor, self.params,
-                                           arrays['image'], arrays['brain'], geom, evidence)
+                                           arrays['image'], arrays['brain'], geom, evidence, p)
     return prob, mask, geom
 
   def __call__(self, volumes: dict, affine, case_id: str = '') -> np.ndarray:

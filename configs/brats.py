@@ -37,4 +37,5 @@ def get_config():
   c.cgc.patch = (6, 6, 2)  # bottleneck 24x24x8
   c.eval.tta_flip = True
   c.eval.keep_fraction = 0.5  # as brats_dev.py: a whole tumour is one mass
+  c.eval.border_mm = 4.0  # as brats_dev.py: the tumour's edge from the case's own mixture
   return c

@@ -185,6 +185,11 @@ def base_config() -> ml_collections.ConfigDict:
   # One-mass lesions (a glioma's whole tumour): components of the network's mask smaller than this
   # fraction of the largest are dropped too (0 = keep all; multifocal lesions, e.g. CT bleeds: 0).
   e.keep_fraction = 0.0
+  # The lesion's edge from the case's own mixture: voxels within this many mm of the border of the
+  # network's mask (after the component rules; either side) take P's side, then the component rules
+  # run again (0 = off). The network says where the lesion is, the mixture fitted to this scan's
+  # intensities where its edge runs. Needs pseudo_labels.source = gmm (new scans: fitted then).
+  e.border_mm = 0.0
   # Case-level gate: where the pseudo-label mixture finds no lesion evidence (gmm.min_contrast), the
   # network's mask is emptied too (new scans: the mixture is fitted at prediction time).
   e.gate_on_p_evidence = False

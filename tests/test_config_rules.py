@@ -61,6 +61,16 @@ def test_every_bad_field_is_named_with_what_it_accepts():
     assert config_rules.problems(tiny_config(**{'train.zoom': bad})) == [
         f'train.zoom: {bad!r} (expected (low, high) with 0 < low <= high)']
   assert config_rules.problems(tiny_config(**{'train.zoom': (1.0, 1.0)})) == []
+  # the border refinement: a distance, and a mixture to refit on new scans
+  assert config_rules.problems(tiny_config(**{'eval.border_mm': -1.0})) == [
+      'eval.border_mm: -1.0 (expected a number in [0.0, inf))']
+  assert config_rules.problems(tiny_config(**{'eval.border_mm': 4.0,
+                                              'pseudo_labels.source': 'nifti'})) == [
+      "eval.border_mm: 4.0 (the border refinement refits the mixture on new scans: expected "
+      "pseudo_labels.source = gmm, got 'nifti')"]
+  assert config_rules.problems(tiny_config(**{'eval.border_mm': 4.0})) == []
+  assert config_rules.problems(tiny_config(**{'eval.border_mm': 0.0,
+                                              'pseudo_labels.source': 'nifti'})) == []
   # a field an older workdir's config lacks is not checked
   del ok.cgc['fine_anchors']
   assert config_rules.problems(ok) == []

@@ -181,7 +181,7 @@ class _ConstantPredictor:
     return np.full(image.shape[:3], 0.9, np.float32)
 
 
-def test_lesion_evidence_gate_empties_the_network_mask():
+def test_case_mixture_gate_and_p():
   from cgc_jax import prepare as prep_lib  # pylint: disable=g-import-not-at-top
   from conftest import tiny_config  # pylint: disable=g-import-not-at-top
   cfg = tiny_config(**{'eval.gate_on_p_evidence': True, 'data.target_spacing': ()})
@@ -194,22 +194,71 @@ def test_lesion_evidence_gate_empties_the_network_mask():
     vols.append(v)
   arrays, geom, _ = prep_lib.preprocess(vols, np.eye(4), cfg.data)
   args = (cfg, arrays['image'], arrays['brain'], geom, list(cfg.data.modalities), 'c')
-  assert not evaluate.lesion_evidence(*args, report={'status': 'no_lesion_evidence'})
-  assert evaluate.lesion_evidence(*args, report={'status': 'ok'})
+  no, ok = {'status': 'no_lesion_evidence'}, {'status': 'ok'}
+  assert evaluate.case_mixture(*args, stored=(no, None)) == (False, None)
+  assert evaluate.case_mixture(*args, stored=(ok, None)) == (True, None)
   cfg.eval.gate_on_p_evidence = False
-  assert evaluate.lesion_evidence(*args, report={'status': 'no_lesion_evidence'})
+  assert evaluate.case_mixture(*args, stored=(no, None)) == (True, None)
   # without a report the mixture is fitted now: the bright half stands ~2 z above its ring, not 5
   cfg.eval.gate_on_p_evidence = True
   cfg.gmm.min_contrast = 5.0
-  assert not evaluate.lesion_evidence(*args)
+  assert not evaluate.case_mixture(*args)[0]
   cfg.gmm.min_contrast = float('-inf')
-  assert evaluate.lesion_evidence(*args)
+  evidence, p = evaluate.case_mixture(*args)
+  assert evidence and p is None  # P itself only with eval.border_mm
+  cfg.eval.border_mm = 4.0
+  evidence, p = evaluate.case_mixture(*args)  # fitted now: the mixture's P is the bright half
+  assert evidence and p.dtype == bool and p.shape == arrays['brain'].shape
+  from cgc_jax import gmm  # pylint: disable=g-import-not-at-top
+  _, want, _ = gmm.consensus(arrays['image'], arrays['brain'] > 0, list(cfg.data.modalities),
+                             cfg.gmm, 'c', geom.spacing)
+  assert want.any() and not want.all()
+  np.testing.assert_array_equal(p, want > 0)  # the mixture the pseudo-label stage would fit
+  stored_p = np.zeros((30, 30, 30), np.uint8)
+  assert not evaluate.case_mixture(*args, stored=(ok, stored_p))[1].any()  # the stored P, as is
+  cfg.eval.border_mm = 0.0
   prob, mask = evaluate.segment_prepared(cfg, _ConstantPredictor(), None, arrays['image'],
                                          arrays['brain'], geom, evidence=True)
   assert mask.shape == (30, 30, 30) and mask.sum() == 22**3  # 0.9 everywhere in the brain
   prob, mask = evaluate.segment_prepared(cfg, _ConstantPredictor(), None, arrays['image'],
                                          arrays['brain'], geom, evidence=False)
   assert not prob.any() and not mask.any()
+
+
+class _BlockPredictor:
+  def predict_volume(self, params, image):
+    del params
+    prob = np.full(image.shape[:3], 0.1, np.float32)
+    prob[10:20, 10:20, 10:20] = 0.9
+    prob[2:4, 2:4, 2:4] = 0.9  # a satellite of 8 voxels: the component rule drops it
+    return prob
+
+
+def test_segment_prepared_border_mm_takes_p_near_the_border_only():
+  cfg = tiny_config(**{'data.target_spacing': (), 'eval.keep_fraction': 0.5,
+                       'eval.border_mm': 2.0})
+  from cgc_jax import prepare as prep_lib  # pylint: disable=g-import-not-at-top
+  vols = [np.ones((30, 30, 30), np.float32) for _ in cfg.data.modalities]
+  _, geom, _ = prep_lib.preprocess(vols, np.eye(4), cfg.data)  # 1 mm, no crop: an index map
+  assert tuple(geom.prepared_shape) == (30, 30, 30)
+  image = np.zeros((30, 30, 30, len(vols)), np.float32)
+  brain = np.ones((30, 30, 30), bool)
+  p = np.zeros((30, 30, 30), bool)
+  p[8:20, 10:20, 10:20] = True  # two voxels beyond the network's mask at x = 8, 9: within 2 mm
+  p[19, 10:20, 10:20] = False  # P leaves out the network's last slab (x = 19): within the band
+  p[14, 14, 14] = False  # and a voxel 5 mm deep: outside the band, the network keeps it
+  p[25:29, 25:29, 25:29] = True  # P's lesion far away: never enters
+  p[2:4, 2:4, 2:4] = True  # P agrees with the satellite: the component rule still drops it
+  want = np.zeros((30, 30, 30), bool)
+  want[8:19, 10:20, 10:20] = True
+  prob, mask = evaluate.segment_prepared(cfg, _BlockPredictor(), None, image, brain, geom, True, p)
+  np.testing.assert_array_equal(mask.astype(bool), want)
+  assert prob[14, 14, 14] == np.float32(0.9) and prob[8, 15, 15] == np.float32(0.51)
+  cfg.eval.border_mm = 0.0  # off: the network's mask after the component rule, P unused
+  want[:] = False
+  want[10:20, 10:20, 10:20] = True
+  _, mask = evaluate.segment_prepared(cfg, _BlockPredictor(), None, image, brain, geom, True, p)
+  np.testing.assert_array_equal(mask.astype(bool), want)
 
 
 def test_average_checkpoints_is_the_mean_of_the_kept_params(tiny_trained):

@@ -118,3 +118,28 @@ def test_filter_components_relative_to_the_largest():
   assert out[0, 0, 0] == 0 and out[11, 0, 11] == 0
   assert out[6, 6, 6] == np.float32(0.8) and out[0, 8, 8] == np.float32(0.7)
   assert (out > 0.5).sum() == 32 + 27
+
+
+def test_refine_border_by_hand():
+  # The network's mask: x in 4..11 (8 voxels) on a 1 x 1 x 20 line of 2 mm voxels, prob 0.9 inside
+  # and 0.1 outside; band of 4 mm = 2 voxels either side of the border.
+  prob = np.full((1, 1, 20), 0.1, np.float32)
+  prob[0, 0, 4:12] = 0.9
+  p = np.zeros((1, 1, 20), bool)
+  p[0, 0, 2:11] = True  # P: two voxels more on the left (in the band), one fewer on the right
+  p[0, 0, 7] = False  # a hole deep inside the mask: 4 voxels (8 mm) from the outside, not in band
+  p[0, 0, 17:19] = True  # a far blob: 6+ voxels from the mask, not in the band
+  out = morphology.refine_border(prob, p, (2.0, 2.0, 2.0), 4.0)
+  want = prob.copy()
+  want[0, 0, 2:4] = 0.51  # P's side, in the band: added
+  want[0, 0, 11] = 0.49  # P's side, in the band (a border voxel): removed
+  np.testing.assert_array_equal(out, want)
+  # distances are in mm: at 1 mm spacing the same 4 mm reach 4 voxels, and the hole at x = 7 (four
+  # voxels from the outside at x = 3, within 4 mm) leaves the mask; the far blob still does not enter
+  out1 = morphology.refine_border(prob, p, (1.0, 1.0, 1.0), 4.0)
+  assert out1[0, 0, 7] == np.float32(0.49) and (out1[0, 0, 17:19] == 0.1).all()
+  # P agrees with the network's side: the network's own value stays
+  np.testing.assert_array_equal(morphology.refine_border(prob, prob > 0.5, (2, 2, 2), 4.0), prob)
+  np.testing.assert_array_equal(morphology.refine_border(prob, p, (2, 2, 2), 0.0), prob)
+  empty = np.zeros_like(prob)
+  np.testing.assert_array_equal(morphology.refine_border(empty, p, (2, 2, 2), 4.0), empty)

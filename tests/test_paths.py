@@ -57,6 +57,11 @@ def test_fields_added_later_leave_fingerprints_alone_at_their_old_behaviour():
   assert fingerprints.of(c, 'evaluate') != ev and fingerprints.of(c, 'train') == before
   c.eval.average_checkpoints = 0
   assert fingerprints.of(c, 'evaluate') == ev
+  assert 'border_mm' not in fingerprints.fields(c, 'evaluate')['eval']
+  c.eval.border_mm = 4.0
+  assert fingerprints.of(c, 'evaluate') != ev and fingerprints.of(c, 'train') == before
+  c.eval.border_mm = 0.0
+  assert fingerprints.of(c, 'evaluate') == ev
   c.train.seed = 5  # any other field still counts
   assert fingerprints.of(c, 'train') != before
 
