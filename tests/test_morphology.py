@@ -135,7 +135,7 @@ def test_refine_border_by_hand():
   want[0, 0, 11] = 0.49  # P's side, in the band (a border voxel): removed
   np.testing.assert_array_equal(out, want)
   # distances are in mm: at 1 mm spacing the same 4 mm reach 4 voxels, and the hole at x = 7 (four
-  # voxels from the outside at x = 3, within 4 mm) leaves the mask; the far blob still does not enter
+  # voxels from the outside at x = 3, within 4 mm) leaves the mask; the far blob stays out
   out1 = morphology.refine_border(prob, p, (1.0, 1.0, 1.0), 4.0)
   assert out1[0, 0, 7] == np.float32(0.49) and (out1[0, 0, 17:19] == 0.1).all()
   # P agrees with the network's side: the network's own value stays
