@@ -8,6 +8,9 @@ Every stage in about 10 min on 2 idle CPU cores. Measured on the original 1 mm g
 seed 0): P (the real-MRI recipe of common.py with its two FLAIR + T1 members) Dice 0.834 +- 0.144,
 CGC network 0.842 +- 0.127 (brats_dev.py's 240 steps of generalised cross-entropy, flip TTA;
 0.842 with cross-entropy, 0.834 at 120 steps); the single K=4 mixture this replaces gave P 0.763.
+With brats_dev.py's edge rule (eval.border_mm = 4; 2026-12-01, Intel Xeon): 0.8409 and 0.8415 on
+seeds 0 and 1, against 0.8437 and 0.8443 without it (-0.3: here the network is not short of
+the tumour's edge, and P misses half of case_2).
 """
 import os
 import sys
