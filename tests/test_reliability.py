@@ -144,7 +144,8 @@ def _wait_for(path, text, proc, timeout=300):
 
 
 @pytest.mark.slow
-def test_kill_9_at_any_moment_then_the_same_command_completes(tiny_workdir, tmp_path):
+def test_kill_9_at_any_moment_then_the_same_command_completes(tiny_workdir, tiny_trained,
+                                                              tmp_path):
   """kill -9 during prepare, pseudo_labels, a train step, an async checkpoint save and evaluation;
   SIGTERM during training exits 0; the same command then finishes with what one clean run gives."""
   wd = str(tmp_path / 'wd')
@@ -183,10 +184,9 @@ def test_kill_9_at_any_moment_then_the_same_command_completes(tiny_workdir, tmp_
     np.testing.assert_array_equal(got.read(c, 'p'), ref.read(c, 'p'))
   for d in ('prepared', 'pseudo_labels'):
     assert not [n for n in os.listdir(os.path.join(wd, d, 'cases')) if n.startswith('.tmp')]
-  # final parameters identical to an uninterrupted run's
-  clean = str(tmp_path / 'clean')
-  copy_inputs(tiny_workdir, clean)
-  want = jax.device_get(train.train_and_evaluate(cfg, clean).params)
+  # final parameters identical to an uninterrupted run's (the shared fixture: the same config and
+  # inputs through every stage in one go)
+  want = _restore(cfg, tiny_trained).params
   got_state = _restore(cfg, wd)
   for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got_state.params)):
     np.testing.assert_array_equal(a, b)
