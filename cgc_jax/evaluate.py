@@ -164,7 +164,7 @@ def predict_cases(config, prep: store_lib.Store, cases, nets, predictor, out_dir
       stored = (labels.meta(c)['report'], labels.read(c, 'p', config.data.verify_checksums)
                 if config.eval.get('border_mm', 0.0) > 0 else None)
     evidence, p = case_mixture(config, image, brain, geom, meta['modalities'], c, stored)
-    members = [p for p, _ in nets]
+    members = [params for params, _ in nets]
     if config.eval.get('fold_networks', 'all') == 'unseen':
       members = [nets[i][0] for i in folds_lib.members_for(c, [seen for _, seen in nets])]
     prob, mask = segment_prepared(config, predictor, members, image, brain, geom, evidence, p)
