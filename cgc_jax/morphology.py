@@ -112,10 +112,7 @@ def refine_border(prob: np.ndarray, p: np.ndarray, spacing, mm: float,
   mask = prob > threshold
   if mm <= 0 or not mask.any():
     return prob
-  sampling = np.asarray(spacing, np.float64)
-  outside = ndimage.distance_transform_edt(~mask, sampling=sampling)  # 0 inside the mask
-  inside = ndimage.distance_transform_edt(mask, sampling=sampling)  # 0 outside the mask
-  band = np.where(mask, inside, outside) <= mm + 1e-6
+  band = grow(mask, mm, spacing) & grow(~mask, mm, spacing)  # within mm of the other side
   side = np.where(np.asarray(p, bool), np.maximum(prob, np.float32(threshold + 0.01)),
                   np.minimum(prob, np.float32(threshold - 0.01)))
   return np.where(band, side, prob).astype(np.float32)
