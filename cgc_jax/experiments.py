@@ -7,7 +7,9 @@ runs once in --workdir; each pseudo-label source runs once (WORKDIR/experiments/
 trained configuration and seed runs once, in WORKDIR/experiments/runs/<train fingerprint>/ (linking
 to those shared stages; train + evaluate), and every table row that names it links there
 (WORKDIR/experiments/<table>/<row>/seed<s>): the full CGC run of `methods` is the tau = 0.2 row of
-`temperature`, and an interrupted table resumes where it stopped. Every trained run tracks the
+`temperature`, and an interrupted table resumes where it stopped. A row's eval.* switches train
+nothing: the networks of its other switches are evaluated again, in
+WORKDIR/experiments/evals/<train fingerprint>_<evaluate fingerprint>/. Every trained run tracks the
 label-free signals and Dice along training (eval.every_steps, `--track_every`). Writes
 WORKDIR/experiments/<table>.{md,json}: mean +- std over cases (pooled over seeds) of Dice,
 sensitivity and ASSD, the std of the per-seed mean Dice across seeds, and run time; `length` writes
@@ -31,6 +33,7 @@ from ml_collections import config_flags
 
 from cgc_jax import errors
 from cgc_jax import evaluate
+from cgc_jax import folds as folds_lib
 from cgc_jax import metrics
 from cgc_jax import paths
 from cgc_jax import pipeline
@@ -99,6 +102,9 @@ TABLES = {
         ('early-learning regularisation, lambda = 3', 'gmm', {'train.elr_lambda': 3.0}),
         ('cross-fitting, 2 networks on half the cases each, their mean segmenting', 'gmm',
          {'train.folds': 2}),
+        # evaluation only (the configured recipe's networks): one of the two is the recipe itself
+        ('the edge from each case\'s mixture, 4 mm', 'gmm', {'eval.border_mm': 4.0}),
+        ('the network\'s own edge (no edge from the mixture)', 'gmm', {'eval.border_mm': 0.0}),
     ],
     # not a paper table: how much the CGC terms' weight (both lambdas) matters
     'weights': [(f'full CGC, lambda = {w}', 'gmm',
@@ -233,6 +239,27 @@ def run_dir(base: str, config) -> str:
   return os.path.join(base, 'experiments', 'runs', fingerprints.of(config, 'train'))
 
 
+def _evaluate_run(c, trained_config, trained: str, base: str) -> str:
+  """Evaluates config `c`, which differs from `trained_config` (the run in workdir `trained`) in
+  eval.* fields only, on that run's networks, in a workdir of its own
+  (WORKDIR/experiments/evals/<train fingerprint>_<evaluate fingerprint>/) that links the run's
+  stages, so one network holds any number of evaluations. Returns that workdir, or `trained` when
+  the evaluation is the run's own."""
+  from cgc_jax import fingerprints  # pylint: disable=g-import-not-at-top
+  fp = fingerprints.of(c, 'evaluate')
+  if fp == fingerprints.of(trained_config, 'evaluate'):
+    return trained
+  wd = os.path.join(base, 'experiments', 'evals', f'{fingerprints.of(c, "train")}_{fp}')
+  os.makedirs(wd, exist_ok=True)
+  for d in ('prepared', 'phantoms', 'pseudo_labels', paths.CHECKPOINTS, paths.TRAIN,
+            folds_lib.FOLDS):
+    if os.path.exists(os.path.join(trained, d)):
+      _link(os.path.join(trained, d), os.path.join(wd, d))
+  logging.info('experiments: evaluating the networks of %s in %s', trained, wd)
+  pipeline.run(c, wd, 'evaluate')
+  return wd
+
+
 def _train_run(c, base: str, pwd: str) -> str:
   """Trains and evaluates config `c` on the pseudo-labels of workdir `pwd`; returns its workdir."""
   wd = run_dir(base, c)
@@ -321,8 +348,11 @@ def run_table(config, base: str, table: str, seeds: list, track_every: int = -1,
       results[name]['per_case'] = {r['case']: r['dice'] for r in _p_rows(pwd)}
       continue
     per_seed, tracks, rounds_p, gaps = {}, {}, {}, {}
+    # eval.* switches change no training: the row's networks are the trained configuration's,
+    # evaluated again in a workdir of their own (_evaluate_run)
+    evals = {k: v for k, v in overrides.items() if k.startswith('eval.')}
     for seed in seeds:
-      c = _apply(config, overrides)
+      c = _apply(config, {k: v for k, v in overrides.items() if k not in evals})
       c.pseudo_labels.source = source
       c.train.seed = int(seed)
       c.eval.every_steps = max(1, c.train.steps // 6) if track_every < 0 else track_every
@@ -336,6 +366,8 @@ def run_table(config, base: str, table: str, seeds: list, track_every: int = -1,
         rpwd = p_workdir(c, base, 'nifti', {'pseudo_labels.nifti_dir': c.pseudo_labels.nifti_dir})
         round_p.append(float(np.mean([r['dice'] for r in _p_rows(rpwd)])))
         wd = _train_run(c, base, rpwd)
+      if evals:
+        wd = _evaluate_run(_apply(c, evals), c, wd, base)
       row_link = os.path.join(base, 'experiments', table, _slug(name), f'seed{seed}')
       os.makedirs(os.path.dirname(row_link), exist_ok=True)
       _link(wd, row_link)

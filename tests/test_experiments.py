@@ -138,6 +138,41 @@ def test_self_training_round_two_learns_from_round_ones_masks(tiny_workdir, tmp_
   assert '(its P: ' in experiments.markdown('mini', res, cfg)
 
 
+@pytest.mark.slow
+def test_an_evaluation_row_evaluates_the_trained_networks_again(tiny_workdir, tmp_path,
+                                                                monkeypatch):
+  """A row that changes eval.* only trains nothing: the recipe's networks are evaluated with its
+  eval fields in a workdir of their own, and the recipe's own evaluation is left as it was."""
+  from cgc_jax import fingerprints  # pylint: disable=g-import-not-at-top
+  base = str(tmp_path / 'base')
+  copy_inputs(tiny_workdir, base)
+  monkeypatch.setitem(experiments.TABLES, 'mini', [
+      ('recipe', 'gmm', {}), ('edge', 'gmm', {'eval.border_mm': 8.0}),
+      ('same as the recipe', 'gmm', {'eval.border_mm': 0.0})])
+  cfg = tiny_config(**{'train.steps': 2, 'train.checkpoint_every': 1, 'eval.pictures': False})
+  res = experiments.run_table(cfg, base, 'mini', [0], track_every=0)
+  row = lambda name: os.path.realpath(
+      os.path.join(base, 'experiments', 'mini', experiments._slug(name), 'seed0'))
+  recipe, edge = row('recipe'), row('edge')
+  assert row('same as the recipe') == recipe  # its evaluation is the recipe's: nothing run again
+  assert edge == os.path.join(os.path.realpath(base), 'experiments', 'evals', os.path.basename(edge))
+  for d in ('checkpoints', 'train', 'pseudo_labels'):  # the recipe's networks, not a new training
+    assert os.path.realpath(os.path.join(edge, d)) == os.path.realpath(os.path.join(recipe, d))
+  assert os.listdir(os.path.join(base, 'experiments', 'runs')) == [os.path.basename(recipe)]
+  want = experiments._apply(cfg, {'eval.border_mm': 8.0})
+  want.train.seed, want.eval.every_steps = 0, 0
+  summaries = {}
+  for name, wd in (('recipe', recipe), ('edge', edge)):
+    with open(os.path.join(wd, 'eval', 'summary.json')) as f:
+      summaries[name] = json.load(f)
+    assert res[name]['dice']['mean'] == pytest.approx(
+        summaries[name]['summary']['CGC network']['dice']['mean'], abs=1e-12)
+  assert summaries['edge']['fingerprint'] == fingerprints.of(want, 'evaluate')
+  assert summaries['recipe']['fingerprint'] == fingerprints.of(cfg, 'evaluate')
+  assert summaries['edge']['checkpoint_step'] == summaries['recipe']['checkpoint_step'] == 2
+  assert res['same as the recipe']['dice'] == res['recipe']['dice']
+
+
 def test_every_table_can_be_named_on_the_command_line():
   assert set(experiments.TABLES) | {'pseudo_labels'} == set(experiments.TABLE_NAMES)
 
@@ -145,9 +180,9 @@ def test_every_table_can_be_named_on_the_command_line():
 def test_rows_select_a_budget_of_the_table():
   rows = experiments.TABLES['refine']
   assert experiments.select_rows(rows, '5,1') == [rows[0], rows[4]]
-  assert len(rows) == 8
-  with pytest.raises(ValueError, match='rows 1..8'):
-    experiments.select_rows(rows, '9')
+  assert len(rows) == 10
+  with pytest.raises(ValueError, match='rows 1..10'):
+    experiments.select_rows(rows, '11')
 
 
 def test_a_sigterm_in_a_run_stops_the_table_without_a_row(tiny_workdir, tmp_path, monkeypatch):
