@@ -155,7 +155,8 @@ def test_an_evaluation_row_evaluates_the_trained_networks_again(tiny_workdir, tm
       os.path.join(base, 'experiments', 'mini', experiments._slug(name), 'seed0'))
   recipe, edge = row('recipe'), row('edge')
   assert row('same as the recipe') == recipe  # its evaluation is the recipe's: nothing run again
-  assert edge == os.path.join(os.path.realpath(base), 'experiments', 'evals', os.path.basename(edge))
+  evals = os.path.join(os.path.realpath(base), 'experiments', 'evals')
+  assert os.path.dirname(edge) == evals
   for d in ('checkpoints', 'train', 'pseudo_labels'):  # the recipe's networks, not a new training
     assert os.path.realpath(os.path.join(edge, d)) == os.path.realpath(os.path.join(recipe, d))
   assert os.listdir(os.path.join(base, 'experiments', 'runs')) == [os.path.basename(recipe)]
