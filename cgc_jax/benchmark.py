@@ -7,7 +7,8 @@
   --what=train      s/step, XLA FLOPs and GFLOP/s of the train step, of its convolutions alone, a
                     matmul peak, peak host memory; bf16 MFU on GPU
   --what=conv       the step's 3x3x3 convolutions (forward + both backward) in every formulation:
-                    native, sum2d (unet.py) and the candidates of conv_variants.py
+                    native, sum2d (unet.py), onednn (onednn.py, where built) and the candidates
+                    of conv_variants.py
   --what=inference  sliding-window time and voxels/s on one volume (default 240x240x155), +- flip
   TTA
   --against=torch   train and inference: the same U-Net in PyTorch (torch_peer.py) timed in the same
@@ -164,6 +165,13 @@ def _conv_shapes(config, batch):
   return shapes
 
 
+def _conv_flops(config, batch):
+  """Direct-convolution FLOP count of one step's 3x3x3 convolutions, forward and both backward
+  (the image is not differentiated, so the first convolution has no input gradient)."""
+  per_conv = [2 * 27 * int(np.prod(s)) * ci * co for s, ci, co in _conv_shapes(config, batch)]
+  return 3 * sum(per_conv) - per_conv[0]
+
+
 def _conv_args(config, batch, dtype, rng):
   """(inputs, kernels, output cotangents) of every 3x3x3 conv of one step."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -199,12 +207,16 @@ def bench_conv(config, opts: Options):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from cgc_jax import conv_variants, unet  # pylint: disable=g-import-not-at-top
+  from cgc_jax import onednn  # pylint: disable=g-import-not-at-top
   b = opts.batch or config.train.batch_size
   args = _conv_args(config, b, jnp.float32, np.random.default_rng(0))
   impls = {'native': lambda x, k: unet.conv3x3x3(x, k, 'native'),
            'sum2d': lambda x, k: unet.conv3x3x3(x, k, 'sum2d'), **conv_variants.VARIANTS}
-  per_conv = [2 * 27 * int(np.prod(x.shape)) * k.shape[-1] for x, k in zip(*args[:2])]
-  flops = 3 * sum(per_conv) - per_conv[0]  # forward and both backward; no image gradient
+  if onednn.available():
+    impls['onednn'] = onednn.conv3d
+  else:
+    print(f'(no onednn row: {onednn.reason()})')
+  flops = _conv_flops(config, b)
   rows, times = [], {}
   for name, conv in impls.items():
     fn = jax.jit(_convs_fn(conv))
@@ -241,7 +253,10 @@ def bench_train(config, opts: Options):
   batch = distributed.global_batch(batch, distributed.data_sharding(mesh))
   step = train.make_train_step(config, mesh, tx)
   compiled = step.lower(state, batch).compile()
+  impl = unet.resolve_conv_impl(config.model.conv_impl)
   flops = _cost_flops(compiled)
+  if impl == 'onednn':  # XLA does not count a foreign call's work: add the convolutions' count
+    flops += _conv_flops(config, b)
   state, _ = step(state, batch)  # warm-up
   jax.block_until_ready(state)
   t0 = time.time()
@@ -251,10 +266,11 @@ def bench_train(config, opts: Options):
   dt = (time.time() - t0) / opts.steps
   # convolutions alone, forward + backward, same shapes and dtype and implementation
   dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[config.model.dtype]
-  impl = unet.resolve_conv_impl(config.model.conv_impl)
   conv_args = _conv_args(config, b, dtype, rng)
   conv_fn = jax.jit(_convs_fn(lambda x, k: unet.conv3x3x3(x, k, impl)))
   conv_flops = _cost_flops(conv_fn.lower(*conv_args).compile())
+  if impl == 'onednn':
+    conv_flops += _conv_flops(config, b)
   conv_dt = _time(conv_fn, *conv_args, n=max(1, opts.steps))
   n = 4096 if jax.default_backend() != 'cpu' else 2048
   a = jnp.asarray(rng.normal(size=(n, n)), dtype)

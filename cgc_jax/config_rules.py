@@ -19,7 +19,7 @@ CHOICES = {
     'gmm.rule': ('max_mean', 'hu_range'),
     'pseudo_labels.source': ('gmm', 'threshold', 'nifti', 'ground_truth'),
     'model.norm': ('instance', 'group'),
-    'model.conv_impl': ('auto', 'sum2d', 'native'),
+    'model.conv_impl': ('auto', 'sum2d', 'native', 'onednn'),
     'model.dtype': ('float32', 'bfloat16', 'float16'),
     'cgc.fine_anchors': ('patch', 'cell'),
     'train.loss_region': ('brain', 'all'),

@@ -11,14 +11,24 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cgc_jax import onednn
+
 
 def resolve_conv_impl(impl: str) -> str:
-  """'auto' -> 'sum2d' on CPU (XLA's CPU 2D convolution is 4-6x faster than its 3D one at these
-  channel counts, measured by benchmark.py), 'native' elsewhere (cuDNN / TPU handle 3D well)."""
+  """'auto' -> on CPU 'onednn' when it is available (onednn.py: oneDNN's convolution, 3-5x faster
+  than `sum2d` forward + backward, benchmark.py) and the program runs on one device, else 'sum2d'
+  (XLA's CPU 2D convolution is 4-6x faster than its 3D one at these channel counts); 'native'
+  elsewhere (cuDNN / TPU handle 3D well). 'onednn' asked for by name raises when unavailable.
+  Several devices keep 'sum2d' under 'auto': XLA cannot split a foreign call along the batch, so
+  every device would convolve the whole global batch."""
   if impl == 'auto':
-    return 'sum2d' if jax.default_backend() == 'cpu' else 'native'
-  if impl not in ('sum2d', 'native'):
-    raise ValueError(f'unknown model.conv_impl {impl!r} (auto | sum2d | native)')
+    if jax.default_backend() != 'cpu':
+      return 'native'
+    return 'onednn' if jax.device_count() == 1 and onednn.available() else 'sum2d'
+  if impl not in ('sum2d', 'native', 'onednn'):
+    raise ValueError(f'unknown model.conv_impl {impl!r} (auto | sum2d | native | onednn)')
+  if impl == 'onednn' and not onednn.available():
+    raise ValueError(f'model.conv_impl=onednn: {onednn.reason()}')
   return impl
 
 
@@ -26,8 +36,13 @@ def conv3x3x3(x, kernel, impl: str):
   """'SAME' 3x3x3 convolution. x: [B, X, Y, Z, Cin], kernel: [3, 3, 3, Cin, Cout].
 
   sum2d: three 2D convolutions over (Y, Z) with X folded into the batch, one per kernel slice along
-  X, summed: the same arithmetic as the 3D convolution.
+  X, summed: the same arithmetic as the 3D convolution. onednn: oneDNN's (onednn.conv3d) in
+  float32; other dtypes take `sum2d`.
   """
+  if impl == 'onednn':
+    if x.dtype == jnp.float32 and kernel.dtype == jnp.float32:
+      return onednn.conv3d(x, kernel)
+    impl = 'sum2d'
   if impl == 'native':
     return jax.lax.conv_general_dilated(x, kernel, (1, 1, 1), 'SAME',
                                         dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'))

@@ -91,7 +91,9 @@ def base_config() -> ml_collections.ConfigDict:
   m.levels = 4  # resolution levels (levels - 1 poolings)
   m.norm = 'instance'  # instance | group (batch-independent: no cross-device statistics)
   m.groups = 8  # group norm groups
-  m.conv_impl = 'auto'  # 3x3x3 conv: auto (sum2d on CPU, native elsewhere) | sum2d | native
+  # 3x3x3 conv: auto | sum2d | native | onednn (auto: onednn on CPU where it builds, else sum2d;
+  # native on accelerators)
+  m.conv_impl = 'auto'
   m.dtype = 'float32'  # compute dtype (bfloat16 on accelerators); parameters stay float32
   m.coarse_hidden = 64  # coarse-grained classifier hidden width
   m.proj_hidden = 128  # projection head hidden width

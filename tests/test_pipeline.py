@@ -309,6 +309,8 @@ def test_pip_install_gives_the_cgc_jax_command(tiny_trained, tmp_path):
   where, resolved = r.stdout.split()
   assert str(venv) in where and not where.startswith(ROOT)  # the installed copy, not the checkout
   assert resolved.startswith('--config=' + os.path.dirname(where)) and resolved.endswith('demo.py')
+  # the oneDNN convolution's source ships too (built on first use where oneDNN is installed)
+  assert os.path.isfile(os.path.join(os.path.dirname(where), 'native', 'onednn_conv.cc'))
   case = 'phantom_mri_001'
   r = subprocess.run([str(venv / 'bin' / 'cgc-jax'), '--mode=predict', f'--workdir={tiny_trained}',
                       f'--input={os.path.join(tiny_trained, "phantoms", case)}', '--output=masks'],

@@ -13,6 +13,7 @@ from cgc_jax import cgc
 from cgc_jax import checkpoint
 from cgc_jax import distributed
 from cgc_jax import input_pipeline
+from cgc_jax import onednn
 from cgc_jax import paths
 from cgc_jax import train
 from cgc_jax import train_state
@@ -45,9 +46,13 @@ def _one_step(cfg, devices, batch):
     {'train.elr_lambda': 2.0},
     # cells contrasted within their mini-patch; a low threshold makes the tiny crops' 2x2x2
     # bottlenecks hold both classes
-    {'cgc.fine_anchors': 'cell', 'cgc.cell_threshold': 0.02}])
+    {'cgc.fine_anchors': 'cell', 'cgc.cell_threshold': 0.02},
+    # oneDNN's convolution (a foreign call: each device convolves the gathered batch)
+    {'model.conv_impl': 'onednn'}])
 def test_one_device_equals_eight_devices(tiny_workdir, overrides):
   assert jax.device_count() == 8
+  if overrides.get('model.conv_impl') == 'onednn' and not onednn.available():
+    pytest.skip(f'oneDNN convolutions not built here: {onednn.reason()}')
   cfg = tiny_config(**overrides)
   elr_lambda = cfg.train.elr_lambda
   batch = _batch(tiny_workdir, cfg)
@@ -60,6 +65,18 @@ def test_one_device_equals_eight_devices(tiny_workdir, overrides):
   flat1, flat8 = jax.tree.leaves(p1), jax.tree.leaves(p8)
   for a, b in zip(flat1, flat8):
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_a_step_with_onednn_convolutions_equals_one_with_sum2d(tiny_workdir):
+  if not onednn.available():
+    pytest.skip(f'oneDNN convolutions not built here: {onednn.reason()}')
+  batch = _batch(tiny_workdir, tiny_config())
+  (pa, ma), (pb, mb) = (_one_step(tiny_config(**{'model.conv_impl': impl}), jax.devices()[:1],
+                                  batch) for impl in ('sum2d', 'onednn'))
+  for k in ('loss', 'seg', 'coarse', 'fine'):
+    assert float(mb[k]) == pytest.approx(float(ma[k]), abs=1e-5), k
+  for a, b in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+    np.testing.assert_allclose(b, a, atol=1e-5)
 
 
 def test_loss_depends_on_other_devices_vectors(tiny_workdir):

@@ -8,6 +8,7 @@ import pytest
 
 from cgc_jax import benchmark
 from cgc_jax import conv_variants
+from cgc_jax import onednn
 from cgc_jax import unet
 
 
@@ -56,10 +57,13 @@ _CONFIGS = ('demo', 'brats_sample', 'brats_dev', 'brats', 'brats_paper_geometry'
 
 
 @pytest.mark.slow
-def test_sum2d_equals_native_at_every_conv_shape_of_the_configs():
+@pytest.mark.parametrize('impl', ['sum2d', 'onednn'])
+def test_cpu_convs_equal_native_at_every_conv_shape_of_the_configs(impl):
   """Every distinct 3x3x3 convolution of the configs' U-Nets (batch 1), values and gradients.
   brats.py (an accelerator config, where `auto` is native) keeps its channel counts with each
   spatial axis cut to a quarter, to stay within a CPU test's time."""
+  if impl == 'onednn' and not onednn.available():
+    pytest.skip(f'oneDNN convolutions not built here: {onednn.reason()}')
   shapes = set()
   for name in _CONFIGS:
     for s, cin, cout in benchmark._conv_shapes(importlib.import_module(name).get_config(), 1):
@@ -68,7 +72,7 @@ def test_sum2d_equals_native_at_every_conv_shape_of_the_configs():
   for spatial, cin, cout in sorted(shapes):
     x = jnp.asarray(rng.normal(size=(1,) + spatial + (cin,)), jnp.float32)
     k = jnp.asarray(rng.normal(size=(3, 3, 3, cin, cout)) / np.sqrt(27 * cin), jnp.float32)
-    _values_and_grads_match(x, k, lambda x, k: unet.conv3x3x3(x, k, 'sum2d'), 1e-5)
+    _values_and_grads_match(x, k, lambda x, k, impl=impl: unet.conv3x3x3(x, k, impl), 1e-5)
 
 
 def test_upconv_is_a_stride2_transposed_conv():

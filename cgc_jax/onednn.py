@@ -1,0 +1,155 @@
+"""oneDNN's 3D convolution for XLA:CPU, through the XLA FFI: built once per machine, optional.
+
+XLA:CPU's own 3D convolutions run far below the machine's matmul peak (docs/benchmarks.md). This
+module compiles `native/onednn_conv.cc` (three FFI handlers: forward, gradient of the input,
+gradient of the kernel) against oneDNN, Intel's convolution library that PyTorch's CPU build also
+uses, and jaxlib's FFI headers, and registers them with XLA:CPU. `conv3d` is the 'SAME', stride-1
+convolution of `lax.conv_general_dilated` (NDHWC, DHWIO) with a custom VJP made of the two
+backward handlers.
+
+What it needs, all found at first use: Linux on x86-64; oneDNN's library and headers (the pip
+packages onednn-cpu-gomp and onednn-devel-cpu-gomp, in requirements.txt, or $CGC_JAX_ONEDNN_ROOT
+holding lib/ and include/); a C++17 compiler ($CXX, else c++ or g++). The library is built into
+$CGC_JAX_CACHE (default ~/.cache/cgc_jax), under a name keyed by the source, jaxlib's version and
+oneDNN's location, so a machine builds it once (a few seconds) and processes share it; the build
+goes to a temporary name first and is renamed into place, so concurrent processes never load a
+half-written file. When anything is missing or fails, `available()` is False, the reason is
+logged once, and `unet.resolve_conv_impl('auto')` keeps XLA's own `sum2d`. CGC_JAX_ONEDNN=0 turns
+it off.
+"""
+import ctypes
+import glob
+import hashlib
+import os
+import platform
+import shutil
+import site
+import subprocess
+import sys
+import tempfile
+import threading
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import jaxlib
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'native', 'onednn_conv.cc')
+TARGETS = ('fwd', 'bwd_data', 'bwd_weights')
+
+_lock = threading.Lock()
+_state = {}  # 'ok': bool, 'reason': str, 'path': str
+
+
+def _onednn_root():
+  """A prefix holding include/oneapi/dnnl/dnnl.hpp and lib/libdnnl.so*, or None."""
+  roots = [os.environ.get('CGC_JAX_ONEDNN_ROOT'), sys.prefix, site.getuserbase(), sys.base_prefix,
+           '/usr/local', '/usr']  # pip's data files land in the first three
+  for r in filter(None, roots):
+    if (os.path.exists(os.path.join(r, 'include', 'oneapi', 'dnnl', 'dnnl.hpp')) and
+        glob.glob(os.path.join(r, 'lib', 'libdnnl.so*'))):
+      return r
+  return None
+
+
+def _compiler():
+  for c in (os.environ.get('CXX'), 'c++', 'g++', 'clang++'):
+    if c and shutil.which(c):
+      return shutil.which(c)
+  return None
+
+
+def _cache_dir():
+  return os.environ.get('CGC_JAX_CACHE') or os.path.join(os.path.expanduser('~'), '.cache',
+                                                         'cgc_jax')
+
+
+def build() -> str:
+  """Compiles the FFI library if this machine has not yet -> its path. Raises RuntimeError naming
+  what is missing (platform, oneDNN, compiler) or the compiler's own message."""
+  if platform.system() != 'Linux' or platform.machine() not in ('x86_64', 'AMD64'):
+    raise RuntimeError(f'oneDNN convolutions are built for Linux x86-64 only (this is '
+                       f'{platform.system()} {platform.machine()})')
+  root = _onednn_root()
+  if root is None:
+    raise RuntimeError('oneDNN not found (pip install onednn-cpu-gomp onednn-devel-cpu-gomp, or '
+                       'set CGC_JAX_ONEDNN_ROOT to a folder with include/ and lib/)')
+  cxx = _compiler()
+  if cxx is None:
+    raise RuntimeError('no C++ compiler found (set CXX, or install g++)')
+  with open(SOURCE, 'rb') as f:
+    src = f.read()
+  key = hashlib.sha256(src + jaxlib.__version__.encode() + os.path.realpath(root).encode() +
+                       cxx.encode()).hexdigest()[:16]
+  out_dir = _cache_dir()
+  path = os.path.join(out_dir, f'libcgc_onednn_{key}.so')
+  if os.path.exists(path):
+    return path
+  os.makedirs(out_dir, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix='.libcgc_onednn_', suffix='.so', dir=out_dir)
+  os.close(fd)
+  cmd = [cxx, '-O2', '-std=c++17', '-shared', '-fPIC', '-w', f'-I{jax.ffi.include_dir()}',
+         f'-I{os.path.join(root, "include")}', SOURCE, f'-L{os.path.join(root, "lib")}', '-ldnnl',
+         f'-Wl,-rpath,{os.path.join(root, "lib")}', '-o', tmp]
+  try:
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+      raise RuntimeError(f'building {SOURCE} failed ({" ".join(cmd)}):\n{r.stderr[-2000:]}')
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return path
+
+
+def available() -> bool:
+  """True when the oneDNN convolution is built, loaded and registered with XLA:CPU in this
+  process (done once; later calls are free). False with the reason logged once otherwise."""
+  with _lock:
+    if 'ok' in _state:
+      return _state['ok']
+    try:
+      if os.environ.get('CGC_JAX_ONEDNN', '1') == '0':
+        raise RuntimeError('turned off by CGC_JAX_ONEDNN=0')
+      path = build()
+      lib = ctypes.cdll.LoadLibrary(path)
+      for t in TARGETS:
+        jax.ffi.register_ffi_target(f'cgc_onednn_conv_{t}',
+                                    jax.ffi.pycapsule(getattr(lib, f'cgc_onednn_conv_{t}')),
+                                    platform='cpu')
+      _state.update(ok=True, path=path, reason='')
+    except (RuntimeError, OSError, AttributeError) as e:
+      _state.update(ok=False, reason=str(e))
+      logging.info('oneDNN convolutions unavailable, XLA\'s own are used: %s', e)
+    return _state['ok']
+
+
+def reason() -> str:
+  """Why `available()` is False ('' when it is True)."""
+  available()
+  return _state['reason']
+
+
+def _call(target, out_shape, *args):
+  return jax.ffi.ffi_call(f'cgc_onednn_conv_{target}', jax.ShapeDtypeStruct(out_shape, jnp.float32),
+                          vmap_method='sequential')(*args)
+
+
+@jax.custom_vjp
+def conv3d(x, kernel):
+  """'SAME' stride-1 3D convolution. x: f32[B, X, Y, Z, Cin], kernel: f32[KX, KY, KZ, Cin, Cout]
+  (odd sizes) -> f32[B, X, Y, Z, Cout]; lax.conv_general_dilated's result to float32 rounding.
+  Needs `available()`."""
+  return _call('fwd', x.shape[:4] + kernel.shape[4:], x, kernel)
+
+
+def _fwd(x, kernel):
+  return conv3d(x, kernel), (x, kernel)
+
+
+def _bwd(res, dy):
+  x, kernel = res
+  return _call('bwd_data', x.shape, dy, kernel), _call('bwd_weights', kernel.shape, x, dy)
+
+
+conv3d.defvjp(_fwd, _bwd)

@@ -1,0 +1,99 @@
+"""oneDNN's convolution through the XLA FFI: build, failures, fallback, arithmetic."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cgc_jax import onednn
+from cgc_jax import unet
+
+needs_onednn = pytest.mark.skipif(not onednn.available(),
+                                  reason=f'oneDNN convolutions not built here: {onednn.reason()}')
+
+
+def _lax_conv(x, k):
+  return jax.lax.conv_general_dilated(x, k, (1, 1, 1), 'SAME',
+                                      dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'))
+
+
+@needs_onednn
+def test_build_once_per_machine_into_the_cache_without_leftovers(tmp_path, monkeypatch):
+  monkeypatch.setenv('CGC_JAX_CACHE', str(tmp_path))
+  path = onednn.build()
+  assert os.path.dirname(path) == str(tmp_path) and os.path.getsize(path) > 0
+  assert os.listdir(tmp_path) == [os.path.basename(path)]  # the temporary name was renamed
+  mtime = os.path.getmtime(path)
+  assert onednn.build() == path and os.path.getmtime(path) == mtime  # not built again
+
+
+def test_a_failed_build_names_what_is_missing_and_leaves_nothing(tmp_path, monkeypatch):
+  monkeypatch.setenv('CGC_JAX_CACHE', str(tmp_path / 'cache'))
+  monkeypatch.setattr(onednn.platform, 'system', lambda: 'Linux')
+  monkeypatch.setattr(onednn.platform, 'machine', lambda: 'x86_64')
+  with monkeypatch.context() as m:
+    m.setattr(onednn, '_onednn_root', lambda: None)
+    with pytest.raises(RuntimeError, match='oneDNN not found'):
+      onednn.build()
+  with monkeypatch.context() as m:
+    m.setattr(onednn, '_onednn_root', lambda: str(tmp_path))
+    m.setattr(onednn, '_compiler', lambda: None)
+    with pytest.raises(RuntimeError, match='no C\\+\\+ compiler'):
+      onednn.build()
+  if onednn._onednn_root() is None or onednn._compiler() is None:
+    return  # the compiler's own message needs both
+  bad = tmp_path / 'bad.cc'
+  bad.write_text('this is not C++;\n')
+  monkeypatch.setattr(onednn, 'SOURCE', str(bad))
+  with pytest.raises(RuntimeError, match=r'building .*bad\.cc failed(.|\n)*error'):
+    onednn.build()
+  assert os.listdir(tmp_path / 'cache') == []  # nothing half-written
+
+
+def test_auto_takes_onednn_on_one_cpu_device_only_and_by_name_needs_it(monkeypatch):
+  monkeypatch.setattr(jax, 'device_count', lambda: 1)
+  monkeypatch.setattr(onednn, '_state', {'ok': False, 'reason': 'no compiler here'})
+  assert unet.resolve_conv_impl('auto') == 'sum2d'
+  with pytest.raises(ValueError, match='no compiler here'):
+    unet.resolve_conv_impl('onednn')
+  monkeypatch.setattr(onednn, '_state', {'ok': True, 'reason': ''})
+  assert unet.resolve_conv_impl('auto') == 'onednn'
+  assert unet.resolve_conv_impl('onednn') == 'onednn'
+  monkeypatch.setattr(jax, 'device_count', lambda: 8)  # a foreign call is not split by the mesh
+  assert unet.resolve_conv_impl('auto') == 'sum2d'
+  monkeypatch.setattr(onednn, '_state', {})
+  monkeypatch.setenv('CGC_JAX_ONEDNN', '0')
+  assert not onednn.available() and 'CGC_JAX_ONEDNN=0' in onednn.reason()
+
+
+@needs_onednn
+@pytest.mark.parametrize('kernel', [(3, 3, 3), (1, 1, 1), (5, 3, 1)])
+def test_conv3d_equals_lax_values_and_gradients_deterministically(kernel):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 7, 6, 5, 3)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=kernel + (3, 4)), jnp.float32)
+
+  def run(conv):
+    def f(x, k):
+      y, vjp = jax.vjp(conv, x, k)
+      return (y,) + vjp(jnp.cos(y))
+    return jax.jit(f)(x, k)
+  want, got = run(_lax_conv), run(onednn.conv3d)
+  for w, g in zip(want, got):
+    w, g = np.asarray(w), np.asarray(g)
+    np.testing.assert_allclose(g, w, atol=1e-5 * np.abs(w).max())
+  for a, b in zip(got, run(onednn.conv3d)):  # bit for bit again: exact resume depends on it
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@needs_onednn
+def test_conv3d_under_vmap_and_other_dtypes_through_unet():
+  rng = np.random.default_rng(1)
+  xs = jnp.asarray(rng.normal(size=(3, 1, 4, 5, 6, 2)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(3, 3, 3, 2, 3)), jnp.float32)
+  got = jax.vmap(onednn.conv3d, (0, None))(xs, k)
+  np.testing.assert_allclose(got, jax.vmap(_lax_conv, (0, None))(xs, k), atol=1e-5)
+  y = unet.conv3x3x3(xs[0].astype(jnp.bfloat16), k.astype(jnp.bfloat16), 'onednn')
+  assert y.dtype == jnp.bfloat16  # bfloat16 takes sum2d: the FFI handlers are float32
+  np.testing.assert_allclose(np.asarray(y, np.float32), _lax_conv(xs[0], k), atol=0.1)
