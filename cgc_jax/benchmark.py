@@ -12,7 +12,8 @@
   --what=inference  sliding-window time and voxels/s on one volume (default 240x240x155), +- flip
   TTA
   --against=torch   train and inference: the same U-Net in PyTorch (torch_peer.py) timed in the same
-                    run, and the ratio (needs `pip install torch`; never needed by the product)
+                    run (in a process of its own), and the ratio (needs `pip install torch`; never
+                    needed by the product)
 
 Figures depend on the machine: compare ratios from one run. JAX is imported only by the benchmarks
 that use it, so the prepare benchmark's spawned workers start as fast as the CLI's.
@@ -130,6 +131,15 @@ def bench_gmm(config, opts: Options):
       f'channels {tuple(g.channels)}',
       ['case', 'brain voxels', 's (ours)', 's (sklearn, all voxels)', 'speed-up', 'Dice agreement'],
       rows)
+
+
+def _in_fresh_process(fn, *args):
+  """fn(*args) in a new Python process (spawned, so nothing of this one is inherited): the
+  PyTorch peer runs without this process's JAX and oneDNN threads (a second OpenMP runtime in one
+  process slows PyTorch's by about a fifth)."""
+  import multiprocessing  # pylint: disable=g-import-not-at-top
+  with multiprocessing.get_context('spawn').Pool(1) as pool:
+    return pool.apply(fn, args)
 
 
 def _cost_flops(compiled):
@@ -289,10 +299,10 @@ def bench_train(config, opts: Options):
         f'{_peak_rss_gb():.2f} GB')
   if opts.against == 'torch':
     from cgc_jax import torch_peer  # pylint: disable=g-import-not-at-top
-    import torch  # pylint: disable=g-import-not-at-top
-    t_dt = torch_peer.time_train_step(config, nch, opts.steps)
+    t_dt = _in_fresh_process(torch_peer.time_train_step, config, nch, opts.steps)
+    version, threads = _in_fresh_process(torch_peer.info)
     _table(f'train step side by side ({crop} x {nch} ch, base {config.model.base}, batch {b}; '
-           f'torch {torch.__version__}, {torch.get_num_threads()} threads)',
+           f'torch {version}, {threads} threads, in its own process)',
            ['what', 's/step', 'GFLOP/s (XLA count)', 'x matmul peak', 'torch / cgc_jax'],
            [('cgc_jax (JAX, conv ' + impl + ')', dt, flops / dt / 1e9, flops / dt / mm_rate, ''),
             ('PyTorch (same U-Net)', t_dt, flops / t_dt / 1e9, flops / t_dt / mm_rate, t_dt / dt)])
@@ -333,8 +343,8 @@ def bench_inference(config, opts: Options):
     rows.append(('flip TTA (8)' if tta else 'no TTA', n_win, first, dt, np.prod(shape) / dt))
     if opts.against == 'torch':
       from cgc_jax import torch_peer  # pylint: disable=g-import-not-at-top
-      t_dt = torch_peer.time_inference(config, nch, shape, pred.window, pred.overlap, pred.gauss,
-                                       pred.batch, tta)
+      t_dt = _in_fresh_process(torch_peer.time_inference, config, nch, shape, pred.window,
+                               pred.overlap, np.asarray(pred.gauss), pred.batch, tta)
       rows.append((f'PyTorch, {"flip TTA (8)" if tta else "no TTA"} (torch / cgc_jax '
                    f'{t_dt / dt:.2f}x)', n_win, '', t_dt, np.prod(shape) / t_dt))
   _table(f'inference: volume {shape} x {nch} ch, window {pred.window}, overlap {pred.overlap}, '

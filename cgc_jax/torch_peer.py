@@ -19,6 +19,12 @@ def _torch():
   return torch
 
 
+def info() -> tuple:
+  """(torch version, intra-op threads) as the timings below see them."""
+  torch = _torch()
+  return torch.__version__, torch.get_num_threads()
+
+
 def build(model_cfg, in_channels: int):
   """A torch.nn.Module mapping f32[B, C, X, Y, Z] -> logits f32[B, 2, X, Y, Z]."""
   torch = _torch()
