@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cgc_jax import errors
 from cgc_jax import onednn
 
 
@@ -18,7 +19,8 @@ def resolve_conv_impl(impl: str) -> str:
   """'auto' -> on CPU 'onednn' when it is available (onednn.py: oneDNN's convolution, 3-5x faster
   than `sum2d` forward + backward, benchmark.py) and the program runs on one device, else 'sum2d'
   (XLA's CPU 2D convolution is 4-6x faster than its 3D one at these channel counts); 'native'
-  elsewhere (cuDNN / TPU handle 3D well). 'onednn' asked for by name raises when unavailable.
+  elsewhere (cuDNN / TPU handle 3D well). 'onednn' asked for by name raises errors.ConfigError
+  when unavailable.
   Several devices keep 'sum2d' under 'auto': XLA cannot split a foreign call along the batch, so
   every device would convolve the whole global batch."""
   if impl == 'auto':
@@ -28,7 +30,8 @@ def resolve_conv_impl(impl: str) -> str:
   if impl not in ('sum2d', 'native', 'onednn'):
     raise ValueError(f'unknown model.conv_impl {impl!r} (auto | sum2d | native | onednn)')
   if impl == 'onednn' and not onednn.available():
-    raise ValueError(f'model.conv_impl=onednn: {onednn.reason()}')
+    raise errors.ConfigError(f'config: model.conv_impl=onednn: {onednn.reason()} (auto falls back '
+                             'to XLA\'s own convolutions)')
   return impl
 
 

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cgc_jax import errors
 from cgc_jax import onednn
 from cgc_jax import unet
 
@@ -55,7 +56,7 @@ def test_auto_takes_onednn_on_one_cpu_device_only_and_by_name_needs_it(monkeypat
   monkeypatch.setattr(jax, 'device_count', lambda: 1)
   monkeypatch.setattr(onednn, '_state', {'ok': False, 'reason': 'no compiler here'})
   assert unet.resolve_conv_impl('auto') == 'sum2d'
-  with pytest.raises(ValueError, match='no compiler here'):
+  with pytest.raises(errors.ConfigError, match='model.conv_impl=onednn: no compiler here'):
     unet.resolve_conv_impl('onednn')
   monkeypatch.setattr(onednn, '_state', {'ok': True, 'reason': ''})
   assert unet.resolve_conv_impl('auto') == 'onednn'
