@@ -98,3 +98,10 @@ def test_conv3d_under_vmap_and_other_dtypes_through_unet():
   y = unet.conv3x3x3(xs[0].astype(jnp.bfloat16), k.astype(jnp.bfloat16), 'onednn')
   assert y.dtype == jnp.bfloat16  # bfloat16 takes sum2d: the FFI handlers are float32
   np.testing.assert_allclose(np.asarray(y, np.float32), _lax_conv(xs[0], k), atol=0.1)
+
+
+@needs_onednn
+def test_a_bad_call_is_an_error_not_a_crash():
+  x, k = jnp.ones((1, 4, 4, 4, 3)), jnp.ones((2, 3, 3, 3, 5))  # even kernel
+  with pytest.raises(Exception, match='cgc_onednn_conv_fwd: x .* and an odd kernel'):
+    jax.block_until_ready(onednn._call('fwd', (1, 4, 4, 4, 5), x, k))

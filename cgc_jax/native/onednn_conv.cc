@@ -10,8 +10,8 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <tuple>
-#include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -85,21 +85,23 @@ std::shared_ptr<Prims> Get(const Shape& s) {
 // The caller's weights in the layout primitive `want` asks for: the user memory itself, or a
 // reordered copy kept alive by `holder`.
 memory Weights(const Prims& p, const memory::desc& want, float* data, dnnl::stream& st,
-               bool to_user, std::vector<float>* holder) {
+               bool to_user, std::unique_ptr<uint8_t[]>* holder) {
   auto& eng = Engine();
   memory user(p.wei, eng, data);
   if (want == p.wei) return user;
-  holder->resize(want.get_size() / sizeof(float) + 1);
-  memory m(want, eng, holder->data());
+  holder->reset(new uint8_t[want.get_size() + 64]);
+  memory m(want, eng, holder->get());
   if (!to_user) dnnl::reorder(user, m).execute(st, user, m);
   return m;
 }
 
 // Scratch memory for one execution of a primitive described by `pd`, kept alive by `holder`.
-memory Scratch(const dnnl::primitive_desc_base& pd, std::vector<uint8_t>* holder) {
+using Buf = std::unique_ptr<uint8_t[]>;  // uninitialised: oneDNN writes before it reads
+
+memory Scratch(const dnnl::primitive_desc_base& pd, Buf* holder) {
   memory::desc d = pd.scratchpad_desc();
-  holder->resize(d.get_size() + 1);
-  return memory(d, Engine(), holder->data());
+  holder->reset(new uint8_t[d.get_size() + 64]);
+  return memory(d, Engine(), holder->get());
 }
 
 template <typename B>
@@ -117,10 +119,10 @@ ffi::Error Fwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuff
   Shape s = ShapeOf(x, wd[3], wd[4], wd);
   auto p = Get(s);
   dnnl::stream st(Engine());
-  std::vector<float> hold;
+  Buf hold;
   memory wm = Weights(*p, p->fwd_pd.weights_desc(), w.typed_data(), st, false, &hold);
   memory xm(p->src, Engine(), x.typed_data()), ym(p->dst, Engine(), y->typed_data());
-  std::vector<uint8_t> scratch;
+  Buf scratch;
   p->fwd.execute(st, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_DST, ym},
                       {DNNL_ARG_SCRATCHPAD, Scratch(p->fwd_pd, &scratch)}});
   st.wait();
@@ -133,10 +135,10 @@ ffi::Error BwdData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
   Shape s = ShapeOf(dy, wd[3], wd[4], wd);
   auto p = Get(s);
   dnnl::stream st(Engine());
-  std::vector<float> hold;
+  Buf hold;
   memory wm = Weights(*p, p->bwd_data_pd.weights_desc(), w.typed_data(), st, false, &hold);
   memory dym(p->dst, Engine(), dy.typed_data()), dxm(p->src, Engine(), dx->typed_data());
-  std::vector<uint8_t> scratch;
+  Buf scratch;
   p->bwd_data.execute(st, {{DNNL_ARG_DIFF_DST, dym}, {DNNL_ARG_WEIGHTS, wm},
                            {DNNL_ARG_DIFF_SRC, dxm},
                            {DNNL_ARG_SCRATCHPAD, Scratch(p->bwd_data_pd, &scratch)}});
@@ -150,12 +152,12 @@ ffi::Error BwdWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
   Shape s = ShapeOf(x, wd[3], wd[4], wd);
   auto p = Get(s);
   dnnl::stream st(Engine());
-  std::vector<float> hold;
+  Buf hold;
   memory user(p->wei, Engine(), dw->typed_data());
   memory wm = Weights(*p, p->bwd_weights_pd.diff_weights_desc(), dw->typed_data(), st, true,
                       &hold);
   memory xm(p->src, Engine(), x.typed_data()), dym(p->dst, Engine(), dy.typed_data());
-  std::vector<uint8_t> scratch;
+  Buf scratch;
   p->bwd_weights.execute(st, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_DIFF_DST, dym},
                               {DNNL_ARG_DIFF_WEIGHTS, wm},
                               {DNNL_ARG_SCRATCHPAD, Scratch(p->bwd_weights_pd, &scratch)}});
@@ -164,19 +166,42 @@ ffi::Error BwdWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
   return ffi::Error::Success();
 }
 
+// oneDNN reports failures as exceptions, which must not cross into XLA: an error result instead.
+template <typename F>
+ffi::Error Guard(const char* what, F f) {
+  try {
+    return f();
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string(what) + ": " + e.what());
+  }
+}
+
+ffi::Error FwdSafe(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                   ffi::ResultBuffer<ffi::F32> y) {
+  return Guard("cgc_onednn_conv_fwd", [&] { return Fwd(x, w, y); });
+}
+ffi::Error BwdDataSafe(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
+                       ffi::ResultBuffer<ffi::F32> dx) {
+  return Guard("cgc_onednn_conv_bwd_data", [&] { return BwdData(dy, w, dx); });
+}
+ffi::Error BwdWeightsSafe(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                          ffi::ResultBuffer<ffi::F32> dw) {
+  return Guard("cgc_onednn_conv_bwd_weights", [&] { return BwdWeights(x, dy, dw); });
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(cgc_onednn_conv_fwd, Fwd,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(cgc_onednn_conv_fwd, FwdSafe,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(cgc_onednn_conv_bwd_data, BwdData,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(cgc_onednn_conv_bwd_data, BwdDataSafe,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(cgc_onednn_conv_bwd_weights, BwdWeights,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(cgc_onednn_conv_bwd_weights, BwdWeightsSafe,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
