@@ -206,6 +206,27 @@ def test_exact_resume_sigterm_finished_and_incompatible(tiny_workdir, tmp_path):
 
 
 @pytest.mark.slow
+def test_exact_resume_with_onednn_convolutions(tiny_workdir, tmp_path):
+  if not onednn.available():
+    pytest.skip(f'oneDNN convolutions not built here: {onednn.reason()}')
+  cfg = tiny_config(**{'model.conv_impl': 'onednn'})
+  ref_wd, wd = str(tmp_path / 'ref'), str(tmp_path / 'run')
+  copy_inputs(tiny_workdir, ref_wd)
+  copy_inputs(tiny_workdir, wd)
+  ref = jax.device_get(train.train_and_evaluate(cfg, ref_wd).params)
+
+  def crash_at_4(params, step):  # after the step-3 checkpoint
+    if step == 4:
+      raise _Interrupt()
+  with pytest.raises(_Interrupt):  # the callback runs at evaluation steps
+    train.train_and_evaluate(tiny_config(**{'model.conv_impl': 'onednn', 'eval.every_steps': 1}),
+                             wd, crash_at_4)
+  final = jax.device_get(train.train_and_evaluate(cfg, wd).params)
+  for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(final)):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_step_and_cases(tiny_workdir, tmp_path):
   cfg = tiny_config(**{'train.lr': 1e30, 'train.grad_clip': 1e30, 'train.warmup_steps': 0})
   wd = str(tmp_path / 'nan')
