@@ -4,9 +4,9 @@ of generalised cross-entropy.
     python -m cgc_jax.main --config=configs/brats_dev.py \
         --config.data.root=../shared/data/brats2018_dev --workdir=runs/brats_dev
 
-Every stage on the 20 development cases in about 12 min on 2 idle cores of an AMD EPYC, 17 min on
-an Intel Xeon (prepare 7 s, pseudo-labels 50 s, train 240 steps about 9.5 / 13.5 min, evaluate
-with flip TTA 1.5-3.5 min). Measured on each scan's original 1 mm grid: P (the pseudo-label
+Every stage on the 20 development cases in about 6 min on 2 idle cores of an Intel Xeon with
+oneDNN's convolutions (prepare 7 s, pseudo-labels 50 s, train 240 steps 3.8 min, evaluate with
+flip TTA 50 s); with XLA's own, 17 min there and 12 min on an AMD EPYC. Measured on each scan's original 1 mm grid: P (the pseudo-label
 recipe, mri_pseudo_labels in common.py) Dice 0.785 +- 0.175; network 0.840 over seeds 0-3 on the
 Intel Xeon (0.8434, 0.8384, 0.8394, 0.8388; 2026-12-01), +5.5 points over P. Chosen by the rule
 in docs/results.md (a switch wins when its seed mean beats the default's by more than the larger
@@ -15,7 +15,7 @@ beat cross-entropy at 240 steps (0.815 against 0.807, std 0.006); 480 steps did 
 dropping the network's components below half its largest beat keeping them (0.838 against
 0.815, AMD EPYC); the edge from each case's mixture beat the network's own (0.840 against 0.832,
 four seeds, Intel Xeon). The single FLAIR + T1 mixture this replaces gave P 0.654.
-Why 2 mm and base 8: a whole brain fits one 80x96x72 crop, and a step takes ~2.4 s on 2 cores.
+Why 2 mm and base 8: a whole brain fits one 80x96x72 crop, and a step takes ~0.9 s on 2 cores.
 """
 import os
 import sys
