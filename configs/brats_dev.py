@@ -5,16 +5,16 @@ of generalised cross-entropy.
         --config.data.root=../shared/data/brats2018_dev --workdir=runs/brats_dev
 
 Every stage on the 20 development cases in about 6 min on 2 idle cores of an Intel Xeon with
-oneDNN's convolutions (prepare 7 s, pseudo-labels 50 s, train 240 steps 3.8 min, evaluate with
-flip TTA 50 s); with XLA's own, 17 min there and 12 min on an AMD EPYC. Measured on each scan's original 1 mm grid: P (the pseudo-label
-recipe, mri_pseudo_labels in common.py) Dice 0.785 +- 0.175; network 0.840 over seeds 0-3 on the
-Intel Xeon (0.8434, 0.8384, 0.8394, 0.8388; 2026-12-01), +5.5 points over P. Chosen by the rule
-in docs/results.md (a switch wins when its seed mean beats the default's by more than the larger
-std of seed means): 240 steps beat 120 (0.807 against 0.786), generalised cross-entropy (q = 0.7)
-beat cross-entropy at 240 steps (0.815 against 0.807, std 0.006); 480 steps did not (0.801);
-dropping the network's components below half its largest beat keeping them (0.838 against
-0.815, AMD EPYC); the edge from each case's mixture beat the network's own (0.840 against 0.832,
-four seeds, Intel Xeon). The single FLAIR + T1 mixture this replaces gave P 0.654.
+oneDNN's convolutions (prepare 7 s, pseudo-labels 50 s, train 240 steps 3.8 min, evaluate with flip
+TTA 50 s); with XLA's own, 17 min there and 12 min on an AMD EPYC. Measured on each scan's original
+1 mm grid: P (the pseudo-label recipe, mri_pseudo_labels in common.py) Dice 0.785 +- 0.175; network
+0.840 over seeds 0-3 on the Intel Xeon (0.8434, 0.8384, 0.8394, 0.8388; 2026-12-01), +5.5 points
+over P. Chosen by the rule in docs/results.md (a switch wins when its seed mean beats the default's
+by more than the larger std of seed means): 240 steps beat 120 (0.807 against 0.786), generalised
+cross-entropy (q = 0.7) beat cross-entropy at 240 steps (0.815 against 0.807, std 0.006); 480 steps
+did not (0.801); dropping the network's components below half its largest beat keeping them (0.838
+against 0.815, AMD EPYC); the edge from each case's mixture beat the network's own (0.840 against
+0.832, four seeds, Intel Xeon). The single FLAIR + T1 mixture this replaces gave P 0.654.
 Why 2 mm and base 8: a whole brain fits one 80x96x72 crop, and a step takes ~0.9 s on 2 cores.
 """
 import os

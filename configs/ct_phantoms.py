@@ -3,9 +3,10 @@
     python -m cgc_jax.main --config=configs/ct_phantoms.py --workdir=runs/ct_phantoms
 
 The cq500.py mixture (K=7, lesion = components with an HU mean in 50-90) on generated CT phantoms,
-with the demo's model size and crop (3 mm, base 8, 48x64x48 crops), 400 steps: every stage in
-2.2 min on 2 idle CPU cores with oneDNN's convolutions (about 5 min with XLA's own). Measured (10 phantoms, 2 seeds pooled; docs/results.md): P Dice
-0.747 +- 0.259, backbone + P 0.811 +- 0.088, full CGC 0.816 +- 0.088.
+with the demo's model size and crop (3 mm, base 8, 48x64x48 crops), 400 steps: every stage in 2.2
+min on 2 idle CPU cores with oneDNN's convolutions (about 5 min with XLA's own). Measured (10
+phantoms, 2 seeds pooled; docs/results.md): P Dice 0.747 +- 0.259, backbone + P 0.811 +- 0.088, full
+CGC 0.816 +- 0.088.
 """
 import os
 import sys
