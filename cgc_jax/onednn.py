@@ -118,6 +118,7 @@ def available() -> bool:
                                     jax.ffi.pycapsule(getattr(lib, f'cgc_onednn_conv_{t}')),
                                     platform='cpu')
       _state.update(ok=True, path=path, reason='')
+      logging.info('oneDNN convolutions loaded from %s', path)
     except (RuntimeError, OSError, AttributeError) as e:
       _state.update(ok=False, reason=str(e))
       logging.info('oneDNN convolutions unavailable, XLA\'s own are used: %s', e)
