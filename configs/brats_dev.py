@@ -15,7 +15,8 @@ cross-entropy (q = 0.7) beat cross-entropy at 240 steps (0.815 against 0.807, st
 did not (0.801); dropping the network's components below half its largest beat keeping them (0.838
 against 0.815, AMD EPYC); the edge from each case's mixture beat the network's own (0.840 against
 0.832, four seeds, Intel Xeon). The single FLAIR + T1 mixture this replaces gave P 0.654.
-Why 2 mm and base 8: a whole brain fits one 80x96x72 crop, and a step takes ~0.9 s on 2 cores.
+Why 2 mm and base 8: a whole brain fits one 80x96x72 crop, and a step takes ~0.9 s on 2 cores;
+base 4 and base 16 lose (0.837 and 0.833 over seeds 0 and 1, docs/results.md).
 """
 import os
 import sys
