@@ -39,8 +39,8 @@ struct Prims {
   dnnl::primitive fwd, bwd_data, bwd_weights;
 };
 
-// The engine and the primitive cache live until the process ends and are never destroyed: static
-// destructors running after oneDNN's own at exit would crash the process.
+// The engine and the primitive cache live until the process ends and are never destroyed (static
+// storage without destructors, so nothing depends on the order of teardown at exit).
 dnnl::engine& Engine() {
   static auto* eng = new dnnl::engine(dnnl::engine::kind::cpu, 0);
   return *eng;
