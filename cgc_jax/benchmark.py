@@ -264,9 +264,10 @@ def bench_train(config, opts: Options):
   step = train.make_train_step(config, mesh, tx)
   compiled = step.lower(state, batch).compile()
   impl = unet.resolve_conv_impl(config.model.conv_impl)
-  flops = _cost_flops(compiled)
-  if impl == 'onednn':  # XLA does not count a foreign call's work: add the convolutions' count
-    flops += _conv_flops(config, b)
+  # XLA does not count a foreign call's work: add the convolutions' count (oneDNN runs float32;
+  # other dtypes take sum2d, which XLA counts)
+  foreign = impl == 'onednn' and config.model.dtype == 'float32'
+  flops = _cost_flops(compiled) + (_conv_flops(config, b) if foreign else 0)
   state, _ = step(state, batch)  # warm-up
   jax.block_until_ready(state)
   t0 = time.time()
@@ -279,8 +280,7 @@ def bench_train(config, opts: Options):
   conv_args = _conv_args(config, b, dtype, rng)
   conv_fn = jax.jit(_convs_fn(lambda x, k: unet.conv3x3x3(x, k, impl)))
   conv_flops = _cost_flops(conv_fn.lower(*conv_args).compile())
-  if impl == 'onednn':
-    conv_flops += _conv_flops(config, b)
+  conv_flops += _conv_flops(config, b) if foreign else 0
   conv_dt = _time(conv_fn, *conv_args, n=max(1, opts.steps))
   n = 4096 if jax.default_backend() != 'cpu' else 2048
   a = jnp.asarray(rng.normal(size=(n, n)), dtype)
