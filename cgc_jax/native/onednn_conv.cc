@@ -12,6 +12,7 @@
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <unordered_map>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -83,15 +84,16 @@ std::shared_ptr<Prims> Get(const Shape& s) {
 }
 
 // The caller's weights in the layout primitive `want` asks for: the user memory itself, or a
-// reordered copy kept alive by `holder`.
+// reordered copy kept alive by `holder` (filled now for an input; for an output, is_output, the
+// caller reorders it back after the primitive ran).
 memory Weights(const Prims& p, const memory::desc& want, float* data, dnnl::stream& st,
-               bool to_user, std::unique_ptr<uint8_t[]>* holder) {
+               bool is_output, std::unique_ptr<uint8_t[]>* holder) {
   auto& eng = Engine();
   memory user(p.wei, eng, data);
   if (want == p.wei) return user;
   holder->reset(new uint8_t[want.get_size() + 64]);
   memory m(want, eng, holder->get());
-  if (!to_user) dnnl::reorder(user, m).execute(st, user, m);
+  if (!is_output) dnnl::reorder(user, m).execute(st, user, m);  // inputs: copied in now
   return m;
 }
 
@@ -102,6 +104,15 @@ memory Scratch(const dnnl::primitive_desc_base& pd, Buf* holder) {
   memory::desc d = pd.scratchpad_desc();
   holder->reset(new uint8_t[d.get_size() + 64]);
   return memory(d, Engine(), holder->get());
+}
+
+// Runs `prim` (described by `pd`) on `args` with scratch memory of its own, to the end.
+void Execute(const dnnl::primitive& prim, const dnnl::primitive_desc_base& pd,
+             std::unordered_map<int, memory> args, dnnl::stream& st) {
+  Buf scratch;
+  args.insert({DNNL_ARG_SCRATCHPAD, Scratch(pd, &scratch)});
+  prim.execute(st, args);
+  st.wait();
 }
 
 template <typename B>
@@ -122,10 +133,7 @@ ffi::Error Fwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuff
   Buf hold;
   memory wm = Weights(*p, p->fwd_pd.weights_desc(), w.typed_data(), st, false, &hold);
   memory xm(p->src, Engine(), x.typed_data()), ym(p->dst, Engine(), y->typed_data());
-  Buf scratch;
-  p->fwd.execute(st, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_DST, ym},
-                      {DNNL_ARG_SCRATCHPAD, Scratch(p->fwd_pd, &scratch)}});
-  st.wait();
+  Execute(p->fwd, p->fwd_pd, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_DST, ym}}, st);
   return ffi::Error::Success();
 }
 
@@ -138,11 +146,8 @@ ffi::Error BwdData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
   Buf hold;
   memory wm = Weights(*p, p->bwd_data_pd.weights_desc(), w.typed_data(), st, false, &hold);
   memory dym(p->dst, Engine(), dy.typed_data()), dxm(p->src, Engine(), dx->typed_data());
-  Buf scratch;
-  p->bwd_data.execute(st, {{DNNL_ARG_DIFF_DST, dym}, {DNNL_ARG_WEIGHTS, wm},
-                           {DNNL_ARG_DIFF_SRC, dxm},
-                           {DNNL_ARG_SCRATCHPAD, Scratch(p->bwd_data_pd, &scratch)}});
-  st.wait();
+  Execute(p->bwd_data, p->bwd_data_pd,
+          {{DNNL_ARG_DIFF_DST, dym}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_DIFF_SRC, dxm}}, st);
   return ffi::Error::Success();
 }
 
@@ -157,12 +162,12 @@ ffi::Error BwdWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
   memory wm = Weights(*p, p->bwd_weights_pd.diff_weights_desc(), dw->typed_data(), st, true,
                       &hold);
   memory xm(p->src, Engine(), x.typed_data()), dym(p->dst, Engine(), dy.typed_data());
-  Buf scratch;
-  p->bwd_weights.execute(st, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_DIFF_DST, dym},
-                              {DNNL_ARG_DIFF_WEIGHTS, wm},
-                              {DNNL_ARG_SCRATCHPAD, Scratch(p->bwd_weights_pd, &scratch)}});
-  if (wm.get_data_handle() != user.get_data_handle()) dnnl::reorder(wm, user).execute(st, wm, user);
-  st.wait();
+  Execute(p->bwd_weights, p->bwd_weights_pd,
+          {{DNNL_ARG_SRC, xm}, {DNNL_ARG_DIFF_DST, dym}, {DNNL_ARG_DIFF_WEIGHTS, wm}}, st);
+  if (wm.get_data_handle() != user.get_data_handle()) {
+    dnnl::reorder(wm, user).execute(st, wm, user);
+    st.wait();
+  }
   return ffi::Error::Success();
 }
 
