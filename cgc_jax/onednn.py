@@ -41,13 +41,24 @@ _lock = threading.Lock()
 _state = {}  # 'ok': bool, 'reason': str, 'path': str
 
 
+def _has_onednn(root) -> bool:
+  return (os.path.exists(os.path.join(root, 'include', 'oneapi', 'dnnl', 'dnnl.hpp')) and
+          bool(glob.glob(os.path.join(root, 'lib', 'libdnnl.so*'))))
+
+
 def _onednn_root():
-  """A prefix holding include/oneapi/dnnl/dnnl.hpp and lib/libdnnl.so*, or None."""
-  roots = [os.environ.get('CGC_JAX_ONEDNN_ROOT'), sys.prefix, site.getuserbase(), sys.base_prefix,
-           '/usr/local', '/usr']  # pip's data files land in the first three
-  for r in filter(None, roots):
-    if (os.path.exists(os.path.join(r, 'include', 'oneapi', 'dnnl', 'dnnl.hpp')) and
-        glob.glob(os.path.join(r, 'lib', 'libdnnl.so*'))):
+  """A prefix holding include/oneapi/dnnl/dnnl.hpp and lib/libdnnl.so*, or None. Raises
+  RuntimeError when $CGC_JAX_ONEDNN_ROOT is set to a folder without them (a user's explicit choice
+  is not silently replaced by another oneDNN)."""
+  chosen = os.environ.get('CGC_JAX_ONEDNN_ROOT')
+  if chosen:
+    if not _has_onednn(chosen):
+      raise RuntimeError(f'CGC_JAX_ONEDNN_ROOT={chosen} has no include/oneapi/dnnl/dnnl.hpp and '
+                         'lib/libdnnl.so*')
+    return chosen
+  # pip's data files land in the first three
+  for r in (sys.prefix, site.getuserbase(), sys.base_prefix, '/usr/local', '/usr'):
+    if _has_onednn(r):
       return r
   return None
 

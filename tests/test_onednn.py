@@ -38,6 +38,10 @@ def test_a_failed_build_names_what_is_missing_and_leaves_nothing(tmp_path, monke
     with pytest.raises(RuntimeError, match='oneDNN not found'):
       onednn.build()
   with monkeypatch.context() as m:
+    m.setenv('CGC_JAX_ONEDNN_ROOT', str(tmp_path / 'nowhere'))
+    with pytest.raises(RuntimeError, match='CGC_JAX_ONEDNN_ROOT=.*nowhere has no include'):
+      onednn.build()
+  with monkeypatch.context() as m:
     m.setattr(onednn, '_onednn_root', lambda: str(tmp_path))
     m.setattr(onednn, '_compiler', lambda: None)
     with pytest.raises(RuntimeError, match='no C\\+\\+ compiler'):
