@@ -42,6 +42,21 @@ def bootstrap_target(logits, p, beta: float):
   return (1.0 - beta) * p + beta * own
 
 
+def corrected_target(logits, p, threshold: float, active):
+  """ADELE-style target correction (Liu et al. 2022): where the network is sure (its lesion
+  probability above `threshold` or below 1 - `threshold`) the target is its own decision, elsewhere
+  P; P everywhere while `active` is False. Held constant (no gradient).
+
+  logits f32[B, X, Y, Z, 2]; p f32[B, X, Y, Z] in {0, 1}; threshold in (0.5, 1); active bool[]
+  (from train.correct_start of the steps on) -> f32[B, X, Y, Z]. Where P is wrong and the network
+  has learned otherwise before it memorised P (a false lesion it never marks, a core P leaves out
+  that it marks), the label stops pulling it back.
+  """
+  prob = jax.lax.stop_gradient(jax.nn.softmax(logits, axis=-1)[..., 1])
+  own = jnp.where(prob > threshold, 1.0, jnp.where(prob < 1.0 - threshold, 0.0, p))
+  return jnp.where(active, own.astype(p.dtype), p)
+
+
 def confidence_weight(posterior, gamma: float):
   """Voxel weight |2 * posterior - 1| ** gamma: 1 where the mixture is sure, 0 where it is 50/50.
   posterior f32[...] in [0, 1] -> f32[...]."""

@@ -41,6 +41,8 @@ RANGES = {
     'train.bootstrap': (0.0, 1.0, True, False),
     'train.confidence_gamma': (0.0, float('inf'), True, False),
     'train.elr_decay': (0.0, 1.0, True, False),
+    'train.correct_start': (0.0, 1.0, True, True),
+    'train.correct_threshold': (0.0, 1.0, True, False),
     'train.lr': (0.0, float('inf'), False, False),
     'train.spatial_p': (0.0, 1.0, True, True),
     'train.rotate_deg': (0.0, 180.0, True, True),
@@ -100,6 +102,10 @@ def problems(config) -> list:
   if isinstance(border, (int, float)) and border > 0 and source not in (_MISSING, 'gmm'):
     out.append(f'eval.border_mm: {border} (the border refinement refits the mixture on new scans: '
                f'expected pseudo_labels.source = gmm, got {source!r})')
+  corr = _get(config, 'train.correct_threshold')
+  if isinstance(corr, (int, float)) and 0 < corr <= 0.5:
+    out.append(f'train.correct_threshold: {corr} (expected 0, off, or a number in (0.5, 1): the '
+               f'network must be surer than a coin toss)')
   zoom = _get(config, 'train.zoom')
   if zoom is not _MISSING and not (
       isinstance(zoom, (list, tuple)) and len(zoom) == 2 and

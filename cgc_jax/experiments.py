@@ -105,6 +105,8 @@ TABLES = {
         # evaluation only (the configured recipe's networks): one of the two is the recipe itself
         ('the edge from each case\'s mixture, 4 mm', 'gmm', {'eval.border_mm': 4.0}),
         ('the network\'s own edge (no edge from the mixture)', 'gmm', {'eval.border_mm': 0.0}),
+        ('target correction from half-way, the network\'s own decision where it is 80% sure',
+         'gmm', {'train.correct_threshold': 0.8}),
     ],
     # not a paper table: how much the CGC terms' weight (both lambdas) matters
     'weights': [(f'full CGC, lambda = {w}', 'gmm',

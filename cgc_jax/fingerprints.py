@@ -26,7 +26,8 @@ _OMIT_AT = {('train', 'elr_lambda'): 0.0, ('train', 'elr_decay'): 0.97,
             ('cgc', 'fine_anchors'): 'patch', ('eval', 'keep_fraction'): 0.0,
             ('eval', 'average_checkpoints'): 0, ('train', 'spatial_p'): 0.0,
             ('train', 'rotate_deg'): 15.0, ('train', 'zoom'): (0.85, 1.15), ('train', 'folds'): 1,
-            ('eval', 'fold_networks'): 'all', ('eval', 'border_mm'): 0.0}
+            ('eval', 'fold_networks'): 'all', ('eval', 'border_mm'): 0.0,
+            ('train', 'correct_threshold'): 0.0, ('train', 'correct_start'): 0.5}
 
 
 def _as_lists(v):

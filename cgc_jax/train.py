@@ -36,13 +36,14 @@ Preempted = errors.Preempted  # defined in errors.py (every user-facing error in
 NonFiniteError = errors.NonFiniteError  # defined in errors.py, with every user-facing error
 
 
-def loss_fn(params, batch, config, teacher=None):
+def loss_fn(params, batch, config, teacher=None, step=0):
   """Total CGC loss and its components for one global batch.
 
   batch: image f32[B, X, Y, Z, C], p f32[B, X, Y, Z], brain f32[B, X, Y, Z] (and posterior
   f32[B, X, Y, Z], P's soft posterior, when train.confidence_gamma > 0). teacher: (parameters of
   the same form as params, target scale f32[]) when train.elr_lambda > 0, the early-learning
-  regulariser's teacher (train_state.teacher_params).
+  regulariser's teacher (train_state.teacher_params). step: i32[] the optimiser step (the target
+  correction, train.correct_threshold, acts from train.correct_start x train.steps on).
   """
   net, coarse_head, proj_head = unet.build(config.model)
   logits, feats = net.apply({'params': params['unet']}, batch['image'])
@@ -51,6 +52,9 @@ def loss_fn(params, batch, config, teacher=None):
   if t.confidence_gamma:
     weight = weight * cgc.confidence_weight(batch['posterior'], t.confidence_gamma)
   target = cgc.bootstrap_target(logits, batch['p'], t.bootstrap) if t.bootstrap else batch['p']
+  if t.get('correct_threshold', 0.0):
+    active = step >= int(round(t.correct_start * t.steps))
+    target = cgc.corrected_target(logits, target, t.correct_threshold, active)
   if t.gce_q:
     l_seg = cgc.gce_loss(logits, target, weight, t.gce_q)
   else:
@@ -99,7 +103,7 @@ def train_step(state: train_state.TrainState, batch, *, config, tx):
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   t = config.train
   teacher = (train_state.teacher_params(state.opt_state, t.elr_decay) if t.elr_lambda else None)
-  (_, metrics), grads = grad_fn(state.params, batch, config, teacher)
+  (_, metrics), grads = grad_fn(state.params, batch, config, teacher, state.step)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics['grad_norm'] = optax.tree.norm(grads)

@@ -140,6 +140,10 @@ def base_config() -> ml_collections.ConfigDict:
   # weights are the moving average (decay elr_decay per step) of the network's own
   t.elr_lambda = 0.0
   t.elr_decay = 0.97
+  # >0: ADELE-style target correction: from correct_start x steps on, voxels where the network's
+  # lesion probability is above this (or below 1 - this) take its own decision as the target
+  t.correct_threshold = 0.0
+  t.correct_start = 0.5
   # Cross-fitting (1 = off): this many networks, network f trained on every case but those of fold
   # f (case i of the sorted ids is in fold i mod folds), segmenting as their mean
   # (eval.fold_networks says which of them segment a training case). Costs folds x the training

@@ -45,6 +45,22 @@ def test_gce_loss_matches_numpy_and_tends_to_ce():
   assert float(cgc.gce_loss(logits, p, w, 1e-3)) == pytest.approx(ce, rel=2e-3)
 
 
+def test_corrected_target_takes_the_networks_sure_decisions_only_when_active():
+  rng = np.random.default_rng(3)
+  logits = rng.normal(0, 3, (2, 4, 3, 2, 2)).astype(np.float32)
+  p = (rng.random((2, 4, 3, 2)) > 0.5).astype(np.float32)
+  prob = np.exp(logits[..., 1]) / np.exp(logits).sum(-1)
+  want = np.where(prob > 0.8, 1.0, np.where(prob < 0.2, 0.0, p))
+  assert 0 < (want != p).sum() < p.size  # some labels flipped, not all
+  got = cgc.corrected_target(jnp.asarray(logits), jnp.asarray(p), 0.8, jnp.asarray(True))
+  np.testing.assert_array_equal(np.asarray(got), want)
+  off = cgc.corrected_target(jnp.asarray(logits), jnp.asarray(p), 0.8, jnp.asarray(False))
+  np.testing.assert_array_equal(np.asarray(off), p)
+  g = jax.grad(lambda x: cgc.corrected_target(x, jnp.asarray(p), 0.8, True).sum())(
+      jnp.asarray(logits))
+  assert not np.any(np.asarray(g))  # a constant target
+
+
 def test_bootstrap_target_and_confidence_weight():
   logits = np.zeros((1, 2, 1, 1, 2), np.float32)
   logits[0, 0, 0, 0] = (2.0, -1.0)  # network says normal
