@@ -129,7 +129,10 @@ def segment_prepared(config, predictor, params, image, brain, geom, evidence: bo
   evidence=False (the case-level gate said no lesion): an empty mask. p: the case's P (bool, the
   prepared grid; case_mixture) for eval.border_mm: voxels within that many mm of the border of the
   network's mask (after the component rules) take P's side (morphology.refine_border), then the
-  component rules run again."""
+  component rules run again. The network does not run when evidence is False."""
+  if not evidence:
+    prob = np.zeros(np.shape(brain), np.float32)
+    return prob, geometry.prob_to_original_mask(prob, geom)
   members = params if isinstance(params, list) else [params]
   image = np.asarray(image, np.float32)
   prob = sum(predictor.predict_volume(p_, image) for p_ in members) / len(members)
@@ -140,8 +143,6 @@ def segment_prepared(config, predictor, params, image, brain, geom, evidence: bo
   prob = rules(prob)
   if p is not None and e.get('border_mm', 0.0) > 0:
     prob = rules(morphology.refine_border(prob, p, geom.spacing, e.border_mm))
-  if not evidence:
-    prob = np.zeros_like(prob)
   return prob, geometry.prob_to_original_mask(prob, geom)
 
 

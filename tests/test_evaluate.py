@@ -220,9 +220,15 @@ def test_case_mixture_gate_and_p():
   prob, mask = evaluate.segment_prepared(cfg, _ConstantPredictor(), None, arrays['image'],
                                          arrays['brain'], geom, evidence=True)
   assert mask.shape == (30, 30, 30) and mask.sum() == 22**3  # 0.9 everywhere in the brain
-  prob, mask = evaluate.segment_prepared(cfg, _ConstantPredictor(), None, arrays['image'],
+  prob, mask = evaluate.segment_prepared(cfg, _UnusedPredictor(), None, arrays['image'],
                                          arrays['brain'], geom, evidence=False)
-  assert not prob.any() and not mask.any()
+  assert not prob.any() and not mask.any()  # and the network did not run
+  assert prob.shape == arrays['brain'].shape and mask.shape == (30, 30, 30)
+
+
+class _UnusedPredictor:
+  def predict_volume(self, params, image):
+    raise AssertionError('the network ran on a case without lesion evidence')
 
 
 class _BlockPredictor:
