@@ -140,36 +140,31 @@ def test_elr_step_adds_the_teacher_term(tiny_workdir):
 
 
 def test_target_correction_starts_at_its_step(tiny_workdir):
-  """train.correct_threshold: before correct_start x steps the loss is the plain one; from that step
-  on, the segmentation terms are taken against cgc.corrected_target, and train_step passes its own
-  step to the loss."""
+  """train.correct_threshold: before correct_start x steps the segmentation terms are taken against
+  P, from that step on against cgc.corrected_target; train_step passes its own step to the loss."""
   cfg = tiny_config(**{'train.correct_threshold': 0.51, 'train.correct_start': 0.5,
                        'train.steps': 4})
-  plain_cfg = tiny_config(**{'train.steps': 4})
   batch = {k: jnp.asarray(v) for k, v in _batch(tiny_workdir, cfg).items()}
   mesh = Mesh(np.asarray(jax.devices()[:1]), ('data',))
   tx, _ = train_state.make_optimizer(cfg.train)
   state = train_state.create_state(cfg, mesh, batch['image'].shape[-1], tx)
-  params = state.params
-  _, before = train.loss_fn(params, batch, cfg, step=1)
-  _, plain = train.loss_fn(params, batch, plain_cfg, step=1)
-  assert float(before['seg']) == pytest.approx(float(plain['seg']), abs=1e-7)
-  _, after = train.loss_fn(params, batch, cfg, step=2)
   net, _, _ = unet.build(cfg.model)
-  logits, _ = net.apply({'params': params['unet']}, batch['image'])
-  target = cgc.corrected_target(logits, batch['p'], 0.51, True)
+  logits, _ = net.apply({'params': state.params['unet']}, batch['image'])
   w = batch['brain']
+
+  def seg(target):
+    ce = (cgc.gce_loss(logits, target, w, cfg.train.gce_q) if cfg.train.gce_q else
+          cgc.seg_loss(logits, target, w))
+    return float(ce) + cfg.train.dice_weight * float(cgc.soft_dice_loss(logits, target, w))
+  target = cgc.corrected_target(logits, batch['p'], 0.51, True)
   assert float(jnp.abs(target - batch['p']).sum()) > 0  # the correction changes labels here
-  want = (float(cgc.gce_loss(logits, target, w, cfg.train.gce_q)) if cfg.train.gce_q else
-          float(cgc.seg_loss(logits, target, w))) + cfg.train.dice_weight * float(
-              cgc.soft_dice_loss(logits, target, w))
-  assert float(after['seg']) == pytest.approx(want, abs=1e-5)
-  assert abs(float(after['seg']) - float(before['seg'])) > 1e-4
+  plain, corrected = seg(batch['p']), seg(target)
+  assert abs(plain - corrected) > 1e-4
   step = train.make_train_step(cfg, mesh, tx)
-  for at, ref in ((0, before), (2, after)):  # the step donates its state: each call gets a copy
+  for at, want in ((1, plain), (2, corrected)):  # the step donates its state: each call a copy
     fresh = jax.tree.map(jnp.copy, state)
     _, m = step(fresh.replace(step=jnp.asarray(at, state.step.dtype)), batch)
-    assert float(m['seg']) == pytest.approx(float(ref['seg']), abs=1e-5), at
+    assert float(m['seg']) == pytest.approx(want, abs=1e-5), at
 
 
 class _Interrupt(Exception):
