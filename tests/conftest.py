@@ -23,12 +23,6 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position,unused-i
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-def pytest_collection_modifyitems(items):
-  """The slow tests first (a stable sort), so that pytest-xdist's workers start on the long ones
-  and finish together instead of one waiting on a long test collected last."""
-  items.sort(key=lambda item: item.get_closest_marker('slow') is None)
-
-
 def tiny_config(**overrides):
   """tests/tiny.py's config (the demo shrunk for tests) with `section.field` overrides."""
   import tiny  # pylint: disable=g-import-not-at-top
