@@ -54,7 +54,7 @@ def corrected_target(logits, p, threshold: float, active):
   """
   prob = jax.lax.stop_gradient(jax.nn.softmax(logits, axis=-1)[..., 1])
   own = jnp.where(prob > threshold, 1.0, jnp.where(prob < 1.0 - threshold, 0.0, p))
-  return jnp.where(active, own.astype(p.dtype), p)
+  return jnp.where(active, own, p)  # own has p's dtype (the constants are weakly typed)
 
 
 def confidence_weight(posterior, gamma: float):
