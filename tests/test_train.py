@@ -127,13 +127,20 @@ def test_elr_step_adds_the_teacher_term(tiny_workdir):
   assert float(scale) == pytest.approx(1.0 - cfg.train.elr_decay)
   for a, b in zip(jax.tree.leaves(init), jax.tree.leaves(teacher)):
     np.testing.assert_allclose(np.asarray(b), a, rtol=1e-5, atol=1e-6)
-  _, with_elr = train.loss_fn(state.params, batch, cfg, (teacher, scale))
+  # each side one jitted program (op-by-op evaluation of the U-Net is several times slower)
+  _, with_elr = jax.jit(lambda p, t: train.loss_fn(p, batch, cfg, t))(state.params,
+                                                                       (teacher, scale))
   plain_cfg = tiny_config()
-  _, plain = train.loss_fn(state.params, batch, plain_cfg)
+  _, plain = jax.jit(lambda p: train.loss_fn(p, batch, plain_cfg))(state.params)
   net, _, _ = unet.build(cfg.model)
-  logits, _ = net.apply({'params': state.params['unet']}, batch['image'])
-  t_logits, _ = net.apply({'params': teacher['unet']}, batch['image'])
-  elr = float(cgc.elr_loss(logits, t_logits, batch['brain'], scale))
+
+  @jax.jit
+  def reference(params, teacher, scale):
+    logits, _ = net.apply({'params': params['unet']}, batch['image'])
+    t_logits, _ = net.apply({'params': teacher['unet']}, batch['image'])
+    return cgc.elr_loss(logits, t_logits, batch['brain'], scale)
+
+  elr = float(reference(state.params, teacher, scale))
   assert elr < 0
   assert float(with_elr['elr']) == pytest.approx(elr, abs=1e-5)
   assert float(with_elr['loss']) == pytest.approx(float(plain['loss']) + 2.0 * elr, abs=1e-4)
