@@ -26,21 +26,27 @@ def test_sum2d_conv_equals_native_conv_and_gradients():
     np.testing.assert_allclose(np.asarray(u), np.asarray(v), atol=1e-4)
 
 
-def _values_and_grads_match(x, k, fn, rtol):
-  """fn(x, k), d/dx and d/dk of sum(sin(fn)) against lax.conv_general_dilated's, within rtol of
-  their largest magnitude; d/dk sums over every voxel (up to 10^6 f32 terms, added in another
-  order by each formulation), so it gets 10 x rtol."""
-  def with_grads(f):  # one program: f and the gradients of sum(sin(f)), cotangent cos(f)
-    def run(x, k):
-      y, vjp = jax.vjp(f, x, k)
-      return (y, *vjp(jnp.cos(y)))
-    return jax.jit(run)
-  want = with_grads(lambda x, k: unet.conv3x3x3(x, k, 'native'))(x, k)
-  got = with_grads(fn)(x, k)
-  for w, g, tol in zip(want, got, (rtol, rtol, 10 * rtol)):
+def _with_grads(f):
+  """One program: f(x, k) and the gradients of sum(sin(f)) (cotangent cos(f)) w.r.t. x and k."""
+  def run(x, k):
+    y, vjp = jax.vjp(f, x, k)
+    return (y, *vjp(jnp.cos(y)))
+  return jax.jit(run)
+
+
+def _assert_match(want, got, rtol, what=''):
+  """Values, d/dx and d/dk within rtol of their largest magnitude; d/dk sums over every voxel (up
+  to 10^6 f32 terms, added in another order by each formulation), so it gets 10 x rtol."""
+  for w, g, tol, name in zip(want, got, (rtol, rtol, 10 * rtol), ('y', 'dx', 'dk')):
     w, g = np.asarray(w), np.asarray(g)
-    assert g.shape == w.shape
-    np.testing.assert_allclose(g, w, atol=tol * np.abs(w).max())
+    assert g.shape == w.shape, (what, name)
+    np.testing.assert_allclose(g, w, atol=tol * np.abs(w).max(), err_msg=f'{what} {name}')
+
+
+def _values_and_grads_match(x, k, fn, rtol):
+  """fn(x, k), d/dx and d/dk of sum(sin(fn)) against lax.conv_general_dilated's."""
+  _assert_match(_with_grads(lambda x, k: unet.conv3x3x3(x, k, 'native'))(x, k),
+                _with_grads(fn)(x, k), rtol)
 
 
 @pytest.mark.parametrize('name', ['im2col27', 'im2col9', 'winograd'])
@@ -57,13 +63,12 @@ _CONFIGS = ('demo', 'brats_sample', 'brats_dev', 'brats', 'brats_paper_geometry'
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('impl', ['sum2d', 'onednn'])
-def test_cpu_convs_equal_native_at_every_conv_shape_of_the_configs(impl):
-  """Every distinct 3x3x3 convolution of the configs' U-Nets (batch 1), values and gradients.
-  brats.py (an accelerator config, where `auto` is native) keeps its channel counts with each
-  spatial axis cut to a quarter, to stay within a CPU test's time."""
-  if impl == 'onednn' and not onednn.available():
-    pytest.skip(f'oneDNN convolutions not built here: {onednn.reason()}')
+def test_cpu_convs_equal_native_at_every_conv_shape_of_the_configs():
+  """Every distinct 3x3x3 convolution of the configs' U-Nets (batch 1), values and gradients, for
+  sum2d and (where it is built) oneDNN against one native reference per shape. brats.py (an
+  accelerator config, where `auto` is native) keeps its channel counts with each spatial axis cut
+  to a quarter, to stay within a CPU test's time."""
+  impls = ['sum2d'] + (['onednn'] if onednn.available() else [])
   shapes = set()
   for name in _CONFIGS:
     for s, cin, cout in benchmark._conv_shapes(importlib.import_module(name).get_config(), 1):
@@ -72,7 +77,12 @@ def test_cpu_convs_equal_native_at_every_conv_shape_of_the_configs(impl):
   for spatial, cin, cout in sorted(shapes):
     x = jnp.asarray(rng.normal(size=(1,) + spatial + (cin,)), jnp.float32)
     k = jnp.asarray(rng.normal(size=(3, 3, 3, cin, cout)) / np.sqrt(27 * cin), jnp.float32)
-    _values_and_grads_match(x, k, lambda x, k, impl=impl: unet.conv3x3x3(x, k, impl), 1e-5)
+    want = _with_grads(lambda x, k: unet.conv3x3x3(x, k, 'native'))(x, k)
+    for impl in impls:
+      got = _with_grads(lambda x, k, impl=impl: unet.conv3x3x3(x, k, impl))(x, k)
+      _assert_match(want, got, 1e-5, f'{impl} at {spatial} {cin}->{cout}')
+  if 'onednn' not in impls:
+    pytest.skip(f'sum2d checked; oneDNN convolutions not built here: {onednn.reason()}')
 
 
 def test_upconv_is_a_stride2_transposed_conv():
