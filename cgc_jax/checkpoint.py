@@ -5,6 +5,7 @@ s. Saves are asynchronous (orbax writes in a background thread after copying arr
 donated state can be reused at once. If the newest checkpoint cannot be read, restore falls back to
 the previous one with a warning naming both steps.
 """
+import logging as std_logging
 import os
 
 from absl import logging
@@ -23,10 +24,23 @@ IncompatibleCheckpointError = errors.IncompatibleCheckpointError
 # U-Net's small arrays that takes longer than the write it parallelises (a save of the tests'
 # 8-device state: 2.3 s). The files are the same either way.
 MIN_REPLICA_PARALLEL_BYTES = 64 << 20
-ocp.type_handlers.register_type_handler(
-    jax.Array,
-    ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_REPLICA_PARALLEL_BYTES),
-    override=True)
+
+
+def _register_array_handler():
+  absl_logger = std_logging.getLogger('absl')
+  level = absl_logger.level
+  absl_logger.setLevel(std_logging.ERROR)  # orbax warns on every override; this one is meant
+  try:
+    ocp.type_handlers.register_type_handler(
+        jax.Array,
+        ocp.type_handlers.ArrayHandler(
+            min_slice_bytes_for_replica_parallel=MIN_REPLICA_PARALLEL_BYTES),
+        override=True)
+  finally:
+    absl_logger.setLevel(level)
+
+
+_register_array_handler()
 
 
 class Checkpointer:

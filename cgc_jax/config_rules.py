@@ -40,6 +40,8 @@ RANGES = {
     'train.gce_q': (0.0, 1.0, True, True),
     'train.bootstrap': (0.0, 1.0, True, False),
     'train.confidence_gamma': (0.0, float('inf'), True, False),
+    'train.symmetry_margin': (0.0, float('inf'), True, False),
+    'train.symmetry_sigma': (0.0, float('inf'), True, False),
     'train.elr_decay': (0.0, 1.0, True, False),
     'train.correct_start': (0.0, 1.0, True, True),
     'train.correct_threshold': (0.0, 1.0, True, False),
@@ -106,6 +108,12 @@ def problems(config) -> list:
   if isinstance(corr, (int, float)) and 0 < corr <= 0.5:
     out.append(f'train.correct_threshold: {corr} (expected 0, off, or a number in (0.5, 1): the '
                f'network must be surer than a coin toss)')
+  sym, mod = _get(config, 'train.symmetry_margin'), _get(config, 'train.symmetry_modality')
+  mods = _get(config, 'data.modalities')
+  if isinstance(sym, (int, float)) and sym > 0 and mods not in (_MISSING, None) and \
+      mod not in tuple(mods):
+    out.append(f'train.symmetry_modality: {mod!r} (expected one of data.modalities '
+               f'{list(mods)} while train.symmetry_margin > 0)')
   zoom = _get(config, 'train.zoom')
   if zoom is not _MISSING and not (
       isinstance(zoom, (list, tuple)) and len(zoom) == 2 and

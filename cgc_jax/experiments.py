@@ -107,6 +107,10 @@ TABLES = {
         ('the network\'s own edge (no edge from the mixture)', 'gmm', {'eval.border_mm': 0.0}),
         ('target correction from half-way, the network\'s own decision where it is 80% sure',
          'gmm', {'train.correct_threshold': 0.8}),
+        ('P\'s left-right symmetric voxels left out of the loss (FLAIR margin 0.3)', 'gmm',
+         {'train.symmetry_margin': 0.3}),
+        ('P\'s symmetric voxels counted (no symmetry weights)', 'gmm',
+         {'train.symmetry_margin': 0.0}),
     ],
     # not a paper table: how much the CGC terms' weight (both lambdas) matters
     'weights': [(f'full CGC, lambda = {w}', 'gmm',

@@ -27,7 +27,9 @@ _OMIT_AT = {('train', 'elr_lambda'): 0.0, ('train', 'elr_decay'): 0.97,
             ('eval', 'average_checkpoints'): 0, ('train', 'spatial_p'): 0.0,
             ('train', 'rotate_deg'): 15.0, ('train', 'zoom'): (0.85, 1.15), ('train', 'folds'): 1,
             ('eval', 'fold_networks'): 'all', ('eval', 'border_mm'): 0.0,
-            ('train', 'correct_threshold'): 0.0, ('train', 'correct_start'): 0.5}
+            ('train', 'correct_threshold'): 0.0, ('train', 'correct_start'): 0.5,
+            ('train', 'symmetry_margin'): 0.0, ('train', 'symmetry_modality'): 'flair',
+            ('train', 'symmetry_sigma'): 1.0}
 
 
 def _as_lists(v):

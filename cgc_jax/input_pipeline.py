@@ -11,7 +11,8 @@ it. Each process builds only its own slots
 threads build the next `prefetch` batches ahead.
 
 Example contract (one slot): image f32[X, Y, Z, C], p f32[X, Y, Z] (P in {0, 1}),
-brain f32[X, Y, Z], and posterior f32[X, Y, Z] (P's soft posterior) when train.confidence_gamma > 0;
+brain f32[X, Y, Z], posterior f32[X, Y, Z] (P's soft posterior) when train.confidence_gamma > 0,
+and label_weight f32[X, Y, Z] (0 on P's left-right symmetric voxels) when train.symmetry_margin > 0;
 (X, Y, Z) = train.crop. Cases smaller than the crop are zero-padded (brain 0).
 """
 import collections
@@ -20,6 +21,7 @@ import threading
 
 import numpy as np
 
+from cgc_jax import morphology
 from cgc_jax import store as store_lib
 
 _MAX_FG_COORDS = 50000  # lesion voxel coordinates cached per case for foreground sampling
@@ -98,12 +100,29 @@ class CropSampler:
         p = self._labels.read(cid, 'p', self._verify)
         post = (self._labels.read(cid, 'posterior', self._verify)
                 if self.cfg.confidence_gamma else None)
+        weight = None
+        if self.cfg.get('symmetry_margin', 0.0) > 0:
+          weight = self._label_weight(cid, image, p, brain)
         coords = np.argwhere(np.asarray(p) > 0)
         if len(coords) > _MAX_FG_COORDS:
           rng = np.random.default_rng([self.cfg.seed, len(coords)])
           coords = coords[np.sort(rng.choice(len(coords), _MAX_FG_COORDS, replace=False))]
-        self._cases[ci] = (image, p, brain, coords.astype(np.int32), post)
+        self._cases[ci] = (image, p, brain, coords.astype(np.int32), post, weight)
       return self._cases[ci]
+
+  def _label_weight(self, cid, image, p, brain) -> np.ndarray:
+    """f32[X, Y, Z]: 0 on P's left-right symmetric voxels (morphology.symmetric_lesion, on
+    train.symmetry_modality), 1 elsewhere."""
+    mods = list(self._prep.meta(cid)['modalities'])
+    mod = self.cfg.symmetry_modality
+    if mod not in mods:
+      raise ValueError(f'{cid}: train.symmetry_modality {mod!r} is not one of its modalities '
+                       f'{mods}')
+    sym = morphology.symmetric_lesion(np.asarray(p) > 0, np.asarray(image[..., mods.index(mod)],
+                                                                      np.float32),
+                                      np.asarray(brain) > 0, self.cfg.symmetry_margin,
+                                      self.cfg.symmetry_sigma)
+    return (~sym).astype(np.float32)
 
   def _spacing(self, ci: int) -> tuple:
     """Case `ci`'s voxel size in mm, read from its meta once (benign race: the value is fixed)."""
@@ -124,7 +143,7 @@ class CropSampler:
     cfg = self.cfg
     ci = self._case_of(step * cfg.batch_size + slot)
     rng = np.random.default_rng([cfg.seed, 2, step, slot])
-    image, p, brain, fg, post = self._case(ci)
+    image, p, brain, fg, post, weight = self._case(ci)
     shape = image.shape[:3]
     lo = [min(0, s - c) for s, c in zip(shape, self.crop)]
     hi = [max(0, s - c) for s, c in zip(shape, self.crop)]
@@ -142,10 +161,17 @@ class CropSampler:
     out_img[dst] = image[src]
     out_p[dst] = p[src]
     out_b[dst] = brain[src]
+    # name -> (volume, interpolation order, value outside the scan, where the brain weight is 0
+    # anyway)
+    sources = {}
+    if post is not None:  # posterior 0 outside: a sure "normal"
+      sources['posterior'] = (post, 1, 0.0)
+    if weight is not None:
+      sources['label_weight'] = (weight, 0, 1.0)
     extra = {}
-    if post is not None:  # outside the scan: posterior 0 (a sure "normal", brain weight 0 anyway)
-      extra['posterior'] = np.zeros(self.crop, np.float32)
-      extra['posterior'][dst] = post[src]
+    for k, (vol, _, outside) in sources.items():
+      extra[k] = np.full(self.crop, outside, np.float32)
+      extra[k][dst] = vol[src]
     flips = rng.random(3) < 0.5
     c = out_img.shape[-1]
     scale = 1.0 + rng.uniform(-cfg.intensity_scale, cfg.intensity_scale, c).astype(np.float32)
@@ -156,7 +182,7 @@ class CropSampler:
       out_img = np.stack([resample(image, coords, 1, channel=k) for k in range(c)], -1)
       out_p = resample(p, coords, 0)
       out_b = resample(brain, coords, 0)
-      extra = {k: resample(post, coords, 1) for k in extra}
+      extra = {k: resample(vol, coords, order) for k, (vol, order, _) in sources.items()}
     out_img = np.where(out_b[..., None] > 0, out_img * scale + shift, 0.0).astype(np.float32)
     if cfg.flip:
       axes = tuple(int(a) for a in np.nonzero(flips)[0])

@@ -1,4 +1,5 @@
-"""Spatial rules on binary lesion masks: connected components, hole filling, the lesion cleanup.
+"""Spatial rules on binary lesion masks: connected components, hole filling, the lesion cleanup,
+the network's border from P, and P's left-right symmetric voxels.
 
 Every function takes and returns `bool[X, Y, Z]` on one grid (the prepared grid in the pipeline).
 Components are 26-connected (a lesion touching itself only across a voxel corner is still one
@@ -116,3 +117,44 @@ def refine_border(prob: np.ndarray, p: np.ndarray, spacing, mm: float,
   side = np.where(np.asarray(p, bool), np.maximum(prob, np.float32(threshold + 0.01)),
                   np.minimum(prob, np.float32(threshold - 0.01)))
   return np.where(band, side, prob).astype(np.float32)
+
+
+def mirror_shift(brain: np.ndarray, max_shift: int = 10) -> int:
+  """The left-right mirror of the prepared (RAS) grid that best overlays the brain on itself.
+
+  brain: bool[X, Y, Z], axis 0 left-right. Returns the integer s in [-max_shift, max_shift] that
+  maximises the overlap of `brain` with mirror(brain, s); ties go to the smallest |s|, then the
+  negative one. A brain cropped off-centre has its midline away from the grid's centre; s moves the
+  mirror plane to it (the plane sits at x = (X - 1 + s) / 2)."""
+  b = np.asarray(brain, bool)
+  best = None
+  for s in sorted(range(-max_shift, max_shift + 1), key=lambda v: (abs(v), v)):
+    overlap = int(np.count_nonzero(b & mirror(b, s)))
+    if best is None or overlap > best[0]:
+      best = (overlap, s)
+  return best[1]
+
+
+def mirror(a: np.ndarray, shift: int) -> np.ndarray:
+  """a[X, ...] mirrored left-right about the plane x = (X - 1 + shift) / 2: out[x] = a[shift - x + X
+  - 1], wrapped at the grid's edge (the brain box's margin keeps the brain clear of the wrap)."""
+  return np.roll(np.asarray(a)[::-1], shift, axis=0)
+
+
+def symmetric_lesion(p: np.ndarray, channel: np.ndarray, brain: np.ndarray, margin: float,
+                     sigma: float) -> np.ndarray:
+  """The voxels of P that look like normal tissue seen on both sides of the brain.
+
+  p: bool[X, Y, Z] P; channel: f32[X, Y, Z] one normalised modality (FLAIR for BraTS), brighter in
+  lesion; brain: bool[X, Y, Z]; the prepared RAS grid (axis 0 left-right). A voxel is returned when
+  P marks it AND its mirror image (mirror_shift of the brain) AND the channel, smoothed by a
+  Gaussian of `sigma` voxels, is less than `margin` above its mirror's value there. A tumour sits in
+  one hemisphere and is brighter than the healthy tissue opposite; grey matter that P takes for
+  lesion is on both sides and alike. Tumour that crosses the midline is both too, which is why the
+  training loss only ignores these voxels (train.symmetry_margin) rather than calling them
+  normal. Returns bool[X, Y, Z]."""
+  p = np.asarray(p, bool)
+  s = mirror_shift(brain)
+  smooth = ndimage.gaussian_filter(np.asarray(channel, np.float32), sigma) if sigma > 0 else \
+      np.asarray(channel, np.float32)
+  return p & mirror(p, s) & (smooth - mirror(smooth, s) < margin)

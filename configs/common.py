@@ -136,6 +136,13 @@ def base_config() -> ml_collections.ConfigDict:
   t.gce_q = 0.0  # >0: generalised cross-entropy with this q instead of cross-entropy (q=1: MAE)
   t.bootstrap = 0.0  # >0: target = (1 - b) * P + b * the network's own hard decision
   t.confidence_gamma = 0.0  # >0: voxel weight |2 * posterior - 1| ** gamma (unsure P counts less)
+  # >0: voxels of P whose left-right mirror image is also P and whose symmetry_modality (smoothed by
+  # a Gaussian of symmetry_sigma voxels) is less than this many z-units brighter than the mirror's
+  # get no weight in the segmentation loss (morphology.symmetric_lesion): normal tissue that P
+  # takes for lesion on both sides. For one-sided lesions (gliomas), not for bilateral ones.
+  t.symmetry_margin = 0.0
+  t.symmetry_modality = 'flair'
+  t.symmetry_sigma = 1.0
   # >0: early-learning regularisation, lambda * log(1 - <prob, teacher prob>) with a teacher whose
   # weights are the moving average (decay elr_decay per step) of the network's own
   t.elr_lambda = 0.0

@@ -71,6 +71,15 @@ def test_every_bad_field_is_named_with_what_it_accepts():
   assert config_rules.problems(tiny_config(**{'eval.border_mm': 4.0})) == []
   assert config_rules.problems(tiny_config(**{'eval.border_mm': 0.0,
                                               'pseudo_labels.source': 'nifti'})) == []
+  # the symmetry weights: a margin, and a modality the data has
+  assert config_rules.problems(tiny_config(**{'train.symmetry_margin': -0.3})) == [
+      'train.symmetry_margin: -0.3 (expected a number in [0.0, inf))']
+  assert config_rules.problems(tiny_config(**{'train.symmetry_margin': 0.3,
+                                              'train.symmetry_modality': 'dwi'})) == [
+      "train.symmetry_modality: 'dwi' (expected one of data.modalities ['flair', 't1', 't1ce', "
+      "'t2'] while train.symmetry_margin > 0)"]
+  assert config_rules.problems(tiny_config(**{'train.symmetry_modality': 'dwi'})) == []  # off
+  assert config_rules.problems(tiny_config(**{'train.symmetry_margin': 0.3})) == []
   # a field an older workdir's config lacks is not checked
   del ok.cgc['fine_anchors']
   assert config_rules.problems(ok) == []

@@ -1,6 +1,8 @@
 import numpy as np
+import pytest
 
 from cgc_jax import input_pipeline
+from cgc_jax import morphology
 from cgc_jax import paths
 
 from conftest import tiny_config
@@ -53,7 +55,7 @@ def test_padding_and_foreground_sampling(tiny_workdir):
   assert np.all(b['image'][b['brain'] == 0] == 0)
   # no flips, no jitter, crop larger than every case: each crop holds its whole case, unchanged
   for j, cid in enumerate(s.case_ids_of(0)):
-    image, p, brain, _, _ = s._case(s.case_ids.index(cid))
+    image, p, brain, _, _, _ = s._case(s.case_ids.index(cid))
     assert b['brain'][j].sum() == np.asarray(brain).sum() > 0
     assert b['p'][j].sum() == np.asarray(p).sum()
     np.testing.assert_allclose(np.sort(b['image'][j][b['brain'][j] > 0][:, 0]),
@@ -78,6 +80,34 @@ def test_posterior_crops_follow_p_when_confidence_weights_are_on(tiny_workdir):
   # P is the posterior above gmm.threshold: the two crops share position and flips voxel for voxel
   assert batch['p'].sum() > 0
   np.testing.assert_array_equal(batch['posterior'] > cfg.gmm.threshold, batch['p'] > 0)
+
+
+def test_label_weight_is_the_symmetry_weight_cropped_with_p(tiny_workdir, monkeypatch):
+  cfg = tiny_config(**{'train.symmetry_margin': 0.3})
+  plain = _sampler(tiny_workdir, tiny_config()).local_batch(3)
+  # the weight volume of a case: 1 - morphology.symmetric_lesion on the configured modality
+  s = _sampler(tiny_workdir, cfg)
+  for ci, cid in enumerate(s.case_ids):
+    image, p, brain, _, _, weight = s._case(ci)
+    k = s._prep.meta(cid)['modalities'].index('flair')
+    sym = morphology.symmetric_lesion(np.asarray(p) > 0, np.asarray(image[..., k], np.float32),
+                                      np.asarray(brain) > 0, 0.3, 1.0)
+    np.testing.assert_array_equal(weight, 1.0 - sym)
+  batch = s.local_batch(3)
+  assert 'label_weight' not in plain
+  for k in plain:  # the extra array changes nothing else
+    np.testing.assert_array_equal(plain[k], batch[k])
+  # the crop follows P's position and flips: with a stand-in weight volume of 1 - brain, the
+  # cropped weight is 1 - the cropped brain (outside the scan the weight is 1 and the brain 0)
+  monkeypatch.setattr(input_pipeline.CropSampler, '_label_weight',
+                      lambda self, cid, image, p, brain: 1.0 - np.asarray(brain, np.float32))
+  batch = _sampler(tiny_workdir, cfg).local_batch(3)
+  assert 0 < batch['brain'].mean() < 1
+  np.testing.assert_array_equal(batch['label_weight'], 1.0 - batch['brain'])
+  cfg_bad = tiny_config(**{'train.symmetry_margin': 0.3, 'train.symmetry_modality': 'dwi'})
+  monkeypatch.undo()
+  with pytest.raises(ValueError, match=r"phantom_mri_00\d: train.symmetry_modality 'dwi' is not"):
+    _sampler(tiny_workdir, cfg_bad).local_batch(0)
 
 
 class _FixedRng:

@@ -143,3 +143,42 @@ def test_refine_border_by_hand():
   np.testing.assert_array_equal(morphology.refine_border(prob, p, (2, 2, 2), 0.0), prob)
   empty = np.zeros_like(prob)
   np.testing.assert_array_equal(morphology.refine_border(empty, p, (2, 2, 2), 4.0), empty)
+
+
+def test_mirror_about_a_shifted_plane_and_the_shift_of_an_off_centre_brain():
+  a = np.arange(6)
+  np.testing.assert_array_equal(morphology.mirror(a, 0), [5, 4, 3, 2, 1, 0])  # plane x = 2.5
+  np.testing.assert_array_equal(morphology.mirror(a, 2), [1, 0, 5, 4, 3, 2])  # plane x = 3.5
+  # a brain symmetric about x = 7 on a 12-voxel axis: the plane (12 - 1 + s) / 2 = 7 needs s = 3
+  brain = np.zeros((12, 3, 3), bool)
+  brain[3:12, 1, 1] = True  # x = 3..11, centre 7
+  brain[5:10, 0, 1] = True  # x = 5..9, centre 7
+  assert morphology.mirror_shift(brain) == 3
+  np.testing.assert_array_equal(morphology.mirror(brain, 3)[1:], brain[1:])  # wrap aside
+  assert morphology.mirror_shift(np.ones((8, 2, 2), bool)) == 0  # ties: the smallest shift
+
+
+def test_symmetric_lesion_by_hand():
+  # 10 voxels left-right, brain everywhere (mirror x <-> 9 - x), no smoothing, margin 0.5
+  p = np.zeros((10, 1, 2), bool)
+  ch = np.zeros((10, 1, 2), np.float32)
+  p[[2, 7], 0, 0] = True  # a pair, equally bright: both are returned
+  ch[[2, 7], 0, 0] = 1.0
+  p[3, 0, 1] = True  # one-sided (its mirror x = 6 is not P): kept
+  ch[3, 0, 1] = 1.0
+  p[[1, 8], 0, 1] = True  # a pair, x = 1 brighter by 2.5: only the dim side (x = 8) is returned
+  ch[1, 0, 1], ch[8, 0, 1] = 3.0, 0.5
+  p[[4, 5], 0, 0] = True  # a pair that differs by 0.4 < margin: both returned
+  ch[4, 0, 0], ch[5, 0, 0] = 1.4, 1.0
+  got = morphology.symmetric_lesion(p, ch, np.ones_like(p), margin=0.5, sigma=0.0)
+  want = np.zeros_like(p)
+  want[[2, 7, 4, 5], 0, 0] = True
+  want[8, 0, 1] = True
+  np.testing.assert_array_equal(got, want)
+  # smoothing is applied before the difference: a Gaussian of the channel, by scipy's own filter
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  sm = ndimage.gaussian_filter(ch, 1.0)
+  diff = sm - sm[::-1]
+  want = p & p[::-1] & (diff < 0.5)
+  np.testing.assert_array_equal(
+      morphology.symmetric_lesion(p, ch, np.ones_like(p), margin=0.5, sigma=1.0), want)

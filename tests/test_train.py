@@ -146,6 +146,24 @@ def test_elr_step_adds_the_teacher_term(tiny_workdir):
   assert float(with_elr['loss']) == pytest.approx(float(plain['loss']) + 2.0 * elr, abs=1e-4)
 
 
+def test_label_weight_multiplies_the_segmentation_weight(tiny_workdir):
+  """train.symmetry_margin: the segmentation terms weigh each voxel by brain x label_weight, as if
+  the brain mask were that product; off, label_weight is ignored."""
+  cfg = tiny_config(**{'train.symmetry_margin': 0.3})
+  batch = {k: jnp.asarray(v) for k, v in _batch(tiny_workdir, cfg).items()}
+  lw = jnp.asarray(np.random.default_rng(0).random(batch['p'].shape) < 0.5, jnp.float32)
+  batch['label_weight'] = lw
+  mesh = Mesh(np.asarray(jax.devices()[:1]), ('data',))
+  tx, _ = train_state.make_optimizer(cfg.train)
+  state = train_state.create_state(cfg, mesh, batch['image'].shape[-1], tx)
+  plain = tiny_config()
+  seg = jax.jit(lambda p, b: train.loss_fn(p, b, cfg)[1]['seg'])
+  seg_plain = jax.jit(lambda p, b: train.loss_fn(p, b, plain)[1]['seg'])
+  want = float(seg_plain(state.params, {**batch, 'brain': batch['brain'] * lw}))
+  assert float(seg(state.params, batch)) == pytest.approx(want, rel=1e-5)
+  assert abs(float(seg_plain(state.params, batch)) - want) > 1e-3  # the weight matters here
+
+
 def test_target_correction_starts_at_its_step(tiny_workdir):
   """train.correct_threshold: before correct_start x steps the segmentation terms are taken against
   P, from that step on against cgc.corrected_target; train_step passes its own step to the loss."""
