@@ -54,6 +54,7 @@ RANGES = {
     'eval.average_checkpoints': (0, float('inf'), True, False),
     'eval.border_mm': (0.0, float('inf'), True, False),
     'train.folds': (1, float('inf'), True, False),
+    'train.ensemble': (1, float('inf'), True, False),
 }
 
 
@@ -91,15 +92,19 @@ def problems(config) -> list:
   n, keep = _get(config, 'eval.average_checkpoints'), _get(config, 'train.keep_checkpoints')
   if _MISSING not in (n, keep) and not out and n > keep:
     out.append(f'eval.average_checkpoints: {n} (expected at most train.keep_checkpoints = {keep})')
-  folds = _get(config, 'train.folds')
-  if folds is not _MISSING and isinstance(folds, float) and not folds.is_integer():
-    out.append(f'train.folds: {folds!r} (expected a whole number of networks)')
-  elif folds is not _MISSING and isinstance(folds, (int, float)) and folds > 1:
-    every, select = _get(config, 'eval.every_steps'), _get(config, 'eval.select')
-    if every not in (_MISSING, 0) or select not in (_MISSING, 'latest'):
-      out.append(f'train.folds: {folds} (cross-fitting keeps the latest checkpoint of each '
-                 f'network: expected eval.every_steps = 0 and eval.select = latest, got {every} '
-                 f'and {select})')
+  folds, ensemble = _get(config, 'train.folds'), _get(config, 'train.ensemble')
+  for name, k in (('train.folds', folds), ('train.ensemble', ensemble)):
+    if k is not _MISSING and isinstance(k, float) and not k.is_integer():
+      out.append(f'{name}: {k!r} (expected a whole number of networks)')
+    elif k is not _MISSING and isinstance(k, (int, float)) and k > 1:
+      every, select = _get(config, 'eval.every_steps'), _get(config, 'eval.select')
+      if every not in (_MISSING, 0) or select not in (_MISSING, 'latest'):
+        out.append(f'{name}: {k} (several networks: each keeps its latest checkpoint, so expected '
+                   f'eval.every_steps = 0 and eval.select = latest, got {every} and {select})')
+  if (isinstance(folds, (int, float)) and folds > 1 and isinstance(ensemble, (int, float)) and
+      ensemble > 1):
+    out.append(f'train.ensemble: {ensemble} (expected 1 with train.folds = {folds}: cross-fitting '
+               f'and an ensemble are two ways to train several networks; choose one)')
   border, source = _get(config, 'eval.border_mm'), _get(config, 'pseudo_labels.source')
   if isinstance(border, (int, float)) and border > 0 and source not in (_MISSING, 'gmm'):
     out.append(f'eval.border_mm: {border} (the border refinement refits the mixture on new scans: '

@@ -111,6 +111,8 @@ TABLES = {
          {'train.symmetry_margin': 0.3}),
         ('P\'s symmetric voxels counted (no symmetry weights)', 'gmm',
          {'train.symmetry_margin': 0.0}),
+        ('an ensemble: 2 networks on every case (seeds s, s + 1000), their mean segmenting',
+         'gmm', {'train.ensemble': 2}),
     ],
     # not a paper table: how much the CGC terms' weight (both lambdas) matters
     'weights': [(f'full CGC, lambda = {w}', 'gmm',
@@ -258,7 +260,7 @@ def _evaluate_run(c, trained_config, trained: str, base: str) -> str:
   wd = os.path.join(base, 'experiments', 'evals', f'{fingerprints.of(c, "train")}_{fp}')
   os.makedirs(wd, exist_ok=True)
   for d in ('prepared', 'phantoms', 'pseudo_labels', paths.CHECKPOINTS, paths.TRAIN,
-            folds_lib.FOLDS):
+            folds_lib.FOLDS, folds_lib.ENSEMBLE):
     if os.path.exists(os.path.join(trained, d)):
       _link(os.path.join(trained, d), os.path.join(wd, d))
   logging.info('experiments: evaluating the networks of %s in %s', trained, wd)
@@ -362,7 +364,7 @@ def run_table(config, base: str, table: str, seeds: list, track_every: int = -1,
       c.pseudo_labels.source = source
       c.train.seed = int(seed)
       c.eval.every_steps = max(1, c.train.steps // 6) if track_every < 0 else track_every
-      if int(c.train.get('folds', 1)) > 1:  # each network is evaluated at its latest step
+      if len(folds_lib.network_dirs(c, '')) > 1:  # each network is evaluated at its latest step
         c.eval.every_steps = 0
       wd, round_p = _train_run(c, base, pwd), []
       for _ in range(1, int(overrides.get(ROUNDS, 1))):  # self-training: P = last round's masks

@@ -184,7 +184,9 @@ class _Sigterm:
 def train_and_evaluate(config, workdir: str, periodic_eval=None) -> train_state.TrainState:
   """Trains to config.train.steps, resuming from the newest checkpoint. Returns the final state.
   train.folds = n >= 2: n networks one after another, network f on every case not in fold f, in
-  WORKDIR/folds/<f>/ (folds.py); the state returned is the last one's."""
+  WORKDIR/folds/<f>/; train.ensemble = k >= 2: k networks on every case, network m with seed
+  train.seed + 1000 m, in WORKDIR (m = 0) and WORKDIR/ensemble/<m> (folds.py). The state returned
+  is the last network's."""
   distributed.initialize(config.dist)
   tcfg = config.train
   if tcfg.batch_size % jax.device_count():
@@ -200,12 +202,17 @@ def train_and_evaluate(config, workdir: str, periodic_eval=None) -> train_state.
     raise errors.StageError(f'{labels.root}: train.folds={n} needs at least {n} cases with '
                             f'pseudo-labels, found {len(cases)}')
   state = None
-  for f, run_dir in enumerate(folds_lib.run_dirs(workdir, n)):
+  dirs = folds_lib.network_dirs(config, workdir)
+  for f, run_dir in enumerate(dirs):
+    net_config = folds_lib.network_config(config, f)
     if n > 1:
       logging.info('train: network %d of %d (cross-fitting: fold %d left out), in %s', f + 1, n,
                    f, run_dir)
-    state = _train_network(config, run_dir, folds_lib.training_cases(cases, f, n), prep, labels,
-                           periodic_eval)
+    elif len(dirs) > 1:
+      logging.info('train: network %d of %d (ensemble: seed %d), in %s', f + 1, len(dirs),
+                   net_config.train.seed, run_dir)
+    state = _train_network(net_config, run_dir, folds_lib.training_cases(cases, f, n), prep,
+                           labels, periodic_eval)
   return state
 
 

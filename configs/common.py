@@ -156,6 +156,11 @@ def base_config() -> ml_collections.ConfigDict:
   # (eval.fold_networks says which of them segment a training case). Costs folds x the training
   # and the inference.
   t.folds = 1
+  # An ensemble (1 = off): this many networks, each on every case, network m with seed
+  # train.seed + 1000 m, segmenting as their mean (nnU-Net ensembles its folds' networks the same
+  # way). Network 0 is the one-network run in WORKDIR; the others live in WORKDIR/ensemble/<m>.
+  # Costs ensemble x the training and the inference.
+  t.ensemble = 1
   t.lr = 3e-3  # peak learning rate (AdamW)
   t.warmup_steps = 10
   t.end_lr_fraction = 0.05  # cosine decays to lr * this

@@ -52,10 +52,21 @@ def test_every_bad_field_is_named_with_what_it_accepts():
     c.train.folds = 2.5
   assert config_rules.problems(c) == ['train.folds: 2.5 (expected a whole number of networks)']
   assert config_rules.problems(tiny_config(**{'train.folds': 2, 'eval.every_steps': 5})) == [
-      'train.folds: 2 (cross-fitting keeps the latest checkpoint of each network: expected '
+      'train.folds: 2 (several networks: each keeps its latest checkpoint, so expected '
       'eval.every_steps = 0 and eval.select = latest, got 5 and latest)']
   assert config_rules.problems(tiny_config(**{'train.folds': 2})) == []
   assert config_rules.problems(tiny_config(**{'train.folds': 1, 'eval.every_steps': 5})) == []
+  # an ensemble: the same, and not together with cross-fitting
+  assert config_rules.problems(tiny_config(**{'train.ensemble': 0})) == [
+      'train.ensemble: 0 (expected a number in [1, inf))']
+  assert config_rules.problems(tiny_config(**{'train.ensemble': 3,
+                                              'eval.select': 'flip_agreement'})) == [
+      'train.ensemble: 3 (several networks: each keeps its latest checkpoint, so expected '
+      'eval.every_steps = 0 and eval.select = latest, got 0 and flip_agreement)']
+  assert config_rules.problems(tiny_config(**{'train.ensemble': 2, 'train.folds': 2})) == [
+      'train.ensemble: 2 (expected 1 with train.folds = 2: cross-fitting and an ensemble are two '
+      'ways to train several networks; choose one)']
+  assert config_rules.problems(tiny_config(**{'train.ensemble': 2})) == []
   # the zoom range: two positive factors, low first
   for bad in ((1.15, 0.85), (0.0, 1.0), (1.0,)):
     assert config_rules.problems(tiny_config(**{'train.zoom': bad})) == [

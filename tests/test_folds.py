@@ -1,6 +1,9 @@
-"""Cross-fitting (train.folds): which cases each network leaves out, and that evaluation segments
-each training case with the network that never saw its pseudo-labels."""
+"""A run's networks: cross-fitting (train.folds: which cases each network leaves out, and that
+evaluation segments each training case with the network that never saw its pseudo-labels) and an
+ensemble (train.ensemble: network 0 is the one-network run, the others its seeds + 1000 m, their
+mean segmenting)."""
 import os
+import shutil
 
 import jax
 import nibabel as nib
@@ -10,6 +13,7 @@ import pytest
 from cgc_jax import checkpoint
 from cgc_jax import distributed
 from cgc_jax import evaluate
+from cgc_jax import fingerprints
 from cgc_jax import folds
 from cgc_jax import geometry
 from cgc_jax import paths
@@ -34,6 +38,24 @@ def test_cases_go_to_folds_by_sorted_id():
       assert sum(c not in folds.training_cases(cases, f, n) for f in range(n)) == 1
   assert folds.run_dirs('/w', 1) == ['/w']
   assert folds.run_dirs('/w', 2) == ['/w/folds/0', '/w/folds/1']
+
+
+def test_ensemble_networks_are_one_network_runs_of_their_own_seeds():
+  assert folds.run_dirs('/w', 1, 1) == ['/w']
+  assert folds.run_dirs('/w', 1, 3) == ['/w', '/w/ensemble/1', '/w/ensemble/2']
+  c = tiny_config(**{'train.ensemble': 3, 'train.seed': 7})
+  assert folds.network_dirs(c, '/w') == ['/w', '/w/ensemble/1', '/w/ensemble/2']
+  one = tiny_config(**{'train.seed': 7})
+  assert folds.network_dirs(one, '/w') == ['/w']
+  assert folds.network_config(one, 0) is one
+  for m, seed in enumerate((7, 1007, 2007)):
+    net = folds.network_config(c, m)
+    assert (net.train.seed, net.train.ensemble) == (seed, 1)
+    # network m's training fingerprint is the one-network run's of that seed: network 0's
+    # checkpoints are exactly the one-network run's, and each network resumes as that run would
+    assert fingerprints.of(net, 'train') == fingerprints.of(tiny_config(**{'train.seed': seed}),
+                                                            'train')
+  assert c.train.seed == 7 and c.train.ensemble == 3  # the run's own config is untouched
 
 
 def test_members_are_the_networks_that_did_not_see_the_case():
@@ -105,3 +127,46 @@ def test_cross_fitting_networks_and_which_of_them_segment_a_case(tiny_workdir, t
   before = os.path.getmtime(os.path.join(wd, 'eval', 'summary.json'))
   pipeline.run(unseen, wd, 'all')
   assert os.path.getmtime(os.path.join(wd, 'eval', 'summary.json')) == before
+
+
+@pytest.mark.slow
+def test_an_ensemble_grows_from_a_finished_run_and_segments_with_the_mean(tiny_trained, tmp_path):
+  """train.ensemble=2 on a finished one-network run: network 0's checkpoint is left as it was (not
+  retrained), network 1 trains with seed + 1000 in WORKDIR/ensemble/1, and every written mask is
+  the one from the mean of both networks' probabilities; Segmenter restores both."""
+  wd = str(tmp_path / 'wd')
+  shutil.copytree(tiny_trained, wd)
+  one = tiny_config(**{'eval.pictures': False})
+  mesh = distributed.mesh()
+  prep = paths.prepared_store(one, wd)
+  cases = prep.complete_cases()
+  nch = prep.meta(cases[0])['arrays']['image']['shape'][-1]
+  first = evaluate.restore_params(one, wd, mesh, nch)[0]
+  ckpt_files = sorted(os.listdir(paths.checkpoints(wd)))
+  cfg = tiny_config(**{'eval.pictures': False, 'train.ensemble': 2})
+  pipeline.run(cfg, wd, 'all')
+  assert sorted(os.listdir(paths.checkpoints(wd))) == ckpt_files
+  ckpt = checkpoint.Checkpointer(paths.checkpoints(os.path.join(wd, 'ensemble', '1')), 3)
+  assert ckpt.latest_step() == cfg.train.steps
+  record = ckpt.record(ckpt.latest_step())
+  ckpt.close()
+  assert record['config']['train']['seed'] == one.train.seed + 1000
+  assert sorted(record['inputs']) == sorted(cases)
+  nets, step = evaluate.restore_networks(cfg, wd, mesh, nch)
+  assert step == cfg.train.steps and len(nets) == 2
+  for a, b in zip(jax.tree.leaves(nets[0][0]), jax.tree.leaves(first)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  predictor = sliding_window.Predictor(cfg, mesh)
+  for c in cases:
+    geom = geometry.Geometry.from_json(prep.meta(c)['geometry'])
+    image = np.asarray(prep.read(c, 'image'), np.float32)
+    brain = np.asarray(prep.read(c, 'brain'))
+    probs = [predictor.predict_volume(p, image) for p, _ in nets]
+    assert np.abs(probs[0] - probs[1]).max() > 1e-3  # two seeds, two different networks
+    prob, mask = evaluate.segment_prepared(cfg, predictor, [p for p, _ in nets], image, brain, geom)
+    np.testing.assert_allclose(prob, (probs[0] + probs[1]) / 2 * (brain > 0), rtol=1e-6,
+                               atol=1e-7)
+    written = nib.load(os.path.join(wd, 'eval', 'predictions', f'{c}.nii.gz')).dataobj
+    np.testing.assert_array_equal(np.asarray(written), mask)
+  seg = segmenter.Segmenter.from_workdir(wd)
+  assert isinstance(seg.params, list) and len(seg.params) == 2

@@ -48,10 +48,11 @@ def test_fields_added_later_leave_fingerprints_alone_at_their_old_behaviour():
   assert fingerprints.of(c, 'evaluate') != ev and fingerprints.of(c, 'train') == before
   c.eval.keep_fraction = 0.0
   assert fingerprints.of(c, 'evaluate') == ev
-  for field, other in (('spatial_p', 0.3), ('zoom', (0.9, 1.1)), ('folds', 2)):  # train fields
+  for field, other in (('spatial_p', 0.3), ('zoom', (0.9, 1.1)), ('folds', 2),
+                       ('ensemble', 2)):  # train fields
     setattr(c.train, field, other)
     assert fingerprints.of(c, 'train') != before, field
-  c.train.spatial_p, c.train.zoom, c.train.folds = 0.0, (0.85, 1.15), 1
+  c.train.spatial_p, c.train.zoom, c.train.folds, c.train.ensemble = 0.0, (0.85, 1.15), 1, 1
   assert fingerprints.of(c, 'train') == before
   c.eval.average_checkpoints = 3
   assert fingerprints.of(c, 'evaluate') != ev and fingerprints.of(c, 'train') == before
