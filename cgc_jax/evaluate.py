@@ -54,7 +54,8 @@ def restore_params(config, workdir, mesh, num_channels: int):
 def restore_networks(config, workdir, mesh, num_channels: int):
   """(nets, step): nets = [(params, the cases that network trained on)], one per network of
   train.folds or train.ensemble (one network: [(params, every training case)]), each restored as
-  restore_params does; step: the evaluated checkpoint step (a list when the networks' steps differ)."""
+  restore_params does; step: the evaluated checkpoint step (a list when the networks' steps
+  differ)."""
   nets, steps = [], []
   for d in folds_lib.network_dirs(config, workdir):
     params, step, seen = _restore(config, d, mesh, num_channels)
