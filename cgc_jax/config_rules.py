@@ -119,6 +119,10 @@ def problems(config) -> list:
       mod not in tuple(mods):
     out.append(f'train.symmetry_modality: {mod!r} (expected one of data.modalities '
                f'{list(mods)} while train.symmetry_margin > 0)')
+  if _get(config, 'eval.border_symmetry') is True and not (isinstance(sym, (int, float)) and
+                                                            sym > 0):
+    out.append(f'eval.border_symmetry: True (P\'s symmetric voxels are train.symmetry_margin\'s: '
+               f'expected train.symmetry_margin > 0, got {sym})')
   zoom = _get(config, 'train.zoom')
   if zoom is not _MISSING and not (
       isinstance(zoom, (list, tuple)) and len(zoom) == 2 and

@@ -29,7 +29,8 @@ _OMIT_AT = {('train', 'elr_lambda'): 0.0, ('train', 'elr_decay'): 0.97,
             ('eval', 'fold_networks'): 'all', ('eval', 'border_mm'): 0.0,
             ('train', 'correct_threshold'): 0.0, ('train', 'correct_start'): 0.5,
             ('train', 'symmetry_margin'): 0.0, ('train', 'symmetry_modality'): 'flair',
-            ('train', 'symmetry_sigma'): 1.0, ('train', 'ensemble'): 1}
+            ('train', 'symmetry_sigma'): 1.0, ('train', 'ensemble'): 1,
+            ('eval', 'border_symmetry'): False}
 
 
 def _as_lists(v):

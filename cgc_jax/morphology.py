@@ -100,22 +100,24 @@ def refine_border(prob: np.ndarray, p: np.ndarray, spacing, mm: float,
   """The network's border drawn by the case's own pseudo-label mixture.
 
   prob: f32[X, Y, Z] the network's lesion probability; p: bool[X, Y, Z] P (the case's mixture
-  consensus) on the same grid; spacing: mm. Every voxel whose centre lies within `mm` (Euclidean,
-  in mm) of the border of `prob > threshold`, on either side (a voxel of the mask within `mm` of a
-  voxel outside it, or a voxel outside within `mm` of the mask), takes P's side of the threshold:
-  max(prob, threshold + 0.01) where P marks it, min(prob, threshold - 0.01) where not; every other
-  voxel keeps `prob`. So the network says where the lesion is (P's false lesions away from it and
-  its missed cores do not enter) and the mixture, fitted to this scan's own intensities, says where
-  its edge runs. The network's own value is kept where the two agree, so a probability resampled
-  to another grid stays smooth. Returns f32[X, Y, Z]; `prob` unchanged when mm <= 0 or the mask is
-  empty."""
+  consensus) on the same grid, or f32 with 1 (P's lesion), 0 (P's normal tissue) and any other
+  value (0.5: P has no say there); spacing: mm. Every voxel whose centre lies within `mm`
+  (Euclidean, in mm) of the border of `prob > threshold`, on either side (a voxel of the mask within
+  `mm` of a voxel outside it, or a voxel outside within `mm` of the mask), takes P's side of the
+  threshold: max(prob, threshold + 0.01) where P marks it, min(prob, threshold - 0.01) where P says
+  normal; every other voxel (and a voxel where P has no say) keeps `prob`. So the network says
+  where the lesion is (P's false lesions away from it and its missed cores do not enter) and the
+  mixture, fitted to this scan's own intensities, says where its edge runs. The network's own value
+  is kept where the two agree, so a probability resampled to another grid stays smooth. Returns
+  f32[X, Y, Z]; `prob` unchanged when mm <= 0 or the mask is empty."""
   prob = np.asarray(prob, np.float32)
   mask = prob > threshold
   if mm <= 0 or not mask.any():
     return prob
   band = grow(mask, mm, spacing) & grow(~mask, mm, spacing)  # within mm of the other side
-  side = np.where(np.asarray(p, bool), np.maximum(prob, np.float32(threshold + 0.01)),
-                  np.minimum(prob, np.float32(threshold - 0.01)))
+  p = np.asarray(p)
+  side = np.where(p == 1, np.maximum(prob, np.float32(threshold + 0.01)),
+                  np.where(p == 0, np.minimum(prob, np.float32(threshold - 0.01)), prob))
   return np.where(band, side, prob).astype(np.float32)
 
 

@@ -208,6 +208,9 @@ def base_config() -> ml_collections.ConfigDict:
   # run again (0 = off). The network says where the lesion is, the mixture fitted to this scan's
   # intensities where its edge runs. Needs pseudo_labels.source = gmm (new scans: fitted then).
   e.border_mm = 0.0
+  # With border_mm: P's left-right symmetric voxels (train.symmetry_margin's rule, which training
+  # leaves out of the loss) have no say in the band either; the network's value stays there.
+  e.border_symmetry = False
   # Case-level gate: where the pseudo-label mixture finds no lesion evidence (gmm.min_contrast), the
   # network's mask is emptied too (new scans: the mixture is fitted at prediction time).
   e.gate_on_p_evidence = False

@@ -91,6 +91,12 @@ def test_every_bad_field_is_named_with_what_it_accepts():
       "'t2'] while train.symmetry_margin > 0)"]
   assert config_rules.problems(tiny_config(**{'train.symmetry_modality': 'dwi'})) == []  # off
   assert config_rules.problems(tiny_config(**{'train.symmetry_margin': 0.3})) == []
+  # the edge rule's symmetric voxels are the training rule's: it must be on
+  assert config_rules.problems(tiny_config(**{'eval.border_symmetry': True})) == [
+      "eval.border_symmetry: True (P's symmetric voxels are train.symmetry_margin's: expected "
+      "train.symmetry_margin > 0, got 0.0)"]
+  assert config_rules.problems(tiny_config(**{'eval.border_symmetry': True,
+                                              'train.symmetry_margin': 0.3})) == []
   # a field an older workdir's config lacks is not checked
   del ok.cgc['fine_anchors']
   assert config_rules.problems(ok) == []

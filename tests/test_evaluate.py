@@ -8,6 +8,7 @@ import pytest
 from cgc_jax import distributed
 from cgc_jax import evaluate
 from cgc_jax import geometry
+from cgc_jax import morphology
 from cgc_jax import paths
 from cgc_jax import prepare
 from cgc_jax import sliding_window
@@ -216,6 +217,17 @@ def test_case_mixture_gate_and_p():
   np.testing.assert_array_equal(p, want > 0)  # the mixture the pseudo-label stage would fit
   stored_p = np.zeros((30, 30, 30), np.uint8)
   assert not evaluate.case_mixture(*args, stored=(ok, stored_p))[1].any()  # the stored P, as is
+  # eval.border_symmetry: P's left-right symmetric voxels (the training rule's) get 0.5, no say
+  stored_p[5:25, 5:9, 5:25] = 1  # a slab across the midline (axis 0): mirrored onto itself
+  stored_p[20:24, 12:16, 12:16] = 1  # a one-sided blob
+  cfg.train.symmetry_margin, cfg.eval.border_symmetry = 0.3, True
+  _, q = evaluate.case_mixture(*args, stored=(ok, stored_p))
+  want_sym = morphology.symmetric_lesion(
+      stored_p > 0, arrays['image'][..., list(cfg.data.modalities).index('flair')],
+      arrays['brain'] > 0, 0.3, cfg.train.symmetry_sigma)
+  assert want_sym.sum() > 100 and not want_sym[20:24, 12:16, 12:16].any()
+  np.testing.assert_array_equal(q, np.where(want_sym, 0.5, stored_p > 0).astype(np.float32))
+  cfg.train.symmetry_margin, cfg.eval.border_symmetry = 0.0, False
   cfg.eval.border_mm = 0.0
   prob, mask = evaluate.segment_prepared(cfg, _ConstantPredictor(), None, arrays['image'],
                                          arrays['brain'], geom, evidence=True)

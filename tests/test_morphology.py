@@ -143,6 +143,12 @@ def test_refine_border_by_hand():
   np.testing.assert_array_equal(morphology.refine_border(prob, p, (2, 2, 2), 0.0), prob)
   empty = np.zeros_like(prob)
   np.testing.assert_array_equal(morphology.refine_border(empty, p, (2, 2, 2), 4.0), empty)
+  # P with no say (0.5) on two band voxels: there the network's value stays, elsewhere as above
+  q = p.astype(np.float32)
+  q[0, 0, 2] = q[0, 0, 11] = 0.5
+  want3 = want.copy()
+  want3[0, 0, 2], want3[0, 0, 11] = 0.1, 0.9
+  np.testing.assert_array_equal(morphology.refine_border(prob, q, (2.0, 2.0, 2.0), 4.0), want3)
 
 
 def test_mirror_about_a_shifted_plane_and_the_shift_of_an_off_centre_brain():

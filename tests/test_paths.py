@@ -63,6 +63,11 @@ def test_fields_added_later_leave_fingerprints_alone_at_their_old_behaviour():
   assert fingerprints.of(c, 'evaluate') != ev and fingerprints.of(c, 'train') == before
   c.eval.border_mm = 0.0
   assert fingerprints.of(c, 'evaluate') == ev
+  assert 'border_symmetry' not in fingerprints.fields(c, 'evaluate')['eval']
+  c.eval.border_symmetry = True
+  assert fingerprints.of(c, 'evaluate') != ev and fingerprints.of(c, 'train') == before
+  c.eval.border_symmetry = False
+  assert fingerprints.of(c, 'evaluate') == ev
   c.train.seed = 5  # any other field still counts
   assert fingerprints.of(c, 'train') != before
 
