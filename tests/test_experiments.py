@@ -181,9 +181,9 @@ def test_every_table_can_be_named_on_the_command_line():
 def test_rows_select_a_budget_of_the_table():
   rows = experiments.TABLES['refine']
   assert experiments.select_rows(rows, '5,1') == [rows[0], rows[4]]
-  assert len(rows) == 14
-  with pytest.raises(ValueError, match='rows 1..14'):
-    experiments.select_rows(rows, '15')
+  assert len(rows) == 15
+  with pytest.raises(ValueError, match='rows 1..15'):
+    experiments.select_rows(rows, '16')
 
 
 def test_a_sigterm_in_a_run_stops_the_table_without_a_row(tiny_workdir, tmp_path, monkeypatch):
