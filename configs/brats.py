@@ -38,4 +38,6 @@ def get_config():
   c.eval.tta_flip = True
   c.eval.keep_fraction = 0.5  # as brats_dev.py: a whole tumour is one mass
   c.eval.border_mm = 4.0  # as brats_dev.py: the tumour's edge from the case's own mixture
+  c.train.symmetry_margin = 0.3  # as brats_dev.py: P's symmetric voxels out of the loss
+  c.eval.border_symmetry = True  # and out of the edge rule
   return c
