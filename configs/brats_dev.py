@@ -1,20 +1,23 @@
-"""Real BraTS 2018 in the release layout (four modalities) on a CPU budget: 2 mm, base 8, 240 steps
-of generalised cross-entropy.
+"""Real BraTS 2018 in the release layout (four modalities) on a CPU budget: 2 mm, base 8, two
+networks of 240 steps of generalised cross-entropy.
 
     python -m cgc_jax.main --config=configs/brats_dev.py \
         --config.data.root=../shared/data/brats2018_dev --workdir=runs/brats_dev
 
-Every stage on the 20 development cases in about 6 min on 2 idle cores of an Intel Xeon with
-oneDNN's convolutions (prepare 7 s, pseudo-labels 50 s, train 240 steps 3.8 min, evaluate with flip
-TTA 50 s); with XLA's own, 17 min there and 12 min on an AMD EPYC. Measured on each scan's original
-1 mm grid: P (the pseudo-label recipe, mri_pseudo_labels in common.py) Dice 0.785 +- 0.175; network
-0.840 over seeds 0-3 on the Intel Xeon (0.8434, 0.8384, 0.8394, 0.8388; 2026-12-01), +5.5 points
-over P. Chosen by the rule in docs/results.md (a switch wins when its seed mean beats the default's
-by more than the larger std of seed means): 240 steps beat 120 (0.807 against 0.786), generalised
-cross-entropy (q = 0.7) beat cross-entropy at 240 steps (0.815 against 0.807, std 0.006); 480 steps
-did not (0.801); dropping the network's components below half its largest beat keeping them (0.838
-against 0.815, AMD EPYC); the edge from each case's mixture beat the network's own (0.840 against
-0.832, four seeds, Intel Xeon). The single FLAIR + T1 mixture this replaces gave P 0.654.
+Every stage on the 20 development cases in about 12 min on 2 idle cores of an Intel Xeon with
+oneDNN's convolutions (prepare 8 s, pseudo-labels 1.5 min, train two networks of 240 steps 4.3 min
+each, evaluate both with flip TTA 1.7 min; peak memory 2.7 GB). Measured on each scan's original 1
+mm grid: P (the pseudo-label recipe, mri_pseudo_labels in common.py) Dice 0.785 +- 0.175; network
+0.8486 and 0.8473 on seeds 0 and 1 (2026-12-02), 0.847 over seeds 0-3 (0.8486, 0.8473, 0.8460,
+0.8448), +6.3 points over P on seeds 0 and 1. Chosen by the rule in docs/results.md (a switch wins
+when its seed mean beats the default's by more than the larger std of seed means): 240 steps beat
+120 (0.807 against 0.786), generalised cross-entropy (q = 0.7) beat cross-entropy at 240 steps
+(0.815 against 0.807, std 0.006); 480 steps did not (0.801); dropping the network's components below
+half its largest beat keeping them (0.838 against 0.815, AMD EPYC); the edge from each case's
+mixture beat the network's own (0.840 against 0.832, four seeds, Intel Xeon); P's symmetric voxels
+out of the loss beat counting them (0.8427 against 0.8381, six seeds); out of the edge rule too,
+with two networks, beat one network with the loss rule alone (0.8467 against 0.8427, four seeds).
+The single FLAIR + T1 mixture this replaces gave P 0.654.
 Why 2 mm and base 8: a whole brain fits one 80x96x72 crop, and a step takes ~0.9 s on 2 cores;
 base 4 and base 16 lose (0.837 and 0.833 over seeds 0 and 1, docs/results.md).
 """
