@@ -346,6 +346,12 @@ def _p_seconds(wd) -> float:
 
 def run_table(config, base: str, table: str, seeds: list, track_every: int = -1,
               rows=None) -> dict:
+  if table == 'length' and len(folds_lib.network_dirs(config, base)) > 1:
+    raise errors.ConfigError(
+        f'--table=length reads the label-free signals that one network tracks along training; '
+        f'this config trains several (train.ensemble = {config.train.get("ensemble", 1)}, '
+        f'train.folds = {config.train.get("folds", 1)}): add --config.train.ensemble=1 '
+        f'--config.train.folds=1')
   pipeline.run(config, base, 'prepare')
   results = {}
   for name, source, overrides in rows or TABLES.get(table) or p_rows(config):

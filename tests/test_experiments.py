@@ -186,6 +186,16 @@ def test_rows_select_a_budget_of_the_table():
     experiments.select_rows(rows, '16')
 
 
+def test_the_length_table_needs_one_network(tmp_path):
+  """Tracking along training is one network's: with an ensemble the length table stops at once,
+  naming the fix, and writes nothing."""
+  from cgc_jax import errors  # pylint: disable=g-import-not-at-top
+  base = str(tmp_path / 'base')
+  with pytest.raises(errors.ConfigError, match='add --config.train.ensemble=1'):
+    experiments.run_table(tiny_config(**{'train.ensemble': 2}), base, 'length', [0])
+  assert not os.path.exists(base)
+
+
 def test_a_sigterm_in_a_run_stops_the_table_without_a_row(tiny_workdir, tmp_path, monkeypatch):
   """Train saves and returns on SIGTERM (pipeline.run then returns too); the table must stop there,
   saying so, not read the run's missing evaluation."""
