@@ -106,8 +106,8 @@ def case_mixture(config, image, brain, geom, modalities, case_id: str, stored=No
   gmm.min_contrast) and the case-level gate (eval.gate_on_p_evidence) is on; otherwise True.
   p: the case's P on the prepared grid when eval.border_mm > 0 (the border refinement), else None;
   with eval.border_symmetry, f32 with 0.5 (no say: morphology.refine_border) on P's left-right
-  symmetric voxels (morphology.symmetric_lesion with train.symmetry_*, the voxels training leaves
-  out), 1 on P's other lesion voxels, 0 elsewhere.
+  symmetric voxels (morphology.case_symmetric_lesion, the voxels training leaves out), 1 on P's
+  other lesion voxels, 0 elsewhere.
   stored: (report, p) from the pseudo-label stage when the case has them (p None when not read);
   otherwise (new scans) the mixture consensus is fitted now, as the stage would.
   """
@@ -126,14 +126,7 @@ def case_mixture(config, image, brain, geom, modalities, case_id: str, stored=No
     return evidence, None
   p = np.asarray(p) > 0
   if config.eval.get('border_symmetry', False):
-    t = config.train
-    mods = list(modalities)
-    if t.symmetry_modality not in mods:
-      raise ValueError(f'{case_id}: train.symmetry_modality {t.symmetry_modality!r} is not one '
-                       f'of its modalities {mods}')
-    sym = morphology.symmetric_lesion(
-        p, np.asarray(image[..., mods.index(t.symmetry_modality)], np.float32),
-        np.asarray(brain) > 0, t.symmetry_margin, t.symmetry_sigma)
+    sym = morphology.case_symmetric_lesion(case_id, p, image, brain, modalities, config.train)
     p = np.where(sym, np.float32(0.5), p.astype(np.float32))
   return evidence, p
 

@@ -346,7 +346,7 @@ def _p_seconds(wd) -> float:
 
 def run_table(config, base: str, table: str, seeds: list, track_every: int = -1,
               rows=None) -> dict:
-  if table == 'length' and len(folds_lib.network_dirs(config, base)) > 1:
+  if table == 'length' and folds_lib.num_networks(config) > 1:
     raise errors.ConfigError(
         f'--table=length reads the label-free signals that one network tracks along training; '
         f'this config trains several (train.ensemble = {config.train.get("ensemble", 1)}, '
@@ -372,7 +372,7 @@ def run_table(config, base: str, table: str, seeds: list, track_every: int = -1,
       c.pseudo_labels.source = source
       c.train.seed = int(seed)
       c.eval.every_steps = max(1, c.train.steps // 6) if track_every < 0 else track_every
-      if len(folds_lib.network_dirs(c, '')) > 1:  # each network is evaluated at its latest step
+      if folds_lib.num_networks(c) > 1:  # each network is evaluated at its latest step
         c.eval.every_steps = 0
       wd, round_p = _train_run(c, base, pwd), []
       for _ in range(1, int(overrides.get(ROUNDS, 1))):  # self-training: P = last round's masks

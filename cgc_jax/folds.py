@@ -46,6 +46,11 @@ def network_dirs(config, workdir: str) -> list:
                   int(config.train.get('ensemble', 1)))
 
 
+def num_networks(config) -> int:
+  """How many networks `config` trains: train.folds or train.ensemble (1 when neither is > 1)."""
+  return len(network_dirs(config, ''))
+
+
 def network_config(config, index: int):
   """The config network `index` trains with: `config` itself, except for an ensemble (train.ensemble
   >= 2), whose network m is the one-network run of seed train.seed + SEED_STRIDE * m (train.ensemble

@@ -111,17 +111,10 @@ class CropSampler:
       return self._cases[ci]
 
   def _label_weight(self, cid, image, p, brain) -> np.ndarray:
-    """f32[X, Y, Z]: 0 on P's left-right symmetric voxels (morphology.symmetric_lesion, on
-    train.symmetry_modality), 1 elsewhere."""
-    mods = list(self._prep.meta(cid)['modalities'])
-    mod = self.cfg.symmetry_modality
-    if mod not in mods:
-      raise ValueError(f'{cid}: train.symmetry_modality {mod!r} is not one of its modalities '
-                       f'{mods}')
-    sym = morphology.symmetric_lesion(np.asarray(p) > 0, np.asarray(image[..., mods.index(mod)],
-                                                                      np.float32),
-                                      np.asarray(brain) > 0, self.cfg.symmetry_margin,
-                                      self.cfg.symmetry_sigma)
+    """f32[X, Y, Z]: 0 on P's left-right symmetric voxels (morphology.case_symmetric_lesion), 1
+    elsewhere."""
+    sym = morphology.case_symmetric_lesion(cid, p, image, brain, self._prep.meta(cid)['modalities'],
+                                           self.cfg)
     return (~sym).astype(np.float32)
 
   def _spacing(self, ci: int) -> tuple:

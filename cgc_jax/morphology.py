@@ -157,6 +157,21 @@ def symmetric_lesion(p: np.ndarray, channel: np.ndarray, brain: np.ndarray, marg
   normal. Returns bool[X, Y, Z]."""
   p = np.asarray(p, bool)
   s = mirror_shift(brain)
-  smooth = ndimage.gaussian_filter(np.asarray(channel, np.float32), sigma) if sigma > 0 else \
-      np.asarray(channel, np.float32)
+  smooth = ndimage.gaussian_filter(np.asarray(channel, np.float32), sigma)  # sigma 0: unchanged
   return p & mirror(p, s) & (smooth - mirror(smooth, s) < margin)
+
+
+def case_symmetric_lesion(case_id: str, p, image, brain, modalities, train_cfg) -> np.ndarray:
+  """symmetric_lesion for one case with train.symmetry_* (modality, margin, sigma).
+
+  p: P [X, Y, Z] (> 0 is lesion); image: f[X, Y, Z, C], channel k is modalities[k]; brain:
+  [X, Y, Z] (> 0 is brain). Raises ValueError naming the case when it lacks
+  train.symmetry_modality. Returns bool[X, Y, Z]."""
+  mods = list(modalities)
+  mod = train_cfg.symmetry_modality
+  if mod not in mods:
+    raise ValueError(f'{case_id}: train.symmetry_modality {mod!r} is not one of its modalities '
+                     f'{mods}')
+  return symmetric_lesion(np.asarray(p) > 0, np.asarray(image[..., mods.index(mod)], np.float32),
+                          np.asarray(brain) > 0, train_cfg.symmetry_margin,
+                          train_cfg.symmetry_sigma)

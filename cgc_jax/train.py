@@ -43,9 +43,9 @@ def loss_fn(params, batch, config, teacher=None, step=0):
   f32[B, X, Y, Z], P's soft posterior, when train.confidence_gamma > 0; label_weight
   f32[B, X, Y, Z], 0 on P's left-right symmetric voxels, when train.symmetry_margin > 0).
   teacher: (parameters of the same form as params, target scale f32[]) when train.elr_lambda > 0,
-  the early-learning
-  regulariser's teacher (train_state.teacher_params). step: i32[] the optimiser step (the target
-  correction, train.correct_threshold, acts from train.correct_start x train.steps on).
+  the early-learning regulariser's teacher (train_state.teacher_params). step: i32[] the optimiser
+  step (the target correction, train.correct_threshold, acts from train.correct_start x
+  train.steps on).
   """
   net, coarse_head, proj_head = unet.build(config.model)
   logits, feats = net.apply({'params': params['unet']}, batch['image'])

@@ -47,6 +47,8 @@ def test_ensemble_networks_are_one_network_runs_of_their_own_seeds():
   assert folds.network_dirs(c, '/w') == ['/w', '/w/ensemble/1', '/w/ensemble/2']
   one = tiny_config(**{'train.seed': 7})
   assert folds.network_dirs(one, '/w') == ['/w']
+  assert (folds.num_networks(c), folds.num_networks(one)) == (3, 1)
+  assert folds.num_networks(tiny_config(**{'train.folds': 2})) == 2
   assert folds.network_config(one, 0) is one
   for m, seed in enumerate((7, 1007, 2007)):
     net = folds.network_config(c, m)
