@@ -39,7 +39,7 @@ from cgc_jax import paths
 from cgc_jax import pipeline
 
 TABLE_NAMES = ('methods', 'ablation', 'temperature', 'length', 'weights', 'refine', 'cgc',
-               'pseudo_labels')
+               'defaults', 'pseudo_labels')
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'configs/*.py file', lock_config=False)
 flags.DEFINE_string('workdir', None, 'base workdir (its prepared data are shared by every row)')
@@ -115,6 +115,21 @@ TABLES = {
          'gmm', {'train.ensemble': 2}),
         ('P\'s symmetric voxels out of the loss and out of the edge rule', 'gmm',
          {'train.symmetry_margin': 0.3, 'eval.border_symmetry': True}),
+    ],
+    # every default of the configured recipe, undone one at a time (the first row is the recipe
+    # itself, the baseline of the paired comparison every table prints)
+    'defaults': [
+        ('configured recipe (every default on)', 'gmm', {}),
+        ('symmetric voxels keep their say at the edge (eval.border_symmetry off)', 'gmm',
+         {'eval.border_symmetry': False}),
+        ('the network\'s own edge (eval.border_mm = 0)', 'gmm',
+         {'eval.border_mm': 0.0, 'eval.border_symmetry': False}),
+        ('every component kept (eval.keep_fraction = 0)', 'gmm', {'eval.keep_fraction': 0.0}),
+        ('one network (train.ensemble = 1)', 'gmm', {'train.ensemble': 1}),
+        ('symmetric voxels counted in the loss and at the edge (train.symmetry_margin = 0)', 'gmm',
+         {'train.symmetry_margin': 0.0, 'eval.border_symmetry': False}),
+        ('cross-entropy (train.gce_q = 0)', 'gmm', {'train.gce_q': 0.0}),
+        ('half the steps', 'gmm', {'train.steps': ('x', 0.5)}),
     ],
     # not a paper table: how much the CGC terms' weight (both lambdas) matters
     'weights': [(f'full CGC, lambda = {w}', 'gmm',
