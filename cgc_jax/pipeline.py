@@ -13,13 +13,13 @@ import time
 
 from absl import logging
 
-from cgc_jax import config_rules
 from cgc_jax import errors
-from cgc_jax import workers
-from cgc_jax import paths
-from cgc_jax import prepare
-from cgc_jax import readers
-from cgc_jax import store as store_lib
+from cgc_jax.core import config_rules
+from cgc_jax.core import paths
+from cgc_jax.core import store as store_lib
+from cgc_jax.imaging import readers
+from cgc_jax.runtime import workers
+from cgc_jax.stages import prepare
 
 MODES = ('all', 'verify', 'prepare', 'pseudo_labels', 'train', 'evaluate', 'predict')
 
@@ -194,7 +194,7 @@ def _running(pid: int) -> bool:
 def run(config, workdir: str, mode: str = 'all'):
   t0 = time.time()
   config_rules.check(config)  # a mistyped field stops here, before anything is written
-  from cgc_jax import distributed  # pylint: disable=g-import-not-at-top
+  from cgc_jax.runtime import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(config.dist)  # first: every stage below may be split across processes
   if mode == 'verify':  # writes nothing, not even the workdir
     prepare.verify(config, workdir)
@@ -249,21 +249,22 @@ def _run_stages(config, workdir, mode, t0):
   if mode in ('all', 'prepare'):
     prepare.run(config, workdir)
   if mode in ('all', 'pseudo_labels'):
-    from cgc_jax import pseudo_labels  # pylint: disable=g-import-not-at-top
+    from cgc_jax.stages import pseudo_labels  # pylint: disable=g-import-not-at-top
     pseudo_labels.run(config, workdir)
   if mode in ('all', 'train'):
-    from cgc_jax import train  # pylint: disable=g-import-not-at-top
+    from cgc_jax.stages import train  # pylint: disable=g-import-not-at-top
     try:
       periodic = None
       if config.eval.every_steps:
-        from cgc_jax import distributed, evaluate  # pylint: disable=g-import-not-at-top
-        periodic = evaluate.track_during_training(config, workdir, distributed.mesh())
+        from cgc_jax.inference import tracking  # pylint: disable=g-import-not-at-top
+        from cgc_jax.runtime import distributed  # pylint: disable=g-import-not-at-top
+        periodic = tracking.track_during_training(config, workdir, distributed.mesh())
       train.train_and_evaluate(config, workdir, periodic)
     except train.Preempted as e:
       logging.warning('%s', e)
       return
   if mode in ('all', 'evaluate'):
-    from cgc_jax import evaluate  # pylint: disable=g-import-not-at-top
+    from cgc_jax.stages import evaluate  # pylint: disable=g-import-not-at-top
     evaluate.evaluate(config, workdir)
   if mode == 'predict':
     _predict(config, workdir)
@@ -278,14 +279,14 @@ def _predict(config, workdir: str):
     raise errors.StageError(
         '--mode=predict needs the new scans: --input=PATH (a NIfTI file, a case '
         'folder or a folder of cases; or --config.eval.input_root=PATH)')
-  from cgc_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from cgc_jax.stages import predict  # pylint: disable=g-import-not-at-top
   store = paths.predict_store(config, workdir)
   failed = None
   try:
     cases = prepare.run(config, workdir, root=config.eval.input_root, store=store)
   except errors.StageError as e:  # bad scans: predict the good ones, then report the bad ones
     failed, cases = e, e.done
-  evaluate.predict(config, workdir, store, cases)
+  predict.predict(config, workdir, store, cases)
   if failed:
     raise errors.StageError(f'{failed}\npredict: masks were written for the {len(cases)} readable '
                             'scans only', cases)

@@ -12,11 +12,12 @@ import os
 
 import numpy as np
 
-from cgc_jax import distributed
-from cgc_jax import evaluate
 from cgc_jax import pipeline
-from cgc_jax import prepare
-from cgc_jax import sliding_window
+from cgc_jax.inference import masks
+from cgc_jax.inference import restore
+from cgc_jax.inference import sliding_window
+from cgc_jax.runtime import distributed
+from cgc_jax.stages import prepare
 
 
 class Segmenter:
@@ -49,8 +50,8 @@ class Segmenter:
     config = pipeline.workdir_config(workdir)
     config.eval.step = step
     distributed.initialize(config.dist)
-    nets, s = evaluate.restore_networks(config, workdir, distributed.mesh(),
-                                        len(config.data.modalities))
+    nets, s = restore.restore_networks(config, workdir, distributed.mesh(),
+                                       len(config.data.modalities))
     return cls(config, [p for p, _ in nets] if len(nets) > 1 else nets[0][0], s)
 
   def _prepare(self, volumes: dict, affine):
@@ -73,10 +74,10 @@ class Segmenter:
 
   def _segment(self, volumes: dict, affine, case_id: str):
     arrays, geom = self._prepare(volumes, affine)
-    evidence, p = evaluate.case_mixture(self.config, arrays['image'], arrays['brain'], geom,
-                                        self.modalities, case_id)
-    prob, mask = evaluate.segment_prepared(self.config, self._predictor, self.params,
-                                           arrays['image'], arrays['brain'], geom, evidence, p)
+    evidence, p = masks.case_mixture(self.config, arrays['image'], arrays['brain'], geom,
+                                     self.modalities, case_id)
+    prob, mask = masks.segment_prepared(self.config, self._predictor, self.params,
+                                        arrays['image'], arrays['brain'], geom, evidence, p)
     return prob, mask, geom
 
   def __call__(self, volumes: dict, affine, case_id: str = '') -> np.ndarray:
@@ -86,6 +87,6 @@ class Segmenter:
 
   def probability(self, volumes: dict, affine, case_id: str = '') -> np.ndarray:
     """As __call__, but the lesion probability f32[X, Y, Z] (0 outside the brain box)."""
-    from cgc_jax import geometry  # pylint: disable=g-import-not-at-top
+    from cgc_jax.imaging import geometry  # pylint: disable=g-import-not-at-top
     prob, _, geom = self._segment(volumes, affine, case_id)
     return geometry.to_original(prob.astype(np.float32), geom, order=1)

@@ -1,7 +1,7 @@
 """The CGC module at the paper's geometry, on a CPU budget: 1 mm, 192x192x64 crops of four channels,
 a 24x24x8 bottleneck and 6x6x2 mini-patches; only the width is reduced (base 4 instead of 32).
 
-    python -m cgc_jax.experiments --config=configs/brats_paper_geometry.py \
+    python -m cgc_jax.studies.experiments --config=configs/brats_paper_geometry.py \
         --config.data.root=../shared/data/brats2018_dev --workdir=runs/paper_geometry \
         --table=cgc --track_every=0
 

@@ -6,6 +6,6 @@
 set -u
 PY=${PYTHON:-python}
 echo "# $(date -u +%F) $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null)"
-timeout 300 "$PY" -m cgc_jax.benchmark --what=train --config=configs/brats.py --batch=2 --steps=5
-timeout 170 "$PY" -m cgc_jax.benchmark --what=inference --config=configs/brats.py \
+timeout 300 "$PY" -m cgc_jax.studies.benchmark --what=train --config=configs/brats.py --batch=2 --steps=5
+timeout 170 "$PY" -m cgc_jax.studies.benchmark --what=inference --config=configs/brats.py \
     --volume=240,240,155 --tta=true

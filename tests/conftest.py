@@ -43,7 +43,7 @@ def copy_inputs(src, dst):
 @pytest.fixture(scope='session')
 def tiny_workdir(tmp_path_factory):
   """A workdir with 3 phantoms prepared and pseudo-labelled (shared, treat as read-only)."""
-  from cgc_jax import prepare, pseudo_labels  # pylint: disable=g-import-not-at-top
+  from cgc_jax.stages import prepare, pseudo_labels  # pylint: disable=g-import-not-at-top
   wd = str(tmp_path_factory.mktemp('tiny'))
   c = tiny_config()
   prepare.run(c, wd)

@@ -2,7 +2,9 @@
 asserted); the convolution list they time is the U-Net's, counted by hand."""
 import re
 
-from cgc_jax import benchmark
+import pytest
+
+from cgc_jax.studies import benchmark
 
 from conftest import tiny_config
 
@@ -35,3 +37,31 @@ def test_conv_and_train_benchmarks_print_their_tables(capsys):
   for row in ('train step', 'convolutions alone (fwd+bwd)', 'matmul 2048x2048 (float32)'):
     assert f'| {row} |' in out
   assert 'peak host memory' in out
+
+
+def _shipped_configs():
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  from conftest import ROOT  # pylint: disable=g-import-not-at-top
+  root = os.path.join(ROOT, 'configs')
+  for name in sorted(os.listdir(root)):
+    if name.endswith('.py') and name not in ('common.py', '__init__.py'):
+      spec = importlib.util.spec_from_file_location(name[:-3], os.path.join(root, name))
+      mod = importlib.util.module_from_spec(spec)
+      spec.loader.exec_module(mod)
+      yield name, mod.get_config()
+
+
+@pytest.mark.slow
+def test_the_train_benchmark_runs_on_every_shipped_config(capsys):
+  """--what=train builds its batch with the input pipeline's keys, so every shipped config's step
+  (symmetry weights, posterior weights, bf16 included) runs, at a tiny size."""
+  names = []
+  for name, c in _shipped_configs():
+    c.model.levels, c.model.base = 2, 2
+    c.train.crop, c.train.batch_size, c.cgc.patch = (8, 8, 8), 8, (2, 2, 2)
+    benchmark.bench_train(c, benchmark.Options(steps=1))
+    out = capsys.readouterr().out
+    assert '| train step |' in out, name
+    names.append(name)
+  assert {'brats.py', 'brats_dev.py', 'brats_sample.py', 'demo.py', 'ct_phantoms.py'} <= set(names)

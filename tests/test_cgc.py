@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cgc_jax import cgc
+from cgc_jax.model import cgc
 
 
 def _np_log_softmax(x):

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from cgc_jax import config_rules
 from cgc_jax import errors
 from cgc_jax import pipeline
+from cgc_jax.core import config_rules
 
 from conftest import ROOT
 from conftest import tiny_config
@@ -103,10 +103,10 @@ def test_every_bad_field_is_named_with_what_it_accepts():
 
 
 def test_the_choices_are_what_the_stages_accept():
-  from cgc_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from cgc_jax import onednn  # pylint: disable=g-import-not-at-top
-  from cgc_jax import unet  # pylint: disable=g-import-not-at-top
-  assert config_rules.CHOICES['eval.select'] == ('latest',) + tuple(evaluate.SELECT_RULES)
+  from cgc_jax.inference import tracking  # pylint: disable=g-import-not-at-top
+  from cgc_jax.model import onednn  # pylint: disable=g-import-not-at-top
+  from cgc_jax.model import unet  # pylint: disable=g-import-not-at-top
+  assert config_rules.CHOICES['eval.select'] == ('latest',) + tuple(tracking.SELECT_RULES)
   for impl in config_rules.CHOICES['model.conv_impl']:
     if impl != 'onednn' or onednn.available():  # 'onednn' by name raises where it is not built
       unet.resolve_conv_impl(impl)  # raises on an unknown one

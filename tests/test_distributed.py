@@ -14,9 +14,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from cgc_jax import distributed
-from cgc_jax import evaluate
-from cgc_jax import paths
+from cgc_jax.core import paths
+from cgc_jax.runtime import distributed
+from cgc_jax.stages import evaluate
 
 from conftest import ROOT
 from conftest import copy_inputs
@@ -129,7 +129,7 @@ def test_a_dead_process_stops_the_others_within_the_heartbeat_timeout(tiny_workd
 
 _SYNC_SCRIPT = '''
 import sys, time
-from cgc_jax import distributed
+from cgc_jax.runtime import distributed
 distributed.initialize()
 pid = distributed.jax.process_index()
 try:

@@ -5,13 +5,16 @@ import os
 import numpy as np
 import pytest
 
-from cgc_jax import distributed
-from cgc_jax import evaluate
-from cgc_jax import geometry
-from cgc_jax import morphology
-from cgc_jax import paths
-from cgc_jax import prepare
-from cgc_jax import sliding_window
+from cgc_jax.core import paths
+from cgc_jax.imaging import geometry
+from cgc_jax.imaging import morphology
+from cgc_jax.inference import masks
+from cgc_jax.inference import restore
+from cgc_jax.inference import sliding_window
+from cgc_jax.inference import tracking
+from cgc_jax.runtime import distributed
+from cgc_jax.stages import evaluate
+from cgc_jax.stages import prepare
 
 from conftest import copy_inputs
 from conftest import tiny_config
@@ -36,7 +39,7 @@ def test_tracked_signals_match_hand_values(tiny_workdir, tmp_path, monkeypatch):
     out[:image.shape[0] // 2] = q
     return out
   monkeypatch.setattr(sliding_window.Predictor, 'predict_volume', fake)
-  track = evaluate.track_during_training(cfg, wd, distributed.mesh())
+  track = tracking.track_during_training(cfg, wd, distributed.mesh())
   track({'unet': None}, 7)
   with open(os.path.join(wd, 'train', 'track.jsonl')) as f:
     rows = [json.loads(line) for line in f]
@@ -74,7 +77,7 @@ def test_tracking_signals_on_a_hand_made_case():
   mirrored = np.array([0.9, 0.2, 0.7, 0.1, 0.6, 0.0], np.float32)
   post = np.array([1.0, 0.6, 0.9, 0.0, 0.1, 1.0], np.float32)
   label = np.array([1, 1, 0, 0, 0, 0], bool)
-  r = evaluate.tracking_signals(prob, mirrored, post, brain, 0.2, label)
+  r = tracking.tracking_signals(prob, mirrored, post, brain, 0.2, label)
   # masks: net {0,1,4}, flip {0,2,4}, P {0,1,2,5}
   np.testing.assert_allclose(r['flip_agreement'], 2 * 2 / 6)
   np.testing.assert_allclose(r['p_agreement'], 2 * 2 / 7)
@@ -82,11 +85,11 @@ def test_tracking_signals_on_a_hand_made_case():
   want = np.mean([-np.mean(np.log([1 - 0.1, 1 - 0.6])), -np.mean(np.log([0.9, 0.3]))])
   np.testing.assert_allclose(r['confident_ce'], want, rtol=1e-6)
   np.testing.assert_allclose(r['dice'], 2 * 2 / 5)
-  assert 'dice' not in evaluate.tracking_signals(prob, mirrored, post, brain, 0.2)
-  empty = evaluate.tracking_signals(np.zeros(6, np.float32), np.zeros(6, np.float32), post,
+  assert 'dice' not in tracking.tracking_signals(prob, mirrored, post, brain, 0.2)
+  empty = tracking.tracking_signals(np.zeros(6, np.float32), np.zeros(6, np.float32), post,
                                     brain, 0.2)
   assert np.isnan(empty['flip_agreement']) and empty['p_agreement'] == 0.0
-  means = evaluate.tracking_means({'a': r, 'b': empty})
+  means = tracking.tracking_means({'a': r, 'b': empty})
   np.testing.assert_allclose(means['flip_agreement'], r['flip_agreement'])  # NaN left out
   np.testing.assert_allclose(means['p_agreement'], r['p_agreement'] / 2)
   np.testing.assert_allclose(means['dice'], r['dice'])  # only the case that has a label
@@ -134,10 +137,10 @@ def test_select_keeps_the_best_tracked_checkpoint(tmp_path):
   with open(os.path.join(wd, 'train', 'track.jsonl'), 'w') as f:
     f.writelines(json.dumps(r) + '\n' for r in rows)
     f.write('{"step": 80, "flip_agr')  # a line cut by a kill mid-append
-  assert [r['flip_agreement'] for r in evaluate.read_track(wd)] == [0.90, 0.96, 0.99]
+  assert [r['flip_agreement'] for r in tracking.read_track(wd)] == [0.90, 0.96, 0.99]
 
   def sel(rule, steps):
-    return evaluate.selected_step(tiny_config(**{'eval.select': rule}), wd, steps)
+    return tracking.selected_step(tiny_config(**{'eval.select': rule}), wd, steps)
   assert sel('flip_agreement', [20, 40, 60]) == 60
   assert sel('flip_agreement', [20, 40]) == 40  # step 60's checkpoint is not kept
   assert sel('confident_ce', [20, 40]) == 40
@@ -156,12 +159,12 @@ def test_an_empty_prediction_gives_no_flip_evidence(tiny_workdir, tmp_path, monk
   copy_inputs(tiny_workdir, wd)
   monkeypatch.setattr(sliding_window.Predictor, 'predict_volume',
                       lambda self, params, image: np.zeros(image.shape[:3], np.float32))
-  evaluate.track_during_training(cfg, wd, distributed.mesh())({'unet': None}, 3)
-  row = evaluate.read_track(wd)[0]
+  tracking.track_during_training(cfg, wd, distributed.mesh())({'unet': None}, 3)
+  row = tracking.read_track(wd)[0]
   assert np.isnan(row['flip_agreement'])
   assert all(np.isnan(r['flip_agreement']) for r in row['cases'].values())
   later = dict(step=6, flip_agreement=0.8)
-  assert evaluate.pick([row, later], 'flip_agreement')['step'] == 6
+  assert tracking.pick([row, later], 'flip_agreement')['step'] == 6
 
 
 def test_false_alarm_voxels_on_lesion_free_cases_only():
@@ -183,7 +186,7 @@ class _ConstantPredictor:
 
 
 def test_case_mixture_gate_and_p():
-  from cgc_jax import prepare as prep_lib  # pylint: disable=g-import-not-at-top
+  from cgc_jax.stages import prepare as prep_lib  # pylint: disable=g-import-not-at-top
   from conftest import tiny_config  # pylint: disable=g-import-not-at-top
   cfg = tiny_config(**{'eval.gate_on_p_evidence': True, 'data.target_spacing': ()})
   rng = np.random.default_rng(0)
@@ -196,32 +199,32 @@ def test_case_mixture_gate_and_p():
   arrays, geom, _ = prep_lib.preprocess(vols, np.eye(4), cfg.data)
   args = (cfg, arrays['image'], arrays['brain'], geom, list(cfg.data.modalities), 'c')
   no, ok = {'status': 'no_lesion_evidence'}, {'status': 'ok'}
-  assert evaluate.case_mixture(*args, stored=(no, None)) == (False, None)
-  assert evaluate.case_mixture(*args, stored=(ok, None)) == (True, None)
+  assert masks.case_mixture(*args, stored=(no, None)) == (False, None)
+  assert masks.case_mixture(*args, stored=(ok, None)) == (True, None)
   cfg.eval.gate_on_p_evidence = False
-  assert evaluate.case_mixture(*args, stored=(no, None)) == (True, None)
+  assert masks.case_mixture(*args, stored=(no, None)) == (True, None)
   # without a report the mixture is fitted now: the bright half stands ~2 z above its ring, not 5
   cfg.eval.gate_on_p_evidence = True
   cfg.gmm.min_contrast = 5.0
-  assert not evaluate.case_mixture(*args)[0]
+  assert not masks.case_mixture(*args)[0]
   cfg.gmm.min_contrast = float('-inf')
-  evidence, p = evaluate.case_mixture(*args)
+  evidence, p = masks.case_mixture(*args)
   assert evidence and p is None  # P itself only with eval.border_mm
   cfg.eval.border_mm = 4.0
-  evidence, p = evaluate.case_mixture(*args)  # fitted now: the mixture's P is the bright half
+  evidence, p = masks.case_mixture(*args)  # fitted now: the mixture's P is the bright half
   assert evidence and p.dtype == bool and p.shape == arrays['brain'].shape
-  from cgc_jax import gmm  # pylint: disable=g-import-not-at-top
+  from cgc_jax.labels import gmm  # pylint: disable=g-import-not-at-top
   _, want, _ = gmm.consensus(arrays['image'], arrays['brain'] > 0, list(cfg.data.modalities),
                              cfg.gmm, 'c', geom.spacing)
   assert want.any() and not want.all()
   np.testing.assert_array_equal(p, want > 0)  # the mixture the pseudo-label stage would fit
   stored_p = np.zeros((30, 30, 30), np.uint8)
-  assert not evaluate.case_mixture(*args, stored=(ok, stored_p))[1].any()  # the stored P, as is
+  assert not masks.case_mixture(*args, stored=(ok, stored_p))[1].any()  # the stored P, as is
   # eval.border_symmetry: P's left-right symmetric voxels (the training rule's) get 0.5, no say
   stored_p[5:25, 5:9, 5:25] = 1  # a slab across the midline (axis 0): mirrored onto itself
   stored_p[20:24, 12:16, 12:16] = 1  # a one-sided blob
   cfg.train.symmetry_margin, cfg.eval.border_symmetry = 0.3, True
-  _, q = evaluate.case_mixture(*args, stored=(ok, stored_p))
+  _, q = masks.case_mixture(*args, stored=(ok, stored_p))
   want_sym = morphology.symmetric_lesion(
       stored_p > 0, arrays['image'][..., list(cfg.data.modalities).index('flair')],
       arrays['brain'] > 0, 0.3, cfg.train.symmetry_sigma)
@@ -229,10 +232,10 @@ def test_case_mixture_gate_and_p():
   np.testing.assert_array_equal(q, np.where(want_sym, 0.5, stored_p > 0).astype(np.float32))
   cfg.train.symmetry_margin, cfg.eval.border_symmetry = 0.0, False
   cfg.eval.border_mm = 0.0
-  prob, mask = evaluate.segment_prepared(cfg, _ConstantPredictor(), None, arrays['image'],
+  prob, mask = masks.segment_prepared(cfg, _ConstantPredictor(), None, arrays['image'],
                                          arrays['brain'], geom, evidence=True)
   assert mask.shape == (30, 30, 30) and mask.sum() == 22**3  # 0.9 everywhere in the brain
-  prob, mask = evaluate.segment_prepared(cfg, _UnusedPredictor(), None, arrays['image'],
+  prob, mask = masks.segment_prepared(cfg, _UnusedPredictor(), None, arrays['image'],
                                          arrays['brain'], geom, evidence=False)
   assert not prob.any() and not mask.any()  # and the network did not run
   assert prob.shape == arrays['brain'].shape and mask.shape == (30, 30, 30)
@@ -255,7 +258,7 @@ class _BlockPredictor:
 def test_segment_prepared_border_mm_takes_p_near_the_border_only():
   cfg = tiny_config(**{'data.target_spacing': (), 'eval.keep_fraction': 0.5,
                        'eval.border_mm': 2.0})
-  from cgc_jax import prepare as prep_lib  # pylint: disable=g-import-not-at-top
+  from cgc_jax.stages import prepare as prep_lib  # pylint: disable=g-import-not-at-top
   vols = [np.ones((30, 30, 30), np.float32) for _ in cfg.data.modalities]
   _, geom, _ = prep_lib.preprocess(vols, np.eye(4), cfg.data)  # 1 mm, no crop: an index map
   assert tuple(geom.prepared_shape) == (30, 30, 30)
@@ -269,13 +272,13 @@ def test_segment_prepared_border_mm_takes_p_near_the_border_only():
   p[2:4, 2:4, 2:4] = True  # P agrees with the satellite: the component rule still drops it
   want = np.zeros((30, 30, 30), bool)
   want[8:19, 10:20, 10:20] = True
-  prob, mask = evaluate.segment_prepared(cfg, _BlockPredictor(), None, image, brain, geom, True, p)
+  prob, mask = masks.segment_prepared(cfg, _BlockPredictor(), None, image, brain, geom, True, p)
   np.testing.assert_array_equal(mask.astype(bool), want)
   assert prob[14, 14, 14] == np.float32(0.9) and prob[8, 15, 15] == np.float32(0.51)
   cfg.eval.border_mm = 0.0  # off: the network's mask after the component rule, P unused
   want[:] = False
   want[10:20, 10:20, 10:20] = True
-  _, mask = evaluate.segment_prepared(cfg, _BlockPredictor(), None, image, brain, geom, True, p)
+  _, mask = masks.segment_prepared(cfg, _BlockPredictor(), None, image, brain, geom, True, p)
   np.testing.assert_array_equal(mask.astype(bool), want)
 
 
@@ -288,13 +291,13 @@ def test_average_checkpoints_is_the_mean_of_the_kept_params(tiny_trained):
   nch = prep.meta(prep.complete_cases()[0])['arrays']['image']['shape'][-1]
   mesh = distributed.mesh()
 
-  def restore(**kw):
-    p, s = evaluate.restore_params(tiny_config(**kw), tiny_trained, mesh, nch)
+  def restored(**kw):
+    p, s = restore.restore_params(tiny_config(**kw), tiny_trained, mesh, nch)
     return jax.tree.map(np.asarray, jax.device_get(p)), s
-  p3, s3 = restore(**{'eval.step': 3})
-  p6, s6 = restore(**{'eval.step': 6})
+  p3, s3 = restored(**{'eval.step': 3})
+  p6, s6 = restored(**{'eval.step': 6})
   assert (s3, s6) == (3, 6)
-  mean, s = restore(**{'eval.average_checkpoints': 2})
+  mean, s = restored(**{'eval.average_checkpoints': 2})
   assert s == 6
   leaves = jax.tree.leaves(jax.tree.map(lambda m, a, b: (m, (a.astype(np.float64) + b) / 2),
                                         mean, p3, p6), is_leaf=lambda x: isinstance(x, tuple))
@@ -302,7 +305,7 @@ def test_average_checkpoints_is_the_mean_of_the_kept_params(tiny_trained):
                                                               jax.tree.leaves(p6)))
   for got, want in leaves:
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
-  only3, s = restore(**{'eval.average_checkpoints': 5, 'eval.step': 3})
+  only3, s = restored(**{'eval.average_checkpoints': 5, 'eval.step': 3})
   assert s == 3
   for got, want in zip(jax.tree.leaves(only3), jax.tree.leaves(p3)):
     np.testing.assert_array_equal(got, want)

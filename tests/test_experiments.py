@@ -6,9 +6,11 @@ import os
 import numpy as np
 import pytest
 
-from cgc_jax import evaluate
-from cgc_jax import experiments
 from cgc_jax import pipeline
+from cgc_jax.inference import tracking
+from cgc_jax.studies import experiments
+from cgc_jax.studies import reports
+from cgc_jax.studies import tables
 
 from conftest import copy_inputs
 from conftest import tiny_config
@@ -16,10 +18,10 @@ from conftest import tiny_config
 
 def test_patch_sizes_are_fractions_of_the_bottleneck():
   c = tiny_config(**{'train.crop': (192, 192, 64), 'model.levels': 4})
-  got = [experiments._apply(c, {'cgc.patch': experiments._z(f)}).cgc.patch for f in (2, 4, 8)]
+  got = [experiments._apply(c, {'cgc.patch': tables.Patch(f)}).cgc.patch for f in (2, 4, 8)]
   assert got == [(12, 12, 4), (6, 6, 2), (3, 3, 1)]  # the paper's three z on its 24x24x8 bottleneck
   c = tiny_config(**{'train.crop': (48, 64, 48), 'model.levels': 4})
-  assert experiments._apply(c, {'cgc.patch': experiments._z(8)}).cgc.patch == (1, 1, 1)
+  assert experiments._apply(c, {'cgc.patch': tables.Patch(8)}).cgc.patch == (1, 1, 1)
 
 
 def test_row_summary_pools_cases_and_reports_the_spread_of_seed_means():
@@ -30,7 +32,7 @@ def test_row_summary_pools_cases_and_reports_the_spread_of_seed_means():
   assert abs(s['dice']['std'] - np.std([0.5, 0.7, 0.8, 0.9])) < 1e-12
   np.testing.assert_allclose(s['dice_seed_means'], [0.6, 0.85], rtol=1e-12)
   assert abs(s['dice_std_across_seeds'] - 0.125) < 1e-12
-  md = experiments.markdown('t', {'r': s}, tiny_config())
+  md = reports.markdown('t', {'r': s}, tiny_config())
   assert '| r | 0.7250 +- 0.1479 | 0.1250 | 1.0000 +- 0.0000 | 2.00 +- 0.00 | 12 |' in md
 
 
@@ -38,9 +40,9 @@ def test_row_summary_pools_cases_and_reports_the_spread_of_seed_means():
 def test_a_table_shares_the_offline_stages(tiny_workdir, tmp_path, monkeypatch):
   base = str(tmp_path / 'base')
   copy_inputs(tiny_workdir, base)
-  monkeypatch.setitem(experiments.TABLES, 'mini', [
-      ('GMM (P)', 'gmm', None), ('threshold (P)', 'threshold', None),
-      ('backbone + P', 'gmm', {'cgc.coarse': False, 'cgc.fine': False})])
+  monkeypatch.setitem(tables.TABLES, 'mini', [
+      tables.Row('GMM (P)', kind='p'), tables.Row('threshold (P)', source='threshold', kind='p'),
+      tables.Row('backbone + P', {'cgc.coarse': False, 'cgc.fine': False})])
   cfg = tiny_config(**{'train.steps': 2, 'train.checkpoint_every': 1})
   res = experiments.run_table(cfg, base, 'mini', [0])
   with open(os.path.join(tiny_workdir, 'pseudo_labels', 'summary.json')) as f:
@@ -55,19 +57,19 @@ def test_a_table_shares_the_offline_stages(tiny_workdir, tmp_path, monkeypatch):
   # the same configuration in another table is the same run: linked, not retrained
   metrics_log = os.path.join(run, 'train', 'metrics.jsonl')
   before = os.path.getmtime(metrics_log), open(metrics_log).read()
-  monkeypatch.setitem(experiments.TABLES, 'length', [
-      ('backbone', 'gmm', {'cgc.coarse': False, 'cgc.fine': False})])
+  monkeypatch.setitem(tables.TABLES, 'length', [
+      tables.Row('backbone', {'cgc.coarse': False, 'cgc.fine': False})])
   res = experiments.run_table(cfg, base, 'length', [0])
   assert (os.path.getmtime(metrics_log), open(metrics_log).read()) == before
   assert os.path.realpath(os.path.join(base, 'experiments', 'length', 'backbone', 'seed0')) == \
       os.path.realpath(run)
-  track = evaluate.read_track(run)
+  track = tracking.read_track(run)
   assert [r['step'] for r in track] == [1, 2]  # every run tracks train.steps // 6 (at least 1)
   along = res['backbone']['along_training']
   assert along['dice'] == {1: track[0]['dice'], 2: track[1]['dice']}
   rules = res['stopping rules (every tracked run)']
   assert rules['last step']['runs'] == 1 and rules['last step']['dice'] == track[1]['dice']
-  md = experiments.markdown('length', res, cfg)
+  md = reports.markdown('length', res, cfg)
   assert '| step 1 | step 2 |' in md and '| last step | 2 |' in md
   # eval.select restores the checkpoint the label-free signal prefers
   for rule in ('flip_agreement', 'confident_ce'):
@@ -75,7 +77,7 @@ def test_a_table_shares_the_offline_stages(tiny_workdir, tmp_path, monkeypatch):
     c.eval.select = rule
     pipeline.run(c, run, 'evaluate')
     with open(os.path.join(run, 'eval', 'summary.json')) as f:
-      assert json.load(f)['checkpoint_step'] == evaluate.pick(track, rule)['step']
+      assert json.load(f)['checkpoint_step'] == tracking.pick(track, rule)['step']
 
 
 def test_stopping_rules_hand_values():
@@ -84,7 +86,7 @@ def test_stopping_rules_hand_values():
             for s, d, f, c, p in rows]
   a = t((10, 0.70, 0.90, 0.30, 0.8), (20, 0.80, 0.95, 0.20, 0.9), (30, 0.75, 0.95, 0.25, 0.95))
   b = t((10, 0.50, 0.80, 0.10, 0.7), (20, 0.60, 0.70, 0.40, 0.6), (30, 0.55, 0.85, 0.30, 0.9))
-  assert evaluate.pick(a, 'flip_agreement')['step'] == 20  # tie: the earliest
+  assert tracking.pick(a, 'flip_agreement')['step'] == 20  # tie: the earliest
   r = experiments.score_rules([a, b, [], t((5, float('nan'), 1, 1, 1))[:0]])
   last = r['last step']
   assert last['runs'] == 2 and last['step'] == 30
@@ -120,8 +122,8 @@ def test_a_runs_pseudo_label_source_is_read_from_its_reports(tmp_path):
 def test_self_training_round_two_learns_from_round_ones_masks(tiny_workdir, tmp_path, monkeypatch):
   base = str(tmp_path / 'base')
   copy_inputs(tiny_workdir, base)
-  monkeypatch.setitem(experiments.TABLES, 'mini', [
-      ('one round', 'gmm', {}), ('two rounds', 'gmm', {experiments.ROUNDS: 2})])
+  monkeypatch.setitem(tables.TABLES, 'mini', [
+      tables.Row('one round'), tables.Row('two rounds', rounds=2)])
   cfg = tiny_config(**{'train.steps': 2, 'train.checkpoint_every': 1})
   res = experiments.run_table(cfg, base, 'mini', [0])
   # round 2's P is round 1's network masks, scored after a round trip through the 4 mm prepared grid
@@ -135,7 +137,7 @@ def test_self_training_round_two_learns_from_round_ones_masks(tiny_workdir, tmp_
     pl = json.load(f)['pseudo_labels']
   assert pl['source'] == 'nifti'
   assert os.path.realpath(pl['nifti_dir']) == os.path.join(r1, 'eval', 'predictions')
-  assert '(its P: ' in experiments.markdown('mini', res, cfg)
+  assert '(its P: ' in reports.markdown('mini', res, cfg)
 
 
 @pytest.mark.slow
@@ -143,16 +145,16 @@ def test_an_evaluation_row_evaluates_the_trained_networks_again(tiny_workdir, tm
                                                                 monkeypatch):
   """A row that changes eval.* only trains nothing: the recipe's networks are evaluated with its
   eval fields in a workdir of their own, and the recipe's own evaluation is left as it was."""
-  from cgc_jax import fingerprints  # pylint: disable=g-import-not-at-top
+  from cgc_jax.core import fingerprints  # pylint: disable=g-import-not-at-top
   base = str(tmp_path / 'base')
   copy_inputs(tiny_workdir, base)
-  monkeypatch.setitem(experiments.TABLES, 'mini', [
-      ('recipe', 'gmm', {}), ('edge', 'gmm', {'eval.border_mm': 8.0}),
-      ('same as the recipe', 'gmm', {'eval.border_mm': 0.0})])
+  monkeypatch.setitem(tables.TABLES, 'mini', [
+      tables.Row('recipe'), tables.Row('edge', {'eval.border_mm': 8.0}),
+      tables.Row('same as the recipe', {'eval.border_mm': 0.0})])
   cfg = tiny_config(**{'train.steps': 2, 'train.checkpoint_every': 1, 'eval.pictures': False})
   res = experiments.run_table(cfg, base, 'mini', [0], track_every=0)
   row = lambda name: os.path.realpath(
-      os.path.join(base, 'experiments', 'mini', experiments._slug(name), 'seed0'))
+      os.path.join(base, 'experiments', 'mini', tables.slug(name), 'seed0'))
   recipe, edge = row('recipe'), row('edge')
   assert row('same as the recipe') == recipe  # its evaluation is the recipe's: nothing run again
   evals = os.path.join(os.path.realpath(base), 'experiments', 'evals')
@@ -175,15 +177,15 @@ def test_an_evaluation_row_evaluates_the_trained_networks_again(tiny_workdir, tm
 
 
 def test_every_table_can_be_named_on_the_command_line():
-  assert set(experiments.TABLES) | {'pseudo_labels'} == set(experiments.TABLE_NAMES)
+  assert set(tables.TABLES) | {'pseudo_labels'} == set(tables.TABLE_NAMES)
 
 
 def test_rows_select_a_budget_of_the_table():
-  rows = experiments.TABLES['refine']
-  assert experiments.select_rows(rows, '5,1') == [rows[0], rows[4]]
+  rows = tables.TABLES['refine']
+  assert tables.select_rows(rows, '5,1') == [rows[0], rows[4]]
   assert len(rows) == 15
   with pytest.raises(ValueError, match='rows 1..15'):
-    experiments.select_rows(rows, '16')
+    tables.select_rows(rows, '16')
 
 
 def test_the_length_table_needs_one_network(tmp_path):
@@ -199,14 +201,15 @@ def test_the_length_table_needs_one_network(tmp_path):
 def test_a_sigterm_in_a_run_stops_the_table_without_a_row(tiny_workdir, tmp_path, monkeypatch):
   """Train saves and returns on SIGTERM (pipeline.run then returns too); the table must stop there,
   saying so, not read the run's missing evaluation."""
-  from cgc_jax import errors, train  # pylint: disable=g-import-not-at-top
+  from cgc_jax import errors  # pylint: disable=g-import-not-at-top
+  from cgc_jax.stages import train  # pylint: disable=g-import-not-at-top
   base = str(tmp_path / 'base')
   copy_inputs(tiny_workdir, base)
 
   def preempted(*args, **kwargs):
     raise train.Preempted('SIGTERM: saved step 1; re-run the same command to continue')
   monkeypatch.setattr(train, 'train_and_evaluate', preempted)
-  monkeypatch.setitem(experiments.TABLES, 'mini', [('backbone + P', 'gmm', {'cgc.fine': False})])
+  monkeypatch.setitem(tables.TABLES, 'mini', [tables.Row('backbone + P', {'cgc.fine': False})])
   cfg = tiny_config(**{'train.steps': 2})
   with pytest.raises(errors.Preempted, match='re-run the same command'):
     experiments.run_table(cfg, base, 'mini', [0], track_every=0)
@@ -216,7 +219,7 @@ def test_a_sigterm_in_a_run_stops_the_table_without_a_row(tiny_workdir, tmp_path
 def test_a_cross_fitting_row_trains_without_tracking(tiny_workdir, tmp_path, monkeypatch):
   """Tracking (eval.every_steps) is per network and not offered with train.folds >= 2: a table
   row with folds runs without it, rows without folds keep it."""
-  from cgc_jax import config_rules  # pylint: disable=g-import-not-at-top
+  from cgc_jax.core import config_rules  # pylint: disable=g-import-not-at-top
   base = str(tmp_path / 'base')
   copy_inputs(tiny_workdir, base)
   seen = []
@@ -226,7 +229,7 @@ def test_a_cross_fitting_row_trains_without_tracking(tiny_workdir, tmp_path, mon
     raise KeyboardInterrupt
   monkeypatch.setattr(experiments, '_train_run', stop)
   for folds in (2, 1):
-    monkeypatch.setitem(experiments.TABLES, 'mini', [('row', 'gmm', {'train.folds': folds})])
+    monkeypatch.setitem(tables.TABLES, 'mini', [tables.Row('row', {'train.folds': folds})])
     with pytest.raises(KeyboardInterrupt):
       experiments.run_table(tiny_config(**{'train.steps': 6}), base, 'mini', [0])
   assert seen == [(2, 0, []), (1, 1, [])]
@@ -243,7 +246,7 @@ def test_term_gaps_average_the_last_quarter_of_the_log(tmp_path):
   assert got['fine_above_floor'] == pytest.approx(4.75)
   assert got['coarse'] == pytest.approx(0.75)
   assert experiments.term_gaps(str(tmp_path / 'none')) == {}
-  md = experiments.markdown('cgc', {'full': dict(
+  md = reports.markdown('cgc', {'full': dict(
       seeds=[0], dice_std_across_seeds=float('nan'), seconds=1.0, fine_above_floor=0.05,
       **{k: {'mean': 0.5, 'std': 0.1} for k in ('dice', 'sensitivity', 'assd')})}, tiny_config())
   assert '| 0.0500, - |' in md

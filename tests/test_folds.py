@@ -10,16 +10,17 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from cgc_jax import checkpoint
-from cgc_jax import distributed
-from cgc_jax import evaluate
-from cgc_jax import fingerprints
-from cgc_jax import folds
-from cgc_jax import geometry
-from cgc_jax import paths
 from cgc_jax import pipeline
 from cgc_jax import segmenter
-from cgc_jax import sliding_window
+from cgc_jax.core import fingerprints
+from cgc_jax.core import folds
+from cgc_jax.core import paths
+from cgc_jax.imaging import geometry
+from cgc_jax.inference import masks
+from cgc_jax.inference import restore
+from cgc_jax.inference import sliding_window
+from cgc_jax.model import checkpoint
+from cgc_jax.runtime import distributed
 
 from conftest import copy_inputs, tiny_config
 
@@ -91,7 +92,7 @@ def test_cross_fitting_networks_and_which_of_them_segment_a_case(tiny_workdir, t
     assert ckpt.latest_step() == cfg.train.steps
     assert sorted(ckpt.record(ckpt.latest_step())['inputs']) == folds.training_cases(cases, f, 2)
     ckpt.close()
-    params.append(evaluate.restore_params(cfg, run_dir, mesh, nch)[0])
+    params.append(restore.restore_params(cfg, run_dir, mesh, nch)[0])
   predictor = sliding_window.Predictor(cfg, mesh)
   fold_of = folds.assign(cases, 2)
 
@@ -103,22 +104,22 @@ def test_cross_fitting_networks_and_which_of_them_segment_a_case(tiny_workdir, t
   def written(c):
     return np.asarray(nib.load(os.path.join(wd, 'eval', 'predictions', f'{c}.nii.gz')).dataobj)
 
-  masks = {}
+  want = {}
   for c in cases:
     geom = geometry.Geometry.from_json(prep.meta(c)['geometry'])
     image = np.asarray(prep.read(c, 'image'), np.float32)
     brain = np.asarray(prep.read(c, 'brain'))
     probs = [predictor.predict_volume(p, image) for p in params]
     assert np.abs(probs[0] - probs[1]).max() > 1e-3
-    prob, mask = evaluate.segment_prepared(cfg, Known(), params, image, brain, geom)
+    prob, mask = masks.segment_prepared(cfg, Known(), params, image, brain, geom)
     np.testing.assert_allclose(prob, (probs[0] + probs[1]) / 2 * (brain > 0), rtol=1e-6,
                                atol=1e-7)
     np.testing.assert_array_equal(written(c), mask)
-    masks[c] = evaluate.segment_prepared(cfg, Known(), params[fold_of[c]], image, brain, geom)[1]
+    want[c] = masks.segment_prepared(cfg, Known(), params[fold_of[c]], image, brain, geom)[1]
   unseen = tiny_config(**{'train.folds': 2, 'eval.fold_networks': 'unseen'})
   pipeline.run(unseen, wd, 'evaluate')
   for c in cases:
-    np.testing.assert_array_equal(written(c), masks[c])
+    np.testing.assert_array_equal(written(c), want[c])
   # a new scan (Segmenter, predict mode): both networks (segment_prepared averages a list)
   seg = segmenter.Segmenter.from_workdir(wd)
   assert isinstance(seg.params, list) and len(seg.params) == 2
@@ -143,7 +144,7 @@ def test_an_ensemble_grows_from_a_finished_run_and_segments_with_the_mean(tiny_t
   prep = paths.prepared_store(one, wd)
   cases = prep.complete_cases()
   nch = prep.meta(cases[0])['arrays']['image']['shape'][-1]
-  first = evaluate.restore_params(one, wd, mesh, nch)[0]
+  first = restore.restore_params(one, wd, mesh, nch)[0]
   ckpt_files = sorted(os.listdir(paths.checkpoints(wd)))
   cfg = tiny_config(**{'eval.pictures': False, 'train.ensemble': 2})
   pipeline.run(cfg, wd, 'all')
@@ -154,7 +155,7 @@ def test_an_ensemble_grows_from_a_finished_run_and_segments_with_the_mean(tiny_t
   ckpt.close()
   assert record['config']['train']['seed'] == one.train.seed + 1000
   assert sorted(record['inputs']) == sorted(cases)
-  nets, step = evaluate.restore_networks(cfg, wd, mesh, nch)
+  nets, step = restore.restore_networks(cfg, wd, mesh, nch)
   assert step == cfg.train.steps and len(nets) == 2
   for a, b in zip(jax.tree.leaves(nets[0][0]), jax.tree.leaves(first)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -165,7 +166,7 @@ def test_an_ensemble_grows_from_a_finished_run_and_segments_with_the_mean(tiny_t
     brain = np.asarray(prep.read(c, 'brain'))
     probs = [predictor.predict_volume(p, image) for p, _ in nets]
     assert np.abs(probs[0] - probs[1]).max() > 1e-3  # two seeds, two different networks
-    prob, mask = evaluate.segment_prepared(cfg, predictor, [p for p, _ in nets], image, brain, geom)
+    prob, mask = masks.segment_prepared(cfg, predictor, [p for p, _ in nets], image, brain, geom)
     np.testing.assert_allclose(prob, (probs[0] + probs[1]) / 2 * (brain > 0), rtol=1e-6,
                                atol=1e-7)
     written = nib.load(os.path.join(wd, 'eval', 'predictions', f'{c}.nii.gz')).dataobj

@@ -2,7 +2,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from cgc_jax import geometry
+from cgc_jax.imaging import geometry
 
 
 def _affine(codes, spacing, origin=(10.0, -20.0, 5.0)):

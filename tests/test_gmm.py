@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 
-from cgc_jax import gmm
-from cgc_jax import morphology
-from cgc_jax import paths
-from cgc_jax import pseudo_labels
+from cgc_jax.core import paths
+from cgc_jax.imaging import morphology
+from cgc_jax.labels import gmm
+from cgc_jax.stages import pseudo_labels
 
 from conftest import tiny_config
 
@@ -161,7 +161,7 @@ def test_workers_do_not_change_p(tmp_path, tiny_workdir):
 
 def test_other_sources(tmp_path, tiny_workdir):
   import shutil  # pylint: disable=g-import-not-at-top
-  from cgc_jax import prepare  # pylint: disable=g-import-not-at-top
+  from cgc_jax.stages import prepare  # pylint: disable=g-import-not-at-top
   wd = tmp_path / 'w'
   wd.mkdir()
   shutil.copytree(f'{tiny_workdir}/prepared', wd / 'prepared')

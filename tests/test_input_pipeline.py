@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from cgc_jax import input_pipeline
-from cgc_jax import morphology
-from cgc_jax import paths
+from cgc_jax.core import paths
+from cgc_jax.imaging import morphology
+from cgc_jax.training import input_pipeline
 
 from conftest import tiny_config
 
@@ -170,3 +170,19 @@ def test_rotation_off_or_identity_leaves_the_crops_unchanged(tiny_workdir):
   assert np.all(rot['image'][rot['brain'] == 0] == 0)
   assert np.all(plain['p'] <= plain['brain'])  # P lies inside the brain, and still does, rotated
   assert rot['p'].sum() > 0 and np.all(rot['p'] <= rot['brain'])
+
+
+def test_a_synthetic_batch_has_the_samplers_keys_and_shapes(tiny_workdir):
+  """input_pipeline.synthetic_batch (benchmarks, exports) builds what the sampler builds, for every
+  combination of the switches that add arrays."""
+  prep = paths.prepared_store(tiny_config(), tiny_workdir)
+  labels = paths.pl_store(tiny_config(), tiny_workdir)
+  for over in ({}, {'train.confidence_gamma': 1.0}, {'train.symmetry_margin': 0.3},
+               {'train.confidence_gamma': 1.0, 'train.symmetry_margin': 0.3}):
+    cfg = tiny_config(**over).train
+    sampler = input_pipeline.CropSampler(prep, labels, prep.complete_cases(), cfg)
+    real = sampler.local_batch(0)
+    fake = input_pipeline.synthetic_batch(cfg, sampler.num_channels, np.random.default_rng(0))
+    assert sorted(fake) == sorted(real) == sorted(input_pipeline.batch_keys(cfg)), over
+    for k in real:
+      assert fake[k].shape == real[k].shape and fake[k].dtype == real[k].dtype, (over, k)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from cgc_jax import metrics
+from cgc_jax.imaging import metrics
 
 
 def _surface_ref(m):

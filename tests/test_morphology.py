@@ -1,6 +1,6 @@
 import numpy as np
 
-from cgc_jax import morphology
+from cgc_jax.imaging import morphology
 
 
 def _blobs():

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from cgc_jax import errors
-from cgc_jax import onednn
-from cgc_jax import unet
+from cgc_jax.model import onednn
+from cgc_jax.model import unet
 
 needs_onednn = pytest.mark.skipif(not onednn.available(),
                                   reason=f'oneDNN convolutions not built here: {onednn.reason()}')

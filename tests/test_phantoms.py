@@ -4,11 +4,11 @@ import numpy as np
 from ml_collections import ConfigDict
 from scipy import ndimage
 
-from cgc_jax import paths
-from cgc_jax import phantoms
-from cgc_jax import prepare
-from cgc_jax import pseudo_labels
-from cgc_jax import readers
+from cgc_jax.core import paths
+from cgc_jax.imaging import phantoms
+from cgc_jax.imaging import readers
+from cgc_jax.stages import prepare
+from cgc_jax.stages import pseudo_labels
 
 from conftest import tiny_config
 

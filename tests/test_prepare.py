@@ -9,9 +9,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from cgc_jax import geometry
-from cgc_jax import paths
-from cgc_jax import prepare
+from cgc_jax.core import paths
+from cgc_jax.imaging import geometry
+from cgc_jax.stages import prepare
 
 from conftest import ROOT, tiny_config
 

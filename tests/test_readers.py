@@ -9,9 +9,9 @@ import numpy as np
 from ml_collections import ConfigDict
 import pytest
 
-from cgc_jax import paths
-from cgc_jax import prepare
-from cgc_jax import readers
+from cgc_jax.core import paths
+from cgc_jax.imaging import readers
+from cgc_jax.stages import prepare
 
 from conftest import ROOT
 
@@ -150,7 +150,7 @@ def test_ct_warnings_and_approximate_mask(tmp_path):
   files = readers.discover(c.data)
   lc = readers.load_case(files[0], c.data)
   assert lc.warnings == []
-  from cgc_jax import geometry  # pylint: disable=g-import-not-at-top
+  from cgc_jax.imaging import geometry  # pylint: disable=g-import-not-at-top
   brain, approx = geometry.brain_mask(lc.images, c.data)
   assert approx and abs(int(brain.sum()) - int(head.sum())) < 0.1 * head.sum()
   # intensities that are not HU (e.g. 0..255 PNG-like export) draw a warning

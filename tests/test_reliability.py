@@ -19,14 +19,14 @@ import numpy as np
 import pytest
 
 import fuzz_nifti
-from cgc_jax import checkpoint
-from cgc_jax import evaluate
-from cgc_jax import paths
 from cgc_jax import pipeline
-from cgc_jax import prepare
-from cgc_jax import readers
-from cgc_jax import train
-from cgc_jax import train_state
+from cgc_jax.core import paths
+from cgc_jax.imaging import readers
+from cgc_jax.model import checkpoint
+from cgc_jax.model import train_state
+from cgc_jax.stages import evaluate
+from cgc_jax.stages import prepare
+from cgc_jax.stages import train
 
 from conftest import ROOT
 from conftest import copy_inputs
@@ -195,7 +195,7 @@ def test_kill_9_at_any_moment_then_the_same_command_completes(tiny_workdir, tiny
 
 
 def _restore(cfg, wd, step=None):
-  from cgc_jax import distributed  # pylint: disable=g-import-not-at-top
+  from cgc_jax.runtime import distributed  # pylint: disable=g-import-not-at-top
   tx, _ = train_state.make_optimizer(cfg.train)
   ckpt = checkpoint.Checkpointer(os.path.join(wd, 'checkpoints'), cfg.train.keep_checkpoints)
   state, _, _ = ckpt.restore(train_state.abstract_state(cfg, distributed.mesh(), 4, tx), step)

@@ -5,7 +5,7 @@ import struct
 
 from tensorboardX.proto import event_pb2
 
-from cgc_jax import run_log
+from cgc_jax.training import run_log
 
 
 def _events(logdir):

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from cgc_jax import sliding_window
-from cgc_jax import train_state
-from cgc_jax import unet
+from cgc_jax.inference import sliding_window
+from cgc_jax.model import train_state
+from cgc_jax.model import unet
 
 from conftest import tiny_config
 

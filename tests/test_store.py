@@ -3,7 +3,7 @@ import os
 import numpy as np
 import pytest
 
-from cgc_jax import store as store_lib
+from cgc_jax.core import store as store_lib
 
 
 def test_write_read_checksum_and_partial(tmp_path):
@@ -85,7 +85,7 @@ def test_legacy_identity_is_the_earlier_formula_and_accepted_downstream(tmp_path
   legacy_identity() reproduces that value, P shards and checkpoints recording it stay current."""
   import hashlib  # pylint: disable=g-import-not-at-top
   import json  # pylint: disable=g-import-not-at-top
-  from cgc_jax import pseudo_labels, train  # pylint: disable=g-import-not-at-top
+  from cgc_jax.stages import pseudo_labels, train  # pylint: disable=g-import-not-at-top
   from conftest import tiny_config  # pylint: disable=g-import-not-at-top
   prep = store_lib.Store(str(tmp_path / 'prep'), 'fp')
   inputs = {'/data/scan.nii.gz': [6, 1]}

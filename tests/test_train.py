@@ -9,15 +9,16 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from cgc_jax import cgc
-from cgc_jax import checkpoint
-from cgc_jax import distributed
-from cgc_jax import input_pipeline
-from cgc_jax import onednn
-from cgc_jax import paths
-from cgc_jax import train
-from cgc_jax import train_state
-from cgc_jax import unet
+from cgc_jax.core import paths
+from cgc_jax.model import cgc
+from cgc_jax.model import checkpoint
+from cgc_jax.model import onednn
+from cgc_jax.model import train_state
+from cgc_jax.model import unet
+from cgc_jax.runtime import distributed
+from cgc_jax.stages import train
+from cgc_jax.training import input_pipeline
+from cgc_jax.training import step as step_lib
 
 from conftest import copy_inputs
 from conftest import tiny_config
@@ -34,7 +35,7 @@ def _one_step(cfg, devices, batch):
   mesh = Mesh(np.asarray(devices), ('data',))
   tx, _ = train_state.make_optimizer(cfg.train)
   state = train_state.create_state(cfg, mesh, batch['image'].shape[-1], tx)
-  step = train.make_train_step(cfg, mesh, tx)
+  step = step_lib.make_train_step(cfg, mesh, tx)
   gb = distributed.global_batch(batch, distributed.data_sharding(mesh))
   state, metrics = step(state, gb)
   return jax.device_get(state.params), jax.device_get(metrics)
@@ -87,7 +88,7 @@ def test_loss_depends_on_other_devices_vectors(tiny_workdir):
   tx, _ = train_state.make_optimizer(cfg.train)
   mesh = Mesh(np.asarray(jax.devices()[:1]), ('data',))
   state = train_state.create_state(cfg, mesh, 4, tx)
-  f = jax.jit(functools.partial(train.loss_fn, config=cfg))
+  f = jax.jit(functools.partial(step_lib.loss_fn, config=cfg))
   _, full = f(state.params, {k: jnp.asarray(v) for k, v in batch.items()})
   parts = [f(state.params, {k: jnp.asarray(v[i:i + 1]) for k, v in batch.items()})[1]
            for i in range(8)]
@@ -122,16 +123,16 @@ def test_elr_step_adds_the_teacher_term(tiny_workdir):
   tx, _ = train_state.make_optimizer(cfg.train)
   state = train_state.create_state(cfg, mesh, batch['image'].shape[-1], tx)
   init = jax.device_get(state.params)
-  state, _ = train.make_train_step(cfg, mesh, tx)(state, batch)
+  state, _ = step_lib.make_train_step(cfg, mesh, tx)(state, batch)
   teacher, scale = train_state.teacher_params(state.opt_state, cfg.train.elr_decay)
   assert float(scale) == pytest.approx(1.0 - cfg.train.elr_decay)
   for a, b in zip(jax.tree.leaves(init), jax.tree.leaves(teacher)):
     np.testing.assert_allclose(np.asarray(b), a, rtol=1e-5, atol=1e-6)
   # each side one jitted program (op-by-op evaluation of the U-Net is several times slower)
-  _, with_elr = jax.jit(lambda p, t: train.loss_fn(p, batch, cfg, t))(state.params,
+  _, with_elr = jax.jit(lambda p, t: step_lib.loss_fn(p, batch, cfg, t))(state.params,
                                                                        (teacher, scale))
   plain_cfg = tiny_config()
-  _, plain = jax.jit(lambda p: train.loss_fn(p, batch, plain_cfg))(state.params)
+  _, plain = jax.jit(lambda p: step_lib.loss_fn(p, batch, plain_cfg))(state.params)
   net, _, _ = unet.build(cfg.model)
 
   @jax.jit
@@ -157,8 +158,8 @@ def test_label_weight_multiplies_the_segmentation_weight(tiny_workdir):
   tx, _ = train_state.make_optimizer(cfg.train)
   state = train_state.create_state(cfg, mesh, batch['image'].shape[-1], tx)
   plain = tiny_config()
-  seg = jax.jit(lambda p, b: train.loss_fn(p, b, cfg)[1]['seg'])
-  seg_plain = jax.jit(lambda p, b: train.loss_fn(p, b, plain)[1]['seg'])
+  seg = jax.jit(lambda p, b: step_lib.loss_fn(p, b, cfg)[1]['seg'])
+  seg_plain = jax.jit(lambda p, b: step_lib.loss_fn(p, b, plain)[1]['seg'])
   want = float(seg_plain(state.params, {**batch, 'brain': batch['brain'] * lw}))
   assert float(seg(state.params, batch)) == pytest.approx(want, rel=1e-5)
   assert abs(float(seg_plain(state.params, batch)) - want) > 1e-3  # the weight matters here
@@ -185,7 +186,7 @@ def test_target_correction_starts_at_its_step(tiny_workdir):
   assert float(jnp.abs(target - batch['p']).sum()) > 0  # the correction changes labels here
   plain, corrected = seg(batch['p']), seg(target)
   assert abs(plain - corrected) > 1e-4
-  step = train.make_train_step(cfg, mesh, tx)
+  step = step_lib.make_train_step(cfg, mesh, tx)
   for at, want in ((1, plain), (2, corrected)):  # the step donates its state: each call a copy
     fresh = jax.tree.map(jnp.copy, state)
     _, m = step(fresh.replace(step=jnp.asarray(at, state.step.dtype)), batch)

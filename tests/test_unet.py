@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cgc_jax import benchmark
-from cgc_jax import conv_variants
-from cgc_jax import onednn
-from cgc_jax import unet
+from cgc_jax.model import onednn
+from cgc_jax.model import unet
+from cgc_jax.studies import benchmark
+from cgc_jax.studies import conv_variants
 
 
 def test_sum2d_conv_equals_native_conv_and_gradients():

@@ -1,5 +1,5 @@
-from cgc_jax import readers
-from cgc_jax import workers
+from cgc_jax.imaging import readers
+from cgc_jax.runtime import workers
 
 
 def square_or_fail(x):

@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from cgc_jax import store as store_lib
+from cgc_jax.core import store as store_lib
 
 # Mean intensity per tissue (csf, gm, wm, oedema, enhancing, necrosis), relative units.
 _MRI_MEANS = {

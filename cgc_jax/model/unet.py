@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from cgc_jax import errors
-from cgc_jax import onednn
+from cgc_jax.model import onednn
 
 
 def resolve_conv_impl(impl: str) -> str:

@@ -13,8 +13,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from cgc_jax import errors
-from cgc_jax import fingerprints
-from cgc_jax import train_state
+from cgc_jax.core import fingerprints
+from cgc_jax.model import train_state
 
 
 IncompatibleCheckpointError = errors.IncompatibleCheckpointError

@@ -104,7 +104,8 @@ def time_train_step(config, in_channels: int, steps: int) -> float:
 def predict_volume(model, image, window, overlap: float, gauss, batch: int, tta: bool):
   """image f32[X, Y, Z, C] (X, Y, Z >= window) -> lesion probability f32[X, Y, Z]."""
   torch = _torch()
-  from cgc_jax import sliding_window  # pylint: disable=g-import-not-at-top  (NumPy parts only)
+  # pylint: disable-next=g-import-not-at-top
+  from cgc_jax.inference import sliding_window  # NumPy parts only
   size = image.shape[:3]
   vol = torch.from_numpy(np.ascontiguousarray(np.moveaxis(image, -1, 0)))
   acc = torch.zeros(size)

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cgc_jax import distributed
-from cgc_jax import unet
+from cgc_jax.model import unet
+from cgc_jax.runtime import distributed
 
 
 @flax.struct.dataclass

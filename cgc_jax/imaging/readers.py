@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 
 from cgc_jax import errors
-from cgc_jax import nifti
+from cgc_jax.imaging import nifti
 
 
 @dataclasses.dataclass

@@ -12,8 +12,8 @@
 """
 import os
 
-from cgc_jax import fingerprints
-from cgc_jax import store as store_lib
+from cgc_jax.core import fingerprints
+from cgc_jax.core import store as store_lib
 
 PREPARED = 'prepared'
 PSEUDO_LABELS = 'pseudo_labels'

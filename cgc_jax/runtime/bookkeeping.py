@@ -5,8 +5,8 @@ has finished, the manifest and one error listing every failed case (good cases a
 from absl import logging
 
 from cgc_jax import errors
-from cgc_jax import workers
-from cgc_jax import store as store_lib
+from cgc_jax.core import store as store_lib
+from cgc_jax.runtime import workers
 
 
 def report_failures(results: dict, what: str):
@@ -34,7 +34,7 @@ def start_cases(config, store: store_lib.Store, cases: list, what: str, inputs=N
   process 0 cleans, the others wait for it.
   """
   inputs = inputs or {}
-  from cgc_jax import distributed  # pylint: disable=g-import-not-at-top  (workers skip JAX)
+  from cgc_jax.runtime import distributed  # pylint: disable=g-import-not-at-top  (workers skip JAX)
   # every process lists the work BEFORE the barrier, i.e. before anyone writes: the same list
   # everywhere, so the round-robin shares cover each case exactly once
   todo = [c for c in cases if not store.is_complete(c, inputs.get(c))]
@@ -53,7 +53,7 @@ def finish_cases(config, store: store_lib.Store, cases: list, results: dict, wha
 
   Good cases are kept whatever failed; every process raises the same error listing all failures.
   """
-  from cgc_jax import distributed  # pylint: disable=g-import-not-at-top
+  from cgc_jax.runtime import distributed  # pylint: disable=g-import-not-at-top
   err = ''
   try:
     report_failures(results, what)

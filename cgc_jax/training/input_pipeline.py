@@ -21,10 +21,32 @@ import threading
 
 import numpy as np
 
-from cgc_jax import morphology
-from cgc_jax import store as store_lib
+from cgc_jax.core import store as store_lib
+from cgc_jax.imaging import morphology
 
 _MAX_FG_COORDS = 50000  # lesion voxel coordinates cached per case for foreground sampling
+
+
+def batch_keys(train_cfg) -> tuple:
+  """The arrays of a batch under this train config (the example contract above): what the train
+  step reads, so anything that builds a batch (this sampler, a benchmark, an export) builds these."""
+  return ('image', 'p', 'brain') + (('posterior',) if train_cfg.confidence_gamma else ()) + (
+      ('label_weight',) if train_cfg.get('symmetry_margin', 0.0) > 0 else ())
+
+
+def synthetic_batch(train_cfg, num_channels: int, rng: np.random.Generator) -> dict:
+  """A batch of train_cfg.batch_size crops with batch_keys(train_cfg)'s arrays, for timing and
+  lowering the step without data: image N(0, 1); P a box over the first quarter of the crop's first
+  two axes (so the CGC terms see lesion and normal cells); brain, posterior (= P) and label_weight
+  as the sampler's shapes and dtypes."""
+  crop = tuple(int(c) for c in train_cfg.crop)
+  b = int(train_cfg.batch_size)
+  p = np.zeros((b,) + crop, np.float32)
+  p[:, crop[0] // 4: crop[0] // 2, crop[1] // 4: crop[1] // 2] = 1
+  values = {'image': rng.normal(size=(b,) + crop + (num_channels,)).astype(np.float32), 'p': p,
+            'brain': np.ones((b,) + crop, np.float32), 'posterior': p.copy(),
+            'label_weight': np.ones((b,) + crop, np.float32)}
+  return {k: values[k] for k in batch_keys(train_cfg)}
 
 
 def spatial_coords(crop, start, spacing, rng, rotate_deg: float, zoom) -> np.ndarray:

@@ -21,7 +21,7 @@ from sklearn import mixture
 from sklearn.exceptions import ConvergenceWarning
 
 from cgc_jax import errors
-from cgc_jax import morphology
+from cgc_jax.imaging import morphology
 
 
 GMMError = errors.GMMError  # defined in errors.py (every user-facing error in one place)

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import ndimage
 
-from cgc_jax import distributed
-from cgc_jax import unet
+from cgc_jax.model import unet
+from cgc_jax.runtime import distributed
 
 
 def compute_steps(size, window, overlap: float) -> list:

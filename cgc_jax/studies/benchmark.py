@@ -1,4 +1,7 @@
-"""Benchmarks that print tables: `python -m cgc_jax.benchmark --what=W --config=configs/X.py ...`.
+"""Benchmarks that print tables:
+
+    python -m cgc_jax.studies.benchmark --what=W --config=configs/X.py ...
+
 
   --what=prepare    prepare s/case and MB/s with 1 and 2 workers beside plain NIfTI loading (floor)
   --what=gmm        this stage's GMM s/case beside scikit-learn fitted on ALL brain voxels (same K,
@@ -78,7 +81,7 @@ def _peak_rss_gb():
 
 
 def bench_prepare(config, opts: Options):
-  from cgc_jax import prepare  # pylint: disable=g-import-not-at-top
+  from cgc_jax.stages import prepare  # pylint: disable=g-import-not-at-top
   files = prepare.case_files(config, opts.workdir or tempfile.mkdtemp())
   if opts.max_cases:
     files = files[:opts.max_cases]
@@ -102,7 +105,9 @@ def bench_prepare(config, opts: Options):
 
 
 def bench_gmm(config, opts: Options):
-  from cgc_jax import gmm, metrics, paths  # pylint: disable=g-import-not-at-top
+  from cgc_jax.core import paths  # pylint: disable=g-import-not-at-top
+  from cgc_jax.imaging import metrics  # pylint: disable=g-import-not-at-top
+  from cgc_jax.labels import gmm  # pylint: disable=g-import-not-at-top
   prep = paths.prepared_store(config, opts.workdir)
   cases = prep.complete_cases()[:opts.max_cases or None]
   if not cases:
@@ -216,8 +221,9 @@ def bench_conv(config, opts: Options):
   conv_variants') on the config's convolutions, forward + both backward, in one run."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from cgc_jax import conv_variants, unet  # pylint: disable=g-import-not-at-top
-  from cgc_jax import onednn  # pylint: disable=g-import-not-at-top
+  from cgc_jax.model import onednn  # pylint: disable=g-import-not-at-top
+  from cgc_jax.model import unet  # pylint: disable=g-import-not-at-top
+  from cgc_jax.studies import conv_variants  # pylint: disable=g-import-not-at-top
   b = opts.batch or config.train.batch_size
   args = _conv_args(config, b, jnp.float32, np.random.default_rng(0))
   impls = {'native': lambda x, k: unet.conv3x3x3(x, k, 'native'),
@@ -246,7 +252,10 @@ def config_channels(config):
 def bench_train(config, opts: Options):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from cgc_jax import distributed, train, train_state, unet  # pylint: disable=g-import-not-at-top
+  from cgc_jax.model import train_state, unet  # pylint: disable=g-import-not-at-top
+  from cgc_jax.runtime import distributed  # pylint: disable=g-import-not-at-top
+  from cgc_jax.training import input_pipeline  # pylint: disable=g-import-not-at-top
+  from cgc_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
   mesh = distributed.mesh()
   if opts.batch:
     config.train.batch_size = opts.batch
@@ -256,12 +265,9 @@ def bench_train(config, opts: Options):
   tx, _ = train_state.make_optimizer(config.train)
   state = train_state.create_state(config, mesh, nch, tx)
   rng = np.random.default_rng(0)
-  p = np.zeros((b,) + crop, np.float32)
-  p[:, crop[0] // 4: crop[0] // 2, crop[1] // 4: crop[1] // 2] = 1
-  batch = {'image': rng.normal(size=(b,) + crop + (nch,)).astype(np.float32), 'p': p,
-           'brain': np.ones((b,) + crop, np.float32)}
+  batch = input_pipeline.synthetic_batch(config.train, nch, rng)  # the keys the step reads
   batch = distributed.global_batch(batch, distributed.data_sharding(mesh))
-  step = train.make_train_step(config, mesh, tx)
+  step = step_lib.make_train_step(config, mesh, tx)
   compiled = step.lower(state, batch).compile()
   impl = unet.resolve_conv_impl(config.model.conv_impl)
   # XLA does not count a foreign call's work: add the convolutions' count (oneDNN runs float32;
@@ -298,7 +304,7 @@ def bench_train(config, opts: Options):
   print(f'\nstep / convolutions-alone time: {dt / conv_dt:.2f}x; peak host memory '
         f'{_peak_rss_gb():.2f} GB')
   if opts.against == 'torch':
-    from cgc_jax import torch_peer  # pylint: disable=g-import-not-at-top
+    from cgc_jax.studies import torch_peer  # pylint: disable=g-import-not-at-top
     t_dt = _in_fresh_process(torch_peer.time_train_step, config, nch, opts.steps)
     version, threads = _in_fresh_process(torch_peer.info)
     _table(f'train step side by side ({crop} x {nch} ch, base {config.model.base}, batch {b}; '
@@ -321,7 +327,9 @@ def bench_train(config, opts: Options):
 def bench_inference(config, opts: Options):
   import jax  # pylint: disable=g-import-not-at-top
   # pylint: disable-next=g-import-not-at-top
-  from cgc_jax import distributed, sliding_window, train_state
+  from cgc_jax.inference import sliding_window
+  from cgc_jax.model import train_state
+  from cgc_jax.runtime import distributed
   mesh = distributed.mesh()
   shape = tuple(opts.volume)
   nch = config_channels(config)
@@ -342,7 +350,7 @@ def bench_inference(config, opts: Options):
     dt = time.time() - t0
     rows.append(('flip TTA (8)' if tta else 'no TTA', n_win, first, dt, np.prod(shape) / dt))
     if opts.against == 'torch':
-      from cgc_jax import torch_peer  # pylint: disable=g-import-not-at-top
+      from cgc_jax.studies import torch_peer  # pylint: disable=g-import-not-at-top
       t_dt = _in_fresh_process(torch_peer.time_inference, config, nch, shape, pred.window,
                                pred.overlap, np.asarray(pred.gauss), pred.batch, tta)
       rows.append((f'PyTorch, {"flip TTA (8)" if tta else "no TTA"} (torch / cgc_jax '

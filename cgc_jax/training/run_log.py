@@ -12,7 +12,7 @@ import os
 
 from absl import logging
 
-from cgc_jax import paths
+from cgc_jax.core import paths
 
 
 class RunLog:

@@ -1,6 +1,6 @@
 """Other ways to compute the U-Net's 'SAME' 3x3x3 convolution, measured against unet.conv3x3x3 by
-`python -m cgc_jax.benchmark --what=conv` (CPU candidates; none is faster there, so the product
-keeps `sum2d` on CPU and XLA's native convolution elsewhere, see unet.resolve_conv_impl).
+`python -m cgc_jax.studies.benchmark --what=conv` (CPU candidates; none is faster there, so the
+product keeps `sum2d` on CPU and XLA's native convolution elsewhere, see unet.resolve_conv_impl).
 
 Every variant: x f[B, X, Y, Z, Cin], kernel f[3, 3, 3, Cin, Cout] -> f[B, X, Y, Z, Cout], the same
 convolution as `lax.conv_general_dilated(..., 'SAME')` (tests/test_unet.py checks values and

@@ -15,13 +15,13 @@ import os
 from absl import logging
 import numpy as np
 
-from cgc_jax import bookkeeping
 from cgc_jax import errors
-from cgc_jax import geometry
-from cgc_jax import workers
-from cgc_jax import paths
-from cgc_jax import readers
-from cgc_jax import store as store_lib
+from cgc_jax.core import paths
+from cgc_jax.core import store as store_lib
+from cgc_jax.imaging import geometry
+from cgc_jax.imaging import readers
+from cgc_jax.runtime import bookkeeping
+from cgc_jax.runtime import workers
 
 
 StageError = errors.StageError  # defined in errors.py (every user-facing error in one place)
@@ -35,8 +35,8 @@ def case_files(config, workdir, root=None) -> list:
   if data.layout == 'phantoms' and root:
     return readers.discover(reader_config(config), root)
   if data.layout == 'phantoms':
-    from cgc_jax import distributed  # pylint: disable=g-import-not-at-top
-    from cgc_jax import phantoms  # pylint: disable=g-import-not-at-top
+    from cgc_jax.imaging import phantoms  # pylint: disable=g-import-not-at-top
+    from cgc_jax.runtime import distributed  # pylint: disable=g-import-not-at-top
     root = os.path.join(workdir, 'phantoms')
     if distributed.is_main():  # one process generates them, the others wait at the barrier
       phantoms.ensure(config, root)
@@ -47,7 +47,7 @@ def case_files(config, workdir, root=None) -> list:
 
 def reader_config(config):
   if config.data.layout == 'phantoms':
-    from cgc_jax import phantoms  # pylint: disable=g-import-not-at-top
+    from cgc_jax.imaging import phantoms  # pylint: disable=g-import-not-at-top
     return phantoms.reader_config(config)
   return config.data
 

@@ -11,17 +11,17 @@ import os
 from absl import logging
 import numpy as np
 
-from cgc_jax import bookkeeping
 from cgc_jax import errors
-from cgc_jax import fingerprints
-from cgc_jax import geometry
-from cgc_jax import gmm
-from cgc_jax import metrics
-from cgc_jax import morphology
-from cgc_jax import nifti
-from cgc_jax import workers
-from cgc_jax import paths
-from cgc_jax import store as store_lib
+from cgc_jax.core import fingerprints
+from cgc_jax.core import paths
+from cgc_jax.core import store as store_lib
+from cgc_jax.imaging import geometry
+from cgc_jax.imaging import metrics
+from cgc_jax.imaging import morphology
+from cgc_jax.imaging import nifti
+from cgc_jax.labels import gmm
+from cgc_jax.runtime import bookkeeping
+from cgc_jax.runtime import workers
 
 
 
@@ -173,7 +173,7 @@ def run(config, workdir) -> list:
   results = workers.map_cases(case_pseudo_label, jobs, config.data.num_workers, 'pseudo_labels',
                                expected_types=(errors.DataError, gmm.GMMError))
   done = bookkeeping.finish_cases(config, out, cases, results, 'pseudo_labels', inputs)
-  from cgc_jax import distributed  # pylint: disable=g-import-not-at-top
+  from cgc_jax.runtime import distributed  # pylint: disable=g-import-not-at-top
   if not distributed.is_main():  # process 0 logs and writes the summary
     return done
   rows = []

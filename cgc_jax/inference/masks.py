@@ -1,0 +1,111 @@
+"""From network probabilities to a lesion mask: the case-level gate, the mean of several networks,
+the component rules and the edge from the case's own mixture (config.eval), and masks written on
+each scan's original grid."""
+import os
+import time
+
+from absl import logging
+import numpy as np
+
+from cgc_jax.core import folds as folds_lib
+from cgc_jax.core import store as store_lib
+from cgc_jax.imaging import geometry
+from cgc_jax.imaging import morphology
+from cgc_jax.imaging import nifti
+from cgc_jax.labels import gmm
+from cgc_jax.runtime import distributed
+
+
+def case_mixture(config, image, brain, geom, modalities, case_id: str, stored=None) -> tuple:
+  """What the case's pseudo-label mixture says, where evaluation needs it -> (evidence: bool, p:
+  bool[X', Y', Z'], f32[X', Y', Z'] or None).
+
+  evidence: False when the mixture found no lesion evidence (its status 'no_lesion_evidence',
+  gmm.min_contrast) and the case-level gate (eval.gate_on_p_evidence) is on; otherwise True.
+  p: the case's P on the prepared grid when eval.border_mm > 0 (the border refinement), else None;
+  with eval.border_symmetry, f32 with 0.5 (no say: morphology.refine_border) on P's left-right
+  symmetric voxels (morphology.case_symmetric_lesion, the voxels training leaves out), 1 on P's
+  other lesion voxels, 0 elsewhere.
+  stored: (report, p) from the pseudo-label stage when the case has them (p None when not read);
+  otherwise (new scans) the mixture consensus is fitted now, as the stage would.
+  """
+  gmm_source = config.pseudo_labels.source == 'gmm'
+  gate = bool(config.eval.gate_on_p_evidence) and gmm_source
+  border = config.eval.get('border_mm', 0.0) > 0 and gmm_source
+  if not (gate or border):
+    return True, None
+  report, p = stored if stored is not None else (None, None)
+  if report is None or (border and p is None):
+    _, p, report = gmm.consensus(np.asarray(image, np.float32), np.asarray(brain) > 0,
+                                 list(modalities), config.gmm, case_id, geom.spacing,
+                                 gmm.hu_scale(config))
+  evidence = not gate or report.get('status') != 'no_lesion_evidence'
+  if not border:
+    return evidence, None
+  p = np.asarray(p) > 0
+  if config.eval.get('border_symmetry', False):
+    sym = morphology.case_symmetric_lesion(case_id, p, image, brain, modalities, config.train)
+    p = np.where(sym, np.float32(0.5), p.astype(np.float32))
+  return evidence, p
+
+
+def segment_prepared(config, predictor, params, image, brain, geom, evidence: bool = True,
+                     p=None):
+  """One prepared case -> (lesion probability f32[X', Y', Z'] on the prepared grid, inside the brain
+  and after the rules of config.eval; mask u8 on the ORIGINAL grid). `params`: one network's, or a
+  list of networks' (their probabilities are averaged before the rules).
+  evidence=False (the case-level gate said no lesion): an empty mask. p: the case's P (bool, the
+  prepared grid; case_mixture) for eval.border_mm: voxels within that many mm of the border of the
+  network's mask (after the component rules) take P's side (morphology.refine_border), then the
+  component rules run again. The network does not run when evidence is False."""
+  if not evidence:
+    prob = np.zeros(np.shape(brain), np.float32)
+    return prob, geometry.prob_to_original_mask(prob, geom)
+  members = params if isinstance(params, list) else [params]
+  image = np.asarray(image, np.float32)
+  prob = sum(predictor.predict_volume(p_, image) for p_ in members) / len(members)
+  prob = prob * (np.asarray(brain) > 0)
+  e = config.eval
+  rules = lambda q: morphology.filter_components(q, geom.spacing, e.min_component_mm3,
+                                                 e.min_component_probability, e.keep_fraction)
+  prob = rules(prob)
+  if p is not None and e.get('border_mm', 0.0) > 0:
+    prob = rules(morphology.refine_border(prob, p, geom.spacing, e.border_mm))
+  return prob, geometry.prob_to_original_mask(prob, geom)
+
+
+def predict_cases(config, prep: store_lib.Store, cases, nets, predictor, out_dir, labels=None):
+  """Predicts every case; returns {case: (prob on prepared grid, mask on original grid)}.
+  nets: restore_networks' list; a case is segmented by the mean of all of them
+  (eval.fold_networks = 'all'), or of those that did not train on it ('unseen': folds.members_for;
+  all of them for a new scan).
+  labels: the pseudo-label store where the P stage ran (a case's report and P are reused from it;
+  case_mixture)."""
+  out = {}
+  t0 = time.time()
+  for i, c in enumerate(cases):
+    meta = prep.meta(c)
+    geom = geometry.Geometry.from_json(meta['geometry'])
+    image = np.asarray(prep.read(c, 'image', config.data.verify_checksums), np.float32)
+    brain = np.asarray(prep.read(c, 'brain')) > 0
+    stored = None
+    if labels is not None and labels.is_complete(c):
+      stored = (labels.meta(c)['report'], labels.read(c, 'p', config.data.verify_checksums)
+                if config.eval.get('border_mm', 0.0) > 0 else None)
+    evidence, p = case_mixture(config, image, brain, geom, meta['modalities'], c, stored)
+    members = [params for params, _ in nets]
+    if config.eval.get('fold_networks', 'all') == 'unseen':
+      members = [nets[i][0] for i in folds_lib.members_for(c, [seen for _, seen in nets])]
+    prob, mask = segment_prepared(config, predictor, members, image, brain, geom, evidence, p)
+    if distributed.is_main():
+      nifti.write_mask(mask, geom, meta, os.path.join(out_dir, f'{c}.nii.gz'))
+      if config.eval.get('save_probabilities',
+                         False):  # lesion probability on the original grid (0 outside)
+        nifti.write_image(geometry.to_original(prob.astype(np.float32), geom, order=1), geom, meta,
+                          os.path.join(out_dir, f'{c}_prob.nii.gz'))
+    out[c] = (prob, mask)
+    el = time.time() - t0
+    logging.info('predict: %d/%d cases (%.2f case/s, ETA %.0fs) %s%s', i + 1, len(cases),
+                 (i + 1) / el, (len(cases) - i - 1) * el / (i + 1), c,
+                 '' if evidence else ' (no lesion evidence: empty mask)')
+  return out
