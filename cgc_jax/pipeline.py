@@ -3,11 +3,10 @@
 JAX, orbax and the model are imported only by the stages that need them: offline-stage worker
 processes (spawned) re-import the main module, and should not pay for JAX.
 """
+import contextlib
 import json
 import logging as std_logging
 import os
-import shutil
-import socket
 import sys
 import time
 
@@ -17,6 +16,7 @@ from cgc_jax import errors
 from cgc_jax.core import config_rules
 from cgc_jax.core import paths
 from cgc_jax.core import store as store_lib
+from cgc_jax.core import workdir as workdir_lib
 from cgc_jax.imaging import readers
 from cgc_jax.runtime import workers
 from cgc_jax.stages import prepare
@@ -98,99 +98,6 @@ def with_predict_paths(config, input_path=None, output_dir=None, probabilities=F
   return c
 
 
-def _check_workdir(workdir: str, min_free_gb: float):
-  """Before any work: the workdir can be created and written, and has room."""
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f'.write-test-{os.getpid()}')
-    try:
-      with open(probe, 'wb') as f:
-        f.write(b'\0' * 4096)
-    finally:
-      if os.path.exists(probe):
-        os.remove(probe)
-  except OSError as e:
-    raise WorkdirError(
-        f'{workdir}: workdir is not writable ({e.strerror}); nothing was done') from e
-  free_gb = shutil.disk_usage(workdir).free / 1e9
-  if free_gb < min_free_gb:
-    raise WorkdirError(
-        f'{workdir}: only {free_gb:.2f} GB free, below workdir.min_free_gb = '
-        f'{min_free_gb:g}; free some space or use another --workdir; nothing was done')
-
-
-class WorkdirLock:
-  """WORKDIR/.lock holds {host, pid, mode, started} of the run using the workdir.
-
-  A second run refuses with the first one's host and pid. A lock left by a killed run on this host
-  (its pid no longer running) is stale: cleared with a warning. A lock from another host cannot be
-  checked from here: the message says how to clear it by hand.
-  """
-
-  def __init__(self, workdir: str, mode: str):
-    self.path = os.path.join(workdir, '.lock')
-    self.info = {'host': socket.gethostname(), 'pid': os.getpid(), 'mode': mode,
-                 'started': time.strftime('%Y-%m-%d %H:%M:%S')}
-
-  def __enter__(self):
-    for _ in range(3):
-      try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-      except FileExistsError:
-        other = self._read()
-        if other is None or (other.get('host') == self.info['host'] and
-                             not _running(other.get('pid', -1))):
-          logging.warning('%s: clearing a stale lock %s (that run is no longer running)', self.path,
-                          other or '(unreadable)')
-          try:
-            os.remove(self.path)
-          except FileNotFoundError:
-            pass
-          continue
-        raise WorkdirError(
-            f'{os.path.dirname(self.path)}: in use by another run (host {other.get("host")}, pid '
-            f'{other.get("pid")}, mode {other.get("mode")}, started {other.get("started")}). Wait '
-            f'for it to finish or stop it; if it died on another host, delete {self.path}.')
-      with os.fdopen(fd, 'w') as f:
-        json.dump(self.info, f)
-      return self
-    raise WorkdirError(f'{self.path}: could not take the workdir lock')
-
-  def _read(self):
-    try:
-      with open(self.path) as f:
-        return json.load(f)
-    except (OSError, ValueError):
-      return None
-
-  def __exit__(self, *_):
-    if (self._read() or {}).get('pid') == self.info['pid']:
-      os.remove(self.path)
-
-
-# Modes that may run beside a run holding the workdir lock, the holder modes they may share it with
-# (whose outputs they only read), and the one folder they write.
-_SHAREABLE = {'predict': ('train', 'all', 'evaluate'), 'evaluate': ('train',)}
-SHARED_OUTPUT = {'predict': 'predict', 'evaluate': 'eval'}
-
-
-def can_share(mode: str, holder_mode: str) -> bool:
-  """Whether --mode=`mode` may use a workdir while a run in `holder_mode` holds it: predict writes
-  only WORKDIR/predict/, evaluate only WORKDIR/eval/ (so not beside an `all` run, which ends with
-  its own evaluation); both read checkpoints, which orbax publishes complete or not at all."""
-  return holder_mode in _SHAREABLE.get(mode, ())
-
-
-def _running(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
-
-
 def run(config, workdir: str, mode: str = 'all'):
   t0 = time.time()
   config_rules.check(config)  # a mistyped field stops here, before anything is written
@@ -199,35 +106,46 @@ def run(config, workdir: str, mode: str = 'all'):
   if mode == 'verify':  # writes nothing, not even the workdir
     prepare.verify(config, workdir)
     return
-  _check_workdir(workdir, config.workdir.min_free_gb)
-  lock = WorkdirLock(workdir, mode) if distributed.is_main() and config.workdir.lock else None
-  err = ''
-  if lock:
+  workdir_lib.check_writable(workdir, config.workdir.min_free_gb)
+  with claimed(config, workdir, mode) as owner:
+    # a run sharing another's workdir (predict beside training) leaves that run's config.json alone
+    log_handler = _record_run(config, workdir, owner) if distributed.is_main() else None
     try:
-      lock.__enter__()
+      _run_stages(config, workdir, mode, t0)
+    finally:
+      if log_handler:
+        std_logging.getLogger().removeHandler(log_handler)
+        log_handler.close()
+
+
+@contextlib.contextmanager
+def claimed(config, workdir: str, mode: str):
+  """Holds the workdir for this run (process 0 takes WORKDIR/.lock; every process learns the
+  outcome at once) and yields whether this run owns it: False for a run that only shares it
+  (workdir.can_share: predict or evaluate beside training) or when workdir.lock is off. Raises
+  WorkdirError when another run holds it; the lock is released on the way out, whatever
+  happened."""
+  from cgc_jax.runtime import distributed  # pylint: disable=g-import-not-at-top
+  lock, err = None, ''
+  if distributed.is_main() and config.workdir.lock:
+    try:
+      lock = workdir_lib.WorkdirLock(workdir, mode).acquire()
     except WorkdirError as e:
-      err, lock = str(e), None
-      holder = WorkdirLock(workdir, mode)._read() or {}  # pylint: disable=protected-access
-      if can_share(mode, holder.get('mode', '')):
+      err = str(e)
+      holder = workdir_lib.WorkdirLock(workdir, mode).holder() or {}
+      if workdir_lib.can_share(mode, holder.get('mode', '')):
         logging.warning('%s: another run (pid %s, mode %s) holds the workdir: --mode=%s reads its '
                         'finished checkpoints and writes only %s/', workdir, holder.get('pid'),
-                        holder.get('mode'), mode, SHARED_OUTPUT[mode])
+                        holder.get('mode'), mode, workdir_lib.SHARED_OUTPUT[mode])
         err = ''
-  # every process learns at once whether process 0 got the workdir (not after a heartbeat timeout)
   distributed.sync('workdir-lock', err, config.dist.barrier_timeout_s)
   if err:
     raise WorkdirError(err)
-  # a run sharing another's workdir (predict beside training) leaves that run's config.json alone
-  owner = lock is not None or not config.workdir.lock
-  log_handler = _record_run(config, workdir, owner) if distributed.is_main() else None
   try:
-    _run_stages(config, workdir, mode, t0)
+    yield lock is not None or not config.workdir.lock
   finally:
-    if log_handler:
-      std_logging.getLogger().removeHandler(log_handler)
-      log_handler.close()
     if lock:
-      lock.__exit__()
+      lock.release()
 
 
 def _record_run(config, workdir: str, write_config: bool = True):

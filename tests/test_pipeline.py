@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from cgc_jax import pipeline
+from cgc_jax.core import workdir as workdir_lib
 
 from conftest import ROOT
 from conftest import tiny_config
@@ -55,7 +56,7 @@ def test_all_stages_end_to_end_then_skip_then_predict(tmp_path):
   assert _mtimes(wd) == before
   # predict: new scans (here the phantom folder) -> masks on their own grids, no labels needed
   cfg.eval.input_root = os.path.join(wd, 'phantoms')
-  with pipeline.WorkdirLock(wd, 'train'):  # beside a training run that holds the workdir
+  with workdir_lib.WorkdirLock(wd, 'train'):  # beside a training run that holds the workdir
     pipeline.run(cfg, wd, 'predict')
     assert os.path.exists(os.path.join(wd, '.lock'))  # still the training run's
   with open(os.path.join(wd, 'config.json')) as f:  # ... and so is config.json
@@ -265,8 +266,18 @@ def test_pip_install_gives_the_cgc_jax_command(tiny_trained, tmp_path):
   """`pip install .` into a venv: the `cgc-jax` console script runs from another folder, finds the
   packaged configs by name, and predicts with only a workdir."""
   venv = tmp_path / 'venv'
-  subprocess.run([sys.executable, '-m', 'venv', '--system-site-packages', str(venv)], check=True,
-                 timeout=300)
+  subprocess.run([sys.executable, '-m', 'venv', str(venv)], check=True, timeout=300)
+  # the new venv sees the packages of the interpreter running the tests (a venv's or the system's:
+  # --system-site-packages would see the base interpreter's, which a venv's tests do not use)
+  import site  # pylint: disable=g-import-not-at-top
+  import sysconfig  # pylint: disable=g-import-not-at-top
+  here = [p for p in site.getsitepackages() + [sysconfig.get_paths()['purelib']]
+          if os.path.isdir(p)]
+  r = subprocess.run([str(venv / 'bin' / 'python'), '-c',
+                      'import sysconfig; print(sysconfig.get_paths()["purelib"])'],
+                     capture_output=True, text=True, check=True, timeout=60)
+  with open(os.path.join(r.stdout.strip(), 'running_tests.pth'), 'w') as f:
+    f.write('\n'.join(dict.fromkeys(here)) + '\n')
   r = subprocess.run([str(venv / 'bin' / 'python'), '-m', 'pip', 'install', '-q', '--no-deps',
                       ROOT], capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
@@ -281,7 +292,7 @@ def test_pip_install_gives_the_cgc_jax_command(tiny_trained, tmp_path):
   assert str(venv) in where and not where.startswith(ROOT)  # the installed copy, not the checkout
   assert resolved.startswith('--config=' + os.path.dirname(where)) and resolved.endswith('demo.py')
   # the oneDNN convolution's source ships too (built on first use where oneDNN is installed)
-  assert os.path.isfile(os.path.join(os.path.dirname(where), 'native', 'onednn_conv.cc'))
+  assert os.path.isfile(os.path.join(os.path.dirname(where), 'model', 'native', 'onednn_conv.cc'))
   case = 'phantom_mri_001'
   r = subprocess.run([str(venv / 'bin' / 'cgc-jax'), '--mode=predict', f'--workdir={tiny_trained}',
                       f'--input={os.path.join(tiny_trained, "phantoms", case)}', '--output=masks'],

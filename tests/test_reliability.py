@@ -21,6 +21,7 @@ import pytest
 import fuzz_nifti
 from cgc_jax import pipeline
 from cgc_jax.core import paths
+from cgc_jax.core import workdir as workdir_lib
 from cgc_jax.imaging import readers
 from cgc_jax.model import checkpoint
 from cgc_jax.model import train_state
@@ -228,17 +229,17 @@ def test_second_run_refuses_and_a_stale_lock_is_cleared(tiny_workdir, tmp_path):
   wd = str(tmp_path / 'wd')
   copy_inputs(tiny_workdir, wd)
   cfg = tiny_config()
-  with pipeline.WorkdirLock(wd, 'train'):  # a live run: this process
+  with workdir_lib.WorkdirLock(wd, 'train'):  # a live run: this process
     r = _main(wd, '--mode=pseudo_labels')
     assert r.returncode == 2 and 'Traceback' not in r.stderr
     want = f'in use by another run (host {os.uname().nodename}, pid {os.getpid()}, mode train'
     assert want in r.stderr
   assert not os.path.exists(os.path.join(wd, '.lock'))  # released on exit
   # predict and evaluate may read a workdir whose training is still running; nothing else may
-  assert pipeline.can_share('predict', 'train') and pipeline.can_share('evaluate', 'train')
-  assert pipeline.can_share('predict', 'all') and not pipeline.can_share('evaluate', 'all')
-  assert not pipeline.can_share('train', 'train') and not pipeline.can_share('all', 'predict')
-  assert not pipeline.can_share('predict', 'predict')
+  assert workdir_lib.can_share('predict', 'train') and workdir_lib.can_share('evaluate', 'train')
+  assert workdir_lib.can_share('predict', 'all') and not workdir_lib.can_share('evaluate', 'all')
+  assert not workdir_lib.can_share('train', 'train') and not workdir_lib.can_share('all', 'predict')
+  assert not workdir_lib.can_share('predict', 'predict')
   dead = subprocess.Popen(['true'])
   dead.wait()
   with open(os.path.join(wd, '.lock'), 'w') as f:  # left by a killed run on this host

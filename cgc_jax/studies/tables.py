@@ -191,7 +191,8 @@ def select_rows(rows: list, spec: str) -> list:
 
 
 def slug(name: str) -> str:
-  """A row's folder name: its name in lower case, runs of other characters as one '_', 60 at most."""
+  """A row's folder name: its name in lower case, each run of other characters one '_', at most
+  60 characters."""
   keep = re.sub(r'[^a-z0-9]+', '_', name.lower()).strip('_')
   return keep[:60]
 

@@ -29,7 +29,8 @@ _MAX_FG_COORDS = 50000  # lesion voxel coordinates cached per case for foregroun
 
 def batch_keys(train_cfg) -> tuple:
   """The arrays of a batch under this train config (the example contract above): what the train
-  step reads, so anything that builds a batch (this sampler, a benchmark, an export) builds these."""
+  step reads, so anything that builds a batch (this sampler, a benchmark, an export) builds
+  these."""
   return ('image', 'p', 'brain') + (('posterior',) if train_cfg.confidence_gamma else ()) + (
       ('label_weight',) if train_cfg.get('symmetry_margin', 0.0) > 0 else ())
 
