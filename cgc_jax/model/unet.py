@@ -7,6 +7,7 @@ batch-independent (instance or group), so data parallelism needs no cross-device
 """
 from typing import Any
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -33,6 +34,20 @@ def resolve_conv_impl(impl: str) -> str:
     raise errors.ConfigError(f'config: model.conv_impl=onednn: {onednn.reason()} (auto falls back '
                              'to XLA\'s own convolutions)')
   return impl
+
+
+_LOGGED = set()  # the choices chosen_conv_impl has logged in this process
+
+
+def chosen_conv_impl(impl: str) -> str:
+  """resolve_conv_impl(impl) for the current backend and device count, logged the first time each
+  choice is made: build() calls it, so the modules get a concrete implementation, not 'auto'."""
+  out = resolve_conv_impl(impl)
+  key = (impl, out, jax.default_backend(), jax.device_count())
+  if key not in _LOGGED:
+    _LOGGED.add(key)
+    logging.info('model.conv_impl=%s: the 3x3x3 convolutions run as %s (%s, %d device(s))', *key)
+  return out
 
 
 def conv3x3x3(x, kernel, impl: str):
@@ -70,7 +85,8 @@ class Conv3(nn.Module):
   def __call__(self, x):
     kernel = self.param('kernel', nn.initializers.lecun_normal(),
                         (3, 3, 3, x.shape[-1], self.features), jnp.float32)
-    return conv3x3x3(x.astype(self.dtype), kernel.astype(self.dtype), resolve_conv_impl(self.impl))
+    impl = resolve_conv_impl(self.impl) if self.impl == 'auto' else self.impl
+    return conv3x3x3(x.astype(self.dtype), kernel.astype(self.dtype), impl)
 
 
 class UpConv(nn.Module):
@@ -193,14 +209,16 @@ class MLPHead(nn.Module):
 
 
 def build(model_cfg):
-  """(unet, coarse_head, projection_head) from config.model."""
+  """(unet, coarse_head, projection_head) from config.model, the convolution resolved once
+  (chosen_conv_impl)."""
   dtype = {
       'float32': jnp.float32,
       'bfloat16': jnp.bfloat16,
       'float16': jnp.float16
   }[model_cfg.dtype]
+  impl = chosen_conv_impl(model_cfg.conv_impl)
   unet = UNet3D(base=model_cfg.base, levels=model_cfg.levels, norm=model_cfg.norm,
-                groups=model_cfg.groups, dtype=dtype, conv_impl=model_cfg.conv_impl)
+                groups=model_cfg.groups, dtype=dtype, conv_impl=impl)
   coarse = MLPHead(model_cfg.coarse_hidden, 2)
   proj = MLPHead(model_cfg.proj_hidden, model_cfg.proj_dim, normalize=True)
   return unet, coarse, proj
