@@ -282,6 +282,16 @@ def test_segment_prepared_border_mm_takes_p_near_the_border_only():
   np.testing.assert_array_equal(mask.astype(bool), want)
 
 
+def test_a_changed_model_is_named_before_any_checkpoint_is_read(tiny_trained):
+  """Evaluating with another width names the differing field (the checkpoint's record is read
+  first), instead of failing to restore arrays of another shape as an unreadable checkpoint."""
+  from cgc_jax.model import checkpoint  # pylint: disable=g-import-not-at-top
+  prep = paths.prepared_store(tiny_config(), tiny_trained)
+  nch = prep.meta(prep.complete_cases()[0])['arrays']['image']['shape'][-1]
+  with pytest.raises(checkpoint.IncompatibleCheckpointError, match=r'model.base: 4 -> 8'):
+    restore.restore_params(tiny_config(**{'model.base': 8}), tiny_trained, distributed.mesh(), nch)
+
+
 def test_average_checkpoints_is_the_mean_of_the_kept_params(tiny_trained):
   """eval.average_checkpoints=2 on a run that kept steps 3 and 6: the params are their element-wise
   mean (NumPy reference from each checkpoint restored alone), and the step reported is 6; asking

@@ -81,5 +81,6 @@ def _check_model(record: dict, config, directory: str):
                             fingerprints.fields(config, 'train')['model'])
   if diffs:
     raise checkpoint.IncompatibleCheckpointError(
-        f'{directory}: model config differs from the checkpoint\'s: {diffs}; evaluate with the '
-        'config it was trained with (WORKDIR/config.json)')
+        f'{directory}: the model differs from the checkpoint\'s: '
+        f'{", ".join("model." + d for d in diffs)}; evaluate with the config it was trained with '
+        '(WORKDIR/config.json)')
