@@ -30,6 +30,7 @@ from ml_collections import config_flags
 
 from cgc_jax import errors
 from cgc_jax import pipeline
+from cgc_jax.core import config_rules
 from cgc_jax.core import folds as folds_lib
 from cgc_jax.core import paths
 from cgc_jax.imaging import metrics
@@ -214,6 +215,26 @@ def _p_seconds(wd) -> float:
   return float(np.nanmean(secs)) if secs else float('nan')
 
 
+def trained_config(config, row, seed: int, track_every: int = -1):
+  """The config a trained row runs with for one seed, before its eval.* switches (run_table applies
+  those to the trained networks; here only where the training config is inconsistent without
+  them). A row whose P does not come from the mixture (threshold, ground
+  truth) has no mixture to draw the edge from: its edge rule is off."""
+  c = _apply(config, {k: v for k, v in row.overrides.items() if not k.startswith('eval.')})
+  if config_rules.problems(c):  # the row's eval switches make its training config consistent
+    c = _apply(c, row.overrides)  # (symmetry_margin 0 needs border_symmetry off)
+  c.pseudo_labels.source = row.source
+  if row.source != 'gmm' and c.eval.get('border_mm', 0.0) > 0:
+    logging.info('experiments: %s: P from %s, so no edge from the mixture (eval.border_mm = 0)',
+                 row.name, row.source)
+    c.eval.border_mm, c.eval.border_symmetry = 0.0, False
+  c.train.seed = int(seed)
+  c.eval.every_steps = max(1, c.train.steps // 6) if track_every < 0 else track_every
+  if folds_lib.num_networks(c) > 1:  # each network is evaluated at its latest step
+    c.eval.every_steps = 0
+  return c
+
+
 def run_table(config, base: str, table: str, seeds: list, track_every: int = -1,
               rows=None) -> dict:
   if table == 'length' and folds_lib.num_networks(config) > 1:
@@ -237,12 +258,7 @@ def run_table(config, base: str, table: str, seeds: list, track_every: int = -1,
     # evaluated again in a workdir of their own (_evaluate_run)
     evals = {k: v for k, v in row.overrides.items() if k.startswith('eval.')}
     for seed in seeds:
-      c = _apply(config, {k: v for k, v in row.overrides.items() if k not in evals})
-      c.pseudo_labels.source = row.source
-      c.train.seed = int(seed)
-      c.eval.every_steps = max(1, c.train.steps // 6) if track_every < 0 else track_every
-      if folds_lib.num_networks(c) > 1:  # each network is evaluated at its latest step
-        c.eval.every_steps = 0
+      c = trained_config(config, row, seed, track_every)
       wd, round_p = _train_run(c, base, pwd), []
       for _ in range(1, row.rounds):  # self-training: P = the last round's masks
         c = c.copy_and_resolve_references()

@@ -91,7 +91,7 @@ TABLES = {
         Row('twice the steps', {'train.steps': Times(2)}),
         Row('early-learning regularisation, lambda = 3', {'train.elr_lambda': 3.0}),
         Row('cross-fitting, 2 networks on half the cases each, their mean segmenting',
-            {'train.folds': 2}),
+            {'train.folds': 2, 'train.ensemble': 1}),
         # evaluation only (the configured recipe's networks): one of the two is the recipe itself
         Row('the edge from each case\'s mixture, 4 mm', {'eval.border_mm': 4.0}),
         Row('the network\'s own edge (no edge from the mixture)', {'eval.border_mm': 0.0}),
