@@ -319,3 +319,31 @@ def test_average_checkpoints_is_the_mean_of_the_kept_params(tiny_trained):
   assert s == 3
   for got, want in zip(jax.tree.leaves(only3), jax.tree.leaves(p3)):
     np.testing.assert_array_equal(got, want)
+
+
+def test_statistics_csv_reads_the_written_masks(tiny_workdir, tmp_path, monkeypatch):
+  """statistics.csv beside the masks: each case's volume is its written NIfTI's voxels x voxel
+  volume; a case the lesion-evidence gate empties reads 0 ml, 0 components and the gate's verdict."""
+  import csv  # pylint: disable=g-import-not-at-top
+  import nibabel as nib  # pylint: disable=g-import-not-at-top
+  cfg = tiny_config(**{'eval.gate_on_p_evidence': True, 'eval.border_mm': 0.0})
+  prep = paths.prepared_store(cfg, tiny_workdir)
+  cases = prep.complete_cases()
+  quiet = cases[-1]
+  real = masks.case_mixture
+  monkeypatch.setattr(masks, 'case_mixture', lambda c, *a: (False, None) if a[4] == quiet
+                      else real(c, *a))
+  out = tmp_path / 'masks'
+  masks.predict_cases(cfg, prep, cases, [(None, frozenset())], _ConstantPredictor(), str(out))
+  with open(out / 'statistics.csv') as f:
+    rows = {r['case']: r for r in csv.DictReader(f)}
+  assert list(rows) == cases
+  for c in cases:
+    img = nib.load(str(out / f'{c}.nii.gz'))
+    voxels = int((np.asarray(img.dataobj) > 0).sum())
+    ml = voxels * float(np.prod(img.header.get_zooms()[:3])) / 1000
+    assert abs(float(rows[c]['lesion_ml']) - ml) < 1e-3, c
+  assert rows[quiet]['lesion_ml'] == '0.0' and rows[quiet]['components'] == '0'
+  assert rows[quiet]['gate'] == 'no_lesion_evidence' and rows[quiet]['mean_probability'] == ''
+  assert all(rows[c]['gate'] == 'lesion' and float(rows[c]['lesion_ml']) > 0 for c in cases[:-1])
+  assert all(rows[c]['mean_probability'] == '0.9' for c in cases[:-1])

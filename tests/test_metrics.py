@@ -104,3 +104,20 @@ def test_dice_hd95_assd_equal_medpys_on_anisotropic_random_masks():
     b = ndimage.binary_opening(ndimage.gaussian_filter(rng.random(shape), 2) > 0.5)
     m = metrics.all_metrics(a.astype(np.uint8), b.astype(np.uint8), (0.9, 1.3, 3.0))
     np.testing.assert_allclose([m['dice'], m['hd95'], m['assd']], want, rtol=1e-12)
+
+
+def test_lesion_statistics_by_hand():
+  """Two 26-connected pieces (a 2x2x2 cube and a diagonal pair) at 1 x 2 x 3 mm voxels."""
+  m = np.zeros((8, 8, 8), bool)
+  m[1:3, 1:3, 1:3] = True
+  m[5, 5, 5] = m[6, 6, 6] = True  # corner neighbours: one piece under 26-connectivity
+  prob = np.where(m, 0.75, 0.1)
+  prob[1, 1, 1] = 0.95
+  r = metrics.lesion_statistics('x', m, (1.0, 2.0, 3.0), prob, 'lesion')
+  assert r == {'case': 'x', 'lesion_ml': 0.06, 'components': 2, 'largest_ml': 0.048,
+               'mean_probability': round((0.95 + 9 * 0.75) / 10, 4), 'gate': 'lesion'}
+  empty = metrics.lesion_statistics('y', np.zeros((4, 4, 4)), (1, 1, 1), np.zeros((4, 4, 4)),
+                                    'no_lesion_evidence')
+  assert empty == {'case': 'y', 'lesion_ml': 0.0, 'components': 0, 'largest_ml': 0.0,
+                   'mean_probability': '', 'gate': 'no_lesion_evidence'}
+  assert list(r) == list(metrics.STATISTICS)

@@ -15,6 +15,8 @@ masks.
 import numpy as np
 from scipy import ndimage
 
+from cgc_jax.imaging import morphology
+
 
 def _b(x):
   return np.asarray(x).astype(bool)
@@ -101,3 +103,27 @@ def summarise(rows: list, keys=('dice', 'sensitivity', 'assd', 'hd95')) -> dict:
   out['empty_pred_cases'] = int(sum(r['pred_voxels'] == 0 for r in rows))
   out['empty_ref_cases'] = int(sum(r['ref_voxels'] == 0 for r in rows))
   return out
+
+
+STATISTICS = ('case', 'lesion_ml', 'components', 'largest_ml', 'mean_probability', 'gate')
+
+
+def lesion_statistics(case: str, mask, spacing, prob=None, gate: str = 'off') -> dict:
+  """One row of statistics.csv: the lesion of a mask, no ground truth needed.
+
+  mask: bool[X, Y, Z] on the scan's original grid with voxel size `spacing` (mm). lesion_ml: its
+  volume (voxels x voxel volume / 1000); components: 26-connected pieces; largest_ml: the largest
+  piece's volume; mean_probability: mean of prob (the network's lesion probability, any grid) over
+  its voxels above 0.5, '' without any; gate: the lesion-evidence gate's verdict ('lesion',
+  'no_lesion_evidence': an empty mask without running the network, or 'off').
+  """
+  m = _b(mask)
+  _, sizes = morphology.components(m)
+  n = len(sizes)
+  voxel_ml = float(np.prod(np.asarray(spacing, np.float64))) / 1000.0
+  largest = int(sizes.max()) if n else 0
+  above = None if prob is None else np.asarray(prob)[np.asarray(prob) > 0.5]
+  mean_p = '' if above is None or not above.size else round(float(above.mean()), 4)
+  return {'case': case, 'lesion_ml': round(int(m.sum()) * voxel_ml, 4), 'components': int(n),
+          'largest_ml': round(largest * voxel_ml, 4), 'mean_probability': mean_p, 'gate': gate}
+

@@ -1,6 +1,8 @@
 """From network probabilities to a lesion mask: the case-level gate, the mean of several networks,
 the component rules and the edge from the case's own mixture (config.eval), and masks written on
 each scan's original grid."""
+import csv
+import io
 import os
 import time
 
@@ -10,6 +12,7 @@ import numpy as np
 from cgc_jax.core import folds as folds_lib
 from cgc_jax.core import store as store_lib
 from cgc_jax.imaging import geometry
+from cgc_jax.imaging import metrics
 from cgc_jax.imaging import morphology
 from cgc_jax.imaging import nifti
 from cgc_jax.labels import gmm
@@ -75,13 +78,16 @@ def segment_prepared(config, predictor, params, image, brain, geom, evidence: bo
 
 
 def predict_cases(config, prep: store_lib.Store, cases, nets, predictor, out_dir, labels=None):
-  """Predicts every case; returns {case: (prob on prepared grid, mask on original grid)}.
+  """Predicts every case; returns {case: (prob on prepared grid, mask on original grid)}. Writes
+  out_dir/<case>.nii.gz (and <case>_prob.nii.gz with eval.save_probabilities) and
+  out_dir/statistics.csv (metrics.lesion_statistics per case).
   nets: restore_networks' list; a case is segmented by the mean of all of them
   (eval.fold_networks = 'all'), or of those that did not train on it ('unseen': folds.members_for;
   all of them for a new scan).
   labels: the pseudo-label store where the P stage ran (a case's report and P are reused from it;
   case_mixture)."""
-  out = {}
+  out, stats = {}, []
+  gated = bool(config.eval.gate_on_p_evidence) and config.pseudo_labels.source == 'gmm'
   t0 = time.time()
   for i, c in enumerate(cases):
     meta = prep.meta(c)
@@ -104,8 +110,21 @@ def predict_cases(config, prep: store_lib.Store, cases, nets, predictor, out_dir
         nifti.write_image(geometry.to_original(prob.astype(np.float32), geom, order=1), geom, meta,
                           os.path.join(out_dir, f'{c}_prob.nii.gz'))
     out[c] = (prob, mask)
+    gate = 'off' if not gated else ('lesion' if evidence else 'no_lesion_evidence')
+    stats.append(metrics.lesion_statistics(c, mask, geom.original_spacing, prob, gate))
     el = time.time() - t0
     logging.info('predict: %d/%d cases (%.2f case/s, ETA %.0fs) %s%s', i + 1, len(cases),
                  (i + 1) / el, (len(cases) - i - 1) * el / (i + 1), c,
                  '' if evidence else ' (no lesion evidence: empty mask)')
+  if distributed.is_main() and cases:
+    write_statistics(stats, os.path.join(out_dir, 'statistics.csv'))
   return out
+
+
+def write_statistics(rows: list, path: str):
+  """statistics.csv (metrics.STATISTICS columns, one row per case), written atomically."""
+  buf = io.StringIO()
+  w = csv.DictWriter(buf, metrics.STATISTICS)
+  w.writeheader()
+  w.writerows(rows)
+  store_lib.atomic_write_text(path, buf.getvalue())
