@@ -14,6 +14,12 @@
                     of conv_variants.py
   --what=inference  sliding-window time and voxels/s on one volume (default 240x240x155), +- flip
   TTA
+  --what=roofline   the train and sliding-window steps on this machine's devices (8 fake CPU
+                    devices with XLA_FLAGS=--xla_force_host_platform_device_count=8): FLOPs and
+                    bytes from XLA's cost analysis, the predicted step time on H200 and TPU v5p at
+                    40% MFU, memory per device as compiled here, and (with --workdir, any prepared
+                    and pseudo-labelled one) the input pipeline's crops/s per host core, cropped as
+                    this config crops, against what that step consumes (studies/accelerators.py)
   --against=torch   train and inference: the same U-Net in PyTorch (torch_peer.py) timed in the same
                     run (in a process of its own), and the ratio (needs `pip install torch`; never
                     needed by the product)
@@ -41,7 +47,7 @@ def _define_flags():
   """The command line's flags: defined only when run as a program, so importing this module (tests,
   other programs) does not clash with another entry point's flags of the same names."""
   config_flags.DEFINE_config_file('config', None, 'configs/*.py file', lock_config=False)
-  flags.DEFINE_enum('what', 'train', ['prepare', 'gmm', 'train', 'conv', 'inference'],
+  flags.DEFINE_enum('what', 'train', ['prepare', 'gmm', 'train', 'conv', 'inference', 'roofline'],
                     'benchmark')
   flags.DEFINE_string('workdir', '', 'workdir (gmm: a prepared one; others: scratch, default temp)')
   flags.DEFINE_integer('steps', 3, 'timed train steps (after one warm-up step)')
@@ -361,13 +367,62 @@ def bench_inference(config, opts: Options):
   print(f'peak host memory {_peak_rss_gb():.2f} GB')
 
 
+def bench_roofline(config, opts: Options):
+  import jax  # pylint: disable=g-import-not-at-top
+  from cgc_jax.runtime import distributed  # pylint: disable=g-import-not-at-top
+  from cgc_jax.studies import accelerators  # pylint: disable=g-import-not-at-top
+  mesh = distributed.mesh()
+  n, nch = mesh.devices.size, config_channels(config)
+  if opts.batch:
+    config.train.batch_size = opts.batch
+  if config.model.conv_impl == 'auto':  # the accelerators' convolution, whatever runs here
+    config.model.conv_impl = 'native'
+  rows, step_s = [], {}
+  for name, make in (('train step', accelerators.abstract_train_step),
+                     ('sliding-window batch', accelerators.abstract_window_step)):
+    fn, *args = make(config, mesh, nch)
+    c = accelerators.cost(fn, args)
+    mem = accelerators.device_memory(fn, args)
+    pred = accelerators.predicted_seconds(c['flops'], c['bytes'], n)
+    step_s[name] = pred
+    rows.append((name, c['flops'] / 1e12, c['bytes'] / 1e9,
+                 *[f'{pred[k][0] * 1e3:.3g} / {pred[k][1] * 1e3:.3g}' for k in accelerators.CHIPS],
+                 f'{(mem["arguments"] + mem["temporaries"]) / 1e9:.3g}'))
+  _table(f'roofline: {config.model.dtype}, global batch {config.train.batch_size} crops of '
+         f'{tuple(config.train.crop)} x {nch} ch, base {config.model.base}, {n} devices; predicted '
+         f'ms per step on n chips at {accelerators.MFU:.0%} MFU / memory-bound at full bandwidth',
+         ['program', 'TFLOP', 'GB moved (unfused)'] + [f'{k} ms' for k in accelerators.CHIPS] +
+         [f'GB per device (as compiled on {jax.devices()[0].platform})'], rows)
+  if not opts.workdir:
+    print('\n(--workdir=W, a prepared and pseudo-labelled workdir, adds the input pipeline\'s rate)')
+    return
+  from cgc_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from cgc_jax.core import paths  # pylint: disable=g-import-not-at-top
+  from cgc_jax.training import input_pipeline  # pylint: disable=g-import-not-at-top
+  own = pipeline.workdir_config(opts.workdir)  # its stores; the crops are this config's
+  prep, labels = paths.prepared_store(own, opts.workdir), paths.pl_store(own, opts.workdir)
+  cases = [c for c in prep.complete_cases() if labels.is_complete(c)]
+  sampler = input_pipeline.CropSampler(prep, labels, cases, config.train)
+  sampler.local_batch(0)  # opens the cases first
+  t0, steps = time.time(), max(1, opts.steps)
+  for s in range(1, steps + 1):
+    sampler.local_batch(s)
+  per_core = steps * config.train.batch_size / (time.time() - t0)  # one thread: one core
+  need = {k: config.train.batch_size / v[0] for k, v in step_s['train step'].items()}
+  _table(f'input pipeline: crops of {tuple(config.train.crop)} from {len(cases)} cases of '
+         f'{opts.workdir}, one host thread',
+         ['crops/s per core'] + [f'crops/s a {k} step consumes (n = {n})' for k in need] +
+         [f'host cores to feed {k}' for k in need],
+         [(per_core, *need.values(), *[f'{v / per_core:.2g}' for v in need.values()])])
+
+
 def main(argv):
   del argv
   opts = Options(workdir=FLAGS.workdir, steps=FLAGS.steps, batch=FLAGS.batch,
                  volume=tuple(int(v) for v in FLAGS.volume.split(',')), tta=FLAGS.tta,
                  max_cases=FLAGS.max_cases, against=FLAGS.against)
   {'prepare': bench_prepare, 'gmm': bench_gmm, 'train': bench_train, 'conv': bench_conv,
-   'inference': bench_inference}[FLAGS.what](FLAGS.config, opts)
+   'inference': bench_inference, 'roofline': bench_roofline}[FLAGS.what](FLAGS.config, opts)
 
 
 if __name__ == '__main__':

@@ -35,19 +35,24 @@ def batch_keys(train_cfg) -> tuple:
       ('label_weight',) if train_cfg.get('symmetry_margin', 0.0) > 0 else ())
 
 
+def batch_shapes(train_cfg, num_channels: int) -> dict:
+  """{key: shape} of a global batch (train.batch_size crops; every array float32)."""
+  lead = (int(train_cfg.batch_size),) + tuple(int(c) for c in train_cfg.crop)
+  return {k: lead + (num_channels,) if k == 'image' else lead for k in batch_keys(train_cfg)}
+
+
 def synthetic_batch(train_cfg, num_channels: int, rng: np.random.Generator) -> dict:
-  """A batch of train_cfg.batch_size crops with batch_keys(train_cfg)'s arrays, for timing and
-  lowering the step without data: image N(0, 1); P a box over the first quarter of the crop's first
-  two axes (so the CGC terms see lesion and normal cells); brain, posterior (= P) and label_weight
-  as the sampler's shapes and dtypes."""
-  crop = tuple(int(c) for c in train_cfg.crop)
-  b = int(train_cfg.batch_size)
-  p = np.zeros((b,) + crop, np.float32)
-  p[:, crop[0] // 4: crop[0] // 2, crop[1] // 4: crop[1] // 2] = 1
-  values = {'image': rng.normal(size=(b,) + crop + (num_channels,)).astype(np.float32), 'p': p,
-            'brain': np.ones((b,) + crop, np.float32), 'posterior': p.copy(),
-            'label_weight': np.ones((b,) + crop, np.float32)}
-  return {k: values[k] for k in batch_keys(train_cfg)}
+  """A batch of batch_shapes(...) with batch_keys(train_cfg)'s arrays, for timing the step without
+  data: image N(0, 1); P a box over the first quarter of the crop's first two axes (so the CGC
+  terms see lesion and normal cells); brain and label_weight 1, posterior = P."""
+  shapes = batch_shapes(train_cfg, num_channels)
+  p = np.zeros(shapes['p'], np.float32)
+  x, y = p.shape[1], p.shape[2]
+  p[:, x // 4: x // 2, y // 4: y // 2] = 1
+  make = {'image': lambda s: rng.normal(size=s).astype(np.float32), 'p': lambda s: p,
+          'posterior': lambda s: p.copy(), 'brain': lambda s: np.ones(s, np.float32),
+          'label_weight': lambda s: np.ones(s, np.float32)}
+  return {k: make[k](s) for k, s in shapes.items()}
 
 
 def spatial_coords(crop, start, spacing, rng, rotate_deg: float, zoom) -> np.ndarray:
