@@ -7,6 +7,7 @@ import pytest
 
 from cgc_jax.core import paths
 from cgc_jax.imaging import geometry
+from cgc_jax.imaging import metrics
 from cgc_jax.imaging import morphology
 from cgc_jax.inference import masks
 from cgc_jax.inference import restore
@@ -347,3 +348,18 @@ def test_statistics_csv_reads_the_written_masks(tiny_workdir, tmp_path, monkeypa
   assert rows[quiet]['gate'] == 'no_lesion_evidence' and rows[quiet]['mean_probability'] == ''
   assert all(rows[c]['gate'] == 'lesion' and float(rows[c]['lesion_ml']) > 0 for c in cases[:-1])
   assert all(rows[c]['mean_probability'] == '0.9' for c in cases[:-1])
+
+
+def test_statistics_csv_p_agreement_is_the_dice_with_the_cases_own_p(tiny_workdir, tmp_path):
+  import csv  # pylint: disable=g-import-not-at-top
+  cfg = tiny_config(**{'eval.border_mm': 4.0})
+  prep, labels = paths.prepared_store(cfg, tiny_workdir), paths.pl_store(cfg, tiny_workdir)
+  cases = prep.complete_cases()
+  got = masks.predict_cases(cfg, prep, cases, [(None, frozenset())], _ConstantPredictor(),
+                            str(tmp_path), labels)
+  with open(tmp_path / 'statistics.csv') as f:
+    rows = {r['case']: r for r in csv.DictReader(f)}
+  for c in cases:
+    p = np.asarray(labels.read(c, 'p')) > 0
+    want = round(metrics.dice(got[c][0] > 0.5, p), 4)
+    assert float(rows[c]['p_agreement']) == want, c
