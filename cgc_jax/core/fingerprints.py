@@ -8,6 +8,8 @@ import hashlib
 import json
 import os
 
+from cgc_jax.core import compat
+
 _STAGE_FIELDS = {
     'prepare': ('data',),
     'pseudo_labels': ('data', 'gmm', 'pseudo_labels'),
@@ -18,19 +20,6 @@ _IGNORED = {'num_workers', 'verify_checksums', 'log_every', 'prefetch', 'export_
             'every_steps', 'confident', 'input_root', 'pictures', 'output_dir',
             'save_probabilities', 'progress_every_s', 'restart_when_stale',
             'conv_impl'}  # conv_impl: same arithmetic, only speed differs
-
-
-# Fields added after runs existed, left out while at these values (which reproduce the earlier
-# behaviour), so that those runs stay current: (section, key) -> value.
-_OMIT_AT = {('train', 'elr_lambda'): 0.0, ('train', 'elr_decay'): 0.97,
-            ('cgc', 'fine_anchors'): 'patch', ('eval', 'keep_fraction'): 0.0,
-            ('eval', 'average_checkpoints'): 0, ('train', 'spatial_p'): 0.0,
-            ('train', 'rotate_deg'): 15.0, ('train', 'zoom'): (0.85, 1.15), ('train', 'folds'): 1,
-            ('eval', 'fold_networks'): 'all', ('eval', 'border_mm'): 0.0,
-            ('train', 'correct_threshold'): 0.0, ('train', 'correct_start'): 0.5,
-            ('train', 'symmetry_margin'): 0.0, ('train', 'symmetry_modality'): 'flair',
-            ('train', 'symmetry_sigma'): 1.0, ('train', 'ensemble'): 1,
-            ('eval', 'border_symmetry'): False}
 
 
 def _as_lists(v):
@@ -53,7 +42,7 @@ def fields(config, stage: str) -> dict:
   for section, key in _PATHS:  # the same folder, however it is spelled
     if full.get(section, {}).get(key):
       full[section][key] = os.path.realpath(full[section][key])
-  for (section, key), value in _OMIT_AT.items():  # tuples as lists: a config read back from JSON
+  for (section, key), value in compat.OMIT_AT.items():  # tuples as lists: a config read back from JSON
     if section in full and _as_lists(full[section].get(key, value)) == _as_lists(value):
       full[section].pop(key, None)
   return {k: _clean(full[k]) for k in _STAGE_FIELDS[stage]}

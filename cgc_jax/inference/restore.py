@@ -5,6 +5,7 @@ from absl import logging
 import jax
 
 from cgc_jax import errors
+from cgc_jax.core import compat
 from cgc_jax.core import fingerprints
 from cgc_jax.core import folds as folds_lib
 from cgc_jax.core import paths
@@ -72,7 +73,7 @@ def _restore(config, workdir, mesh, num_channels: int):
     params = jax.tree.map(lambda a: a / (len(steps) + 1), params)
     logging.info('evaluate: params averaged over checkpoint steps %s', steps + [s])
   ckpt.close()
-  return params, s, sorted(record.get('inputs') or record.get('cases') or [])
+  return params, s, compat.trained_cases(record)
 
 
 def _check_model(record: dict, config, directory: str):

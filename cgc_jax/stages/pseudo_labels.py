@@ -12,6 +12,7 @@ from absl import logging
 import numpy as np
 
 from cgc_jax import errors
+from cgc_jax.core import compat
 from cgc_jax.core import fingerprints
 from cgc_jax.core import paths
 from cgc_jax.core import store as store_lib
@@ -131,11 +132,9 @@ def expected_inputs(config, prep: store_lib.Store, out: store_lib.Store, case_id
   """case_inputs(), or what an existing P shard recorded when that names the same prepared shard
   by the identity formula of earlier versions (store.Store.legacy_identity): such a shard is
   current, not redone."""
-  cur = case_inputs(config, prep, case_id)
   meta = out.meta(case_id, missing_ok=True)
-  if meta and meta.get('inputs') == dict(cur, prepared=prep.legacy_identity(case_id)):
-    return meta['inputs']
-  return cur
+  return compat.p_inputs(case_inputs(config, prep, case_id), meta and meta.get('inputs'),
+                         prep.legacy_identity(case_id))
 
 
 def case_inputs(config, prep: store_lib.Store, case_id: str) -> dict:

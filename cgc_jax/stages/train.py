@@ -12,6 +12,7 @@ from absl import logging
 import jax
 
 from cgc_jax import errors
+from cgc_jax.core import compat
 from cgc_jax.core import fingerprints
 from cgc_jax.core import folds as folds_lib
 from cgc_jax.core import paths
@@ -38,8 +39,7 @@ def _record(config, step, sampler, inputs):
 def accept_legacy(recorded: Optional[dict], inputs: dict, labels) -> dict:
   """`inputs` (case -> P shard identity) with each case whose checkpoint recorded the same shard
   by the earlier identity formula (store.Store.legacy_identity) given that recorded value."""
-  return {c: recorded[c] if recorded and recorded.get(c) not in (None, v) and
-          recorded[c] == labels.legacy_identity(c) else v for c, v in inputs.items()}
+  return compat.checkpoint_inputs(recorded, inputs, labels.legacy_identity)
 
 
 def stale_reasons(record: dict, config, inputs: dict) -> list:

@@ -1,0 +1,49 @@
+"""What keeps workdirs made by earlier versions current: every backward-compatibility path of the
+package, listed here, and the ones that are plain bookkeeping implemented here.
+
+| path | keeps alive | lives in |
+| --- | --- | --- |
+| fields added later are left out of a stage's fingerprint at the value that reproduces the old behaviour (OMIT_AT) | every stage's outputs of workdirs made before the field existed | here, read by core.fingerprints |
+| a config read back from an older workdir's config.json may lack fields; the config rules skip them | `--mode=predict` with an older workdir's config | core.config_rules |
+| a P shard that recorded its prepared shard by the identity formula before 2026-12 (file stats included) | P of workdirs prepared before then | here (p_inputs), store.Store.legacy_identity |
+| a checkpoint that recorded its P shards by that formula | checkpoints of those workdirs (no retraining) | here (checkpoint_inputs) |
+| a checkpoint record naming its training cases as `cases` rather than `inputs` | cross-fitting's fold networks of older runs | here (trained_cases) |
+| a checkpoint whose train state still holds the unused `rng` | checkpoints written before TrainState lost it | model.train_state.LegacyTrainState, model.checkpoint |
+
+Each is exercised by a test (test_store, test_paths, test_config_rules, test_train).
+"""
+from typing import Callable, Optional
+
+# Fields added after runs existed, left out of the fingerprints while at these values (which
+# reproduce the earlier behaviour), so that those runs stay current: (section, key) -> value.
+OMIT_AT = {('train', 'elr_lambda'): 0.0, ('train', 'elr_decay'): 0.97,
+           ('cgc', 'fine_anchors'): 'patch', ('eval', 'keep_fraction'): 0.0,
+           ('eval', 'average_checkpoints'): 0, ('train', 'spatial_p'): 0.0,
+           ('train', 'rotate_deg'): 15.0, ('train', 'zoom'): (0.85, 1.15), ('train', 'folds'): 1,
+           ('eval', 'fold_networks'): 'all', ('eval', 'border_mm'): 0.0,
+           ('train', 'correct_threshold'): 0.0, ('train', 'correct_start'): 0.5,
+           ('train', 'symmetry_margin'): 0.0, ('train', 'symmetry_modality'): 'flair',
+           ('train', 'symmetry_sigma'): 1.0, ('train', 'ensemble'): 1,
+           ('eval', 'border_symmetry'): False}
+
+
+def p_inputs(current: dict, recorded: Optional[dict], legacy_prepared: str) -> dict:
+  """What a case's P shard should have recorded: `current`, or `recorded` when it names the same
+  prepared shard by the earlier identity formula (`legacy_prepared`), so that shard stays current
+  rather than being redone."""
+  if recorded and recorded == dict(current, prepared=legacy_prepared):
+    return recorded
+  return current
+
+
+def checkpoint_inputs(recorded: Optional[dict], inputs: dict,
+                      legacy_identity: Callable[[str], str]) -> dict:
+  """`inputs` (case -> P shard identity) with each case whose checkpoint recorded the same shard by
+  the earlier identity formula (legacy_identity(case)) given that recorded value."""
+  return {c: recorded[c] if recorded and recorded.get(c) not in (None, v) and
+          recorded[c] == legacy_identity(c) else v for c, v in inputs.items()}
+
+
+def trained_cases(record: dict) -> list:
+  """The cases a checkpoint was trained on, from its record (`inputs`, or `cases` in older ones)."""
+  return sorted(record.get('inputs') or record.get('cases') or [])
