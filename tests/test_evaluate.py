@@ -324,7 +324,8 @@ def test_average_checkpoints_is_the_mean_of_the_kept_params(tiny_trained):
 
 def test_statistics_csv_reads_the_written_masks(tiny_workdir, tmp_path, monkeypatch):
   """statistics.csv beside the masks: each case's volume is its written NIfTI's voxels x voxel
-  volume; a case the lesion-evidence gate empties reads 0 ml, 0 components and the gate's verdict."""
+  volume; a case the lesion-evidence gate empties reads 0 ml, 0 components and the gate's
+  verdict."""
   import csv  # pylint: disable=g-import-not-at-top
   import nibabel as nib  # pylint: disable=g-import-not-at-top
   cfg = tiny_config(**{'eval.gate_on_p_evidence': True, 'eval.border_mm': 0.0})

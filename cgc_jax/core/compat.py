@@ -1,14 +1,19 @@
 """What keeps workdirs made by earlier versions current: every backward-compatibility path of the
 package, listed here, and the ones that are plain bookkeeping implemented here.
 
-| path | keeps alive | lives in |
-| --- | --- | --- |
-| fields added later are left out of a stage's fingerprint at the value that reproduces the old behaviour (OMIT_AT) | every stage's outputs of workdirs made before the field existed | here, read by core.fingerprints |
-| a config read back from an older workdir's config.json may lack fields; the config rules skip them | `--mode=predict` with an older workdir's config | core.config_rules |
-| a P shard that recorded its prepared shard by the identity formula before 2026-12 (file stats included) | P of workdirs prepared before then | here (p_inputs), store.Store.legacy_identity |
-| a checkpoint that recorded its P shards by that formula | checkpoints of those workdirs (no retraining) | here (checkpoint_inputs) |
-| a checkpoint record naming its training cases as `cases` rather than `inputs` | cross-fitting's fold networks of older runs | here (trained_cases) |
-| a checkpoint whose train state still holds the unused `rng` | checkpoints written before TrainState lost it | model.train_state.LegacyTrainState, model.checkpoint |
+- Fields added after runs existed are left out of a stage's fingerprint at the value that
+  reproduces the old behaviour (OMIT_AT, here; read by core.fingerprints): every stage's outputs
+  of workdirs made before the field existed stay current.
+- A config read back from an older workdir's config.json may lack fields; the config rules skip
+  them (core.config_rules): `--mode=predict` with an older workdir.
+- A P shard that recorded its prepared shard by the identity formula before 2026-12 (file stats
+  included) stays current (p_inputs, here; store.Store.legacy_identity).
+- A checkpoint that recorded its P shards by that formula is continued, not retrained
+  (checkpoint_inputs, here).
+- A checkpoint record naming its training cases `cases` rather than `inputs` (trained_cases, here):
+  cross-fitting's fold networks of older runs.
+- A checkpoint whose train state still holds the unused `rng` is read through that layout
+  (model.train_state.LegacyTrainState, model.checkpoint).
 
 Each is exercised by a test (test_store, test_paths, test_config_rules, test_train).
 """

@@ -42,7 +42,8 @@ def fields(config, stage: str) -> dict:
   for section, key in _PATHS:  # the same folder, however it is spelled
     if full.get(section, {}).get(key):
       full[section][key] = os.path.realpath(full[section][key])
-  for (section, key), value in compat.OMIT_AT.items():  # tuples as lists: a config read back from JSON
+  # tuples as lists: a config read back from JSON
+  for (section, key), value in compat.OMIT_AT.items():
     if section in full and _as_lists(full[section].get(key, value)) == _as_lists(value):
       full[section].pop(key, None)
   return {k: _clean(full[k]) for k in _STAGE_FIELDS[stage]}

@@ -394,7 +394,8 @@ def bench_roofline(config, opts: Options):
          ['program', 'TFLOP', 'GB moved (unfused)'] + [f'{k} ms' for k in accelerators.CHIPS] +
          [f'GB per device (as compiled on {jax.devices()[0].platform})'], rows)
   if not opts.workdir:
-    print('\n(--workdir=W, a prepared and pseudo-labelled workdir, adds the input pipeline\'s rate)')
+    print('\n(--workdir=W, a prepared and pseudo-labelled workdir, adds the input pipeline\'s '
+          'rate)')
     return
   from cgc_jax import pipeline  # pylint: disable=g-import-not-at-top
   from cgc_jax.core import paths  # pylint: disable=g-import-not-at-top
