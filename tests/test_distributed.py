@@ -49,7 +49,8 @@ def _metrics(wd):
 
 def _masks(wd):
   d = os.path.join(wd, 'eval', 'predictions')
-  return {f: np.asarray(nib.load(os.path.join(d, f)).dataobj) for f in sorted(os.listdir(d))}
+  return {f: np.asarray(nib.load(os.path.join(d, f)).dataobj) for f in sorted(os.listdir(d))
+          if f.endswith('.nii.gz')}
 
 
 def test_two_processes_equal_one_and_checkpoints_cross_topologies(tiny_workdir, tmp_path):

@@ -127,7 +127,8 @@ def test_fuzzed_nifti_verify_prepare_predict_from_the_command_line(fuzzed, tiny_
   r = _main(wd, '--mode=predict', f'--config.eval.input_root={root}')
   assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr[-3000:]
   assert not [f.path for f in must_fail if f.path not in r.stderr]
-  masks = {m[:-len('.nii.gz')] for m in os.listdir(os.path.join(wd, 'predict', 'masks'))}
+  masks = {m[:-len('.nii.gz')] for m in os.listdir(os.path.join(wd, 'predict', 'masks'))
+           if m.endswith('.nii.gz')}
   assert set(fuzz_nifti.GOOD) <= masks and not masks & {f.case_id for f in must_fail}
   src = nib.load(fuzz_nifti.paths(root, 'good_0')['flair'])
   assert nib.load(os.path.join(wd, 'predict', 'masks', 'good_0.nii.gz')).shape == src.shape
