@@ -4,6 +4,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from cgc_jax.studies import protocol
 from cgc_jax.studies import reports
@@ -87,6 +88,11 @@ def test_a_table_is_read_from_its_row_links_and_printed(tmp_path):
                  'switch': {0: {'case_0': 0.6, 'case_1': 0.6}, 1: {'case_0': 0.8, 'case_1': 0.7}}}
   c = protocol.judge(got, first='recipe')['switch']
   np.testing.assert_allclose([c['half_a'], c['half_b']], [0.1, 0.05], rtol=1e-9)
+  bad = tmp_path / 'experiments' / 'defaults' / 'broken' / 'seed0' / 'eval'
+  bad.mkdir(parents=True)
+  (bad / 'summary.json').write_text('{cut')
+  with pytest.raises(ValueError, match=r'broken/seed0/eval/summary.json: not an evaluation'):
+    protocol.table_dice(str(tmp_path), 'defaults')
   md = protocol.markdown({'switch': c}, 'recipe')
   assert '| switch | 0,1 | +0.1000 | +0.0500 | +0.0750 [+0.0500, +0.1000] | - | gains (dev ' \
       'only) |' in md

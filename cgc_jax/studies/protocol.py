@@ -112,8 +112,11 @@ def table_dice(workdir: str, table: str) -> dict:
     for link in sorted(os.listdir(os.path.join(root, row))):
       path = os.path.join(root, row, link, 'eval', 'summary.json')
       if link.startswith('seed') and os.path.exists(path):
-        with open(path) as f:
-          cases = json.load(f)['cases']
+        try:
+          with open(path) as f:
+            cases = json.load(f)['cases']
+        except (OSError, ValueError, KeyError) as e:
+          raise ValueError(f'{path}: not an evaluation summary ({type(e).__name__}: {e})') from e
         out.setdefault(row, {})[int(link[4:])] = {r['case']: r['net_dice'] for r in cases}
   return out
 
@@ -156,8 +159,11 @@ def _define_flags():  # only as a command: the runner imports this module beside
 def main(argv):
   del argv
   from cgc_jax.studies import tables  # pylint: disable=g-import-not-at-top
-  dev = tables.in_order(table_dice(FLAGS.dev, FLAGS.table), FLAGS.table)
-  sample = table_dice(FLAGS.sample, FLAGS.table) if FLAGS.sample else None
+  try:
+    dev = tables.in_order(table_dice(FLAGS.dev, FLAGS.table), FLAGS.table)
+    sample = table_dice(FLAGS.sample, FLAGS.table) if FLAGS.sample else None
+  except ValueError as e:
+    raise SystemExit(str(e)) from None
   if not dev:
     raise SystemExit(f'{FLAGS.dev}: no finished rows of table {FLAGS.table}')
   a, b = halves(next(iter(next(iter(dev.values())).values())))
