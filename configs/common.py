@@ -188,8 +188,10 @@ def base_config() -> ml_collections.ConfigDict:
   # >1: the network is the element-wise mean of the params of this many newest kept checkpoints
   # up to the evaluated one (weight averaging along one run: needs train.keep_checkpoints >= it)
   e.average_checkpoints = 0
-  # train.folds >= 2: a training case is segmented by the mean of all the networks ('all'), or of
-  # those that never saw its P ('unseen'); new scans always by all of them
+  # train.folds >= 2: a training case is segmented by the mean of all the networks ('all'), of
+  # those that never saw its P ('unseen'), or by both weighed per case ('agreement': a = Dice of the
+  # unseen networks' mask with the case's P; the networks that saw it weigh a, the others 1 - a);
+  # new scans always by all of them
   e.fold_networks = 'all'
   e.batch_size = 2  # windows per device call (rounded up to the device count)
   e.every_steps = 0  # >0: label-free signals (and Dice where ground truth exists, analysis only)

@@ -70,6 +70,27 @@ def test_members_are_the_networks_that_did_not_see_the_case():
   assert folds.members_for('a', [{'a'}, {'a'}, {'b'}]) == [2]
 
 
+def test_agreement_weights_hand_the_case_to_the_unseen_networks_as_p_fails():
+  p = np.zeros((4, 4, 2), bool)
+  p[:2] = True  # 16 voxels
+  brain = np.ones_like(p)
+  unseen = np.where(p, 0.9, 0.1).astype(np.float32)
+  unseen[:2, :2] = 0.2  # the unseen network finds 8 of P's 16 voxels: Dice 2*8/(8+16) = 2/3
+  seen = np.full(p.shape, 0.7, np.float32)
+  weigh = masks.agreement_weights(p, 1, brain)
+  np.testing.assert_allclose(weigh([unseen, seen]), [1 / 3, 2 / 3])
+  # two unseen networks (their mean decides a), one seen; an unseen mask equal to P: a = 1
+  weigh = masks.agreement_weights(p, 2, brain)
+  np.testing.assert_allclose(weigh([np.where(p, 0.8, 0.0), np.where(p, 0.6, 0.2), seen]),
+                             [0.0, 0.0, 1.0])
+  # an unseen mask that misses P entirely: the seen network has no weight
+  np.testing.assert_allclose(masks.agreement_weights(p, 1, brain)([np.where(p, 0.1, 0.9), seen]), [1.0, 0.0])
+  # outside the brain nothing counts
+  brain2 = brain.copy()
+  brain2[:2, :2] = False
+  np.testing.assert_allclose(masks.agreement_weights(p, 1, brain2)([unseen, seen]), [0.0, 1.0])
+
+
 @pytest.mark.slow
 def test_cross_fitting_networks_and_which_of_them_segment_a_case(tiny_workdir, tmp_path):
   """train.folds=2 on the 3 tiny phantoms: each network's checkpoints record exactly the cases
@@ -120,6 +141,24 @@ def test_cross_fitting_networks_and_which_of_them_segment_a_case(tiny_workdir, t
   pipeline.run(unseen, wd, 'evaluate')
   for c in cases:
     np.testing.assert_array_equal(written(c), want[c])
+  # 'agreement': both networks, the one that saw the case weighing a = Dice(unseen mask, P)
+  labels = paths.pl_store(cfg, wd)
+  agree = tiny_config(**{'train.folds': 2, 'eval.fold_networks': 'agreement'})
+  pipeline.run(agree, wd, 'evaluate')
+  for c in cases:
+    geom = geometry.Geometry.from_json(prep.meta(c)['geometry'])
+    image = np.asarray(prep.read(c, 'image'), np.float32)
+    brain = np.asarray(prep.read(c, 'brain')) > 0
+    own_p = np.asarray(labels.read(c, 'p')) > 0
+    u, s = fold_of[c], 1 - fold_of[c]
+    probs = [predictor.predict_volume(q, image) for q in params]  # what Known() returns
+    pu, ps = probs[u], probs[s]
+    a = 2 * np.sum((pu > 0.5) & brain & own_p) / (np.sum((pu > 0.5) & brain) + np.sum(own_p & brain))
+    assert 0.0 < a < 1.0
+    prob = masks.segment_prepared(agree, Known(), [params[u], params[s]], image, brain, geom,
+                                  weigh=lambda probs: [1 - a, a])[0]
+    np.testing.assert_allclose(prob, ((1 - a) * pu + a * ps) * brain, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(written(c), geometry.prob_to_original_mask(prob, geom))
   # a new scan (Segmenter, predict mode): both networks (segment_prepared averages a list)
   seg = segmenter.Segmenter.from_workdir(wd)
   assert isinstance(seg.params, list) and len(seg.params) == 2
@@ -128,7 +167,7 @@ def test_cross_fitting_networks_and_which_of_them_segment_a_case(tiny_workdir, t
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # the same command again: both networks finished, the evaluation stands
   before = os.path.getmtime(os.path.join(wd, 'eval', 'summary.json'))
-  pipeline.run(unseen, wd, 'all')
+  pipeline.run(agree, wd, 'all')
   assert os.path.getmtime(os.path.join(wd, 'eval', 'summary.json')) == before
 
 

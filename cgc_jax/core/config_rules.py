@@ -24,7 +24,7 @@ CHOICES = {
     'cgc.fine_anchors': ('patch', 'cell'),
     'train.loss_region': ('brain', 'all'),
     'eval.select': ('latest', 'flip_agreement', 'confident_ce', 'p_agreement'),
-    'eval.fold_networks': ('all', 'unseen'),
+    'eval.fold_networks': ('all', 'unseen', 'agreement'),
 }
 
 # field -> (low, high, low included, high included)

@@ -53,10 +53,11 @@ def case_mixture(config, image, brain, geom, modalities, case_id: str, stored=No
 
 
 def segment_prepared(config, predictor, params, image, brain, geom, evidence: bool = True,
-                     p=None):
+                     p=None, weigh=None):
   """One prepared case -> (lesion probability f32[X', Y', Z'] on the prepared grid, inside the brain
   and after the rules of config.eval; mask u8 on the ORIGINAL grid). `params`: one network's, or a
-  list of networks' (their probabilities are averaged before the rules).
+  list of networks' (their probabilities are averaged before the rules, or combined with the
+  weights weigh(list of f32[X', Y', Z']) -> list of floats summing to 1).
   evidence=False (the case-level gate said no lesion): an empty mask. p: the case's P (bool, the
   prepared grid; case_mixture) for eval.border_mm: voxels within that many mm of the border of the
   network's mask (after the component rules) take P's side (morphology.refine_border), then the
@@ -66,7 +67,9 @@ def segment_prepared(config, predictor, params, image, brain, geom, evidence: bo
     return prob, geometry.prob_to_original_mask(prob, geom)
   members = params if isinstance(params, list) else [params]
   image = np.asarray(image, np.float32)
-  prob = sum(predictor.predict_volume(p_, image) for p_ in members) / len(members)
+  probs = [predictor.predict_volume(p_, image) for p_ in members]
+  weights = weigh(probs) if weigh is not None else [1.0 / len(probs)] * len(probs)
+  prob = sum(np.float32(w) * q for w, q in zip(weights, probs))
   prob = prob * (np.asarray(brain) > 0)
   e = config.eval
   rules = lambda q: morphology.filter_components(q, geom.spacing, e.min_component_mm3,
@@ -83,7 +86,8 @@ def predict_cases(config, prep: store_lib.Store, cases, nets, predictor, out_dir
   out_dir/statistics.csv (metrics.lesion_statistics per case).
   nets: restore_networks' list; a case is segmented by the mean of all of them
   (eval.fold_networks = 'all'), or of those that did not train on it ('unseen': folds.members_for;
-  all of them for a new scan).
+  all of them for a new scan), or both weighed by P's agreement with the unseen ones ('agreement':
+  agreement_weights; the unseen networks alone where the case has no stored P).
   labels: the pseudo-label store where the P stage ran (a case's report and P are reused from it;
   case_mixture)."""
   out, stats = {}, []
@@ -94,15 +98,24 @@ def predict_cases(config, prep: store_lib.Store, cases, nets, predictor, out_dir
     geom = geometry.Geometry.from_json(meta['geometry'])
     image = np.asarray(prep.read(c, 'image', config.data.verify_checksums), np.float32)
     brain = np.asarray(prep.read(c, 'brain')) > 0
-    stored = None
+    stored, own_p = None, None
+    mode = config.eval.get('fold_networks', 'all')
     if labels is not None and labels.is_complete(c):
-      stored = (labels.meta(c)['report'], labels.read(c, 'p', config.data.verify_checksums)
-                if config.eval.get('border_mm', 0.0) > 0 else None)
+      if config.eval.get('border_mm', 0.0) > 0 or mode == 'agreement':
+        own_p = labels.read(c, 'p', config.data.verify_checksums)
+      stored = (labels.meta(c)['report'], own_p)
     evidence, p = case_mixture(config, image, brain, geom, meta['modalities'], c, stored)
-    members = [params for params, _ in nets]
-    if config.eval.get('fold_networks', 'all') == 'unseen':
-      members = [nets[i][0] for i in folds_lib.members_for(c, [seen for _, seen in nets])]
-    prob, mask = segment_prepared(config, predictor, members, image, brain, geom, evidence, p)
+    members, weigh = [params for params, _ in nets], None
+    if mode in ('unseen', 'agreement'):
+      unseen = folds_lib.members_for(c, [seen for _, seen in nets])
+      if mode == 'agreement' and own_p is not None and len(unseen) < len(nets):
+        order = unseen + [i for i in range(len(nets)) if i not in unseen]
+        members = [nets[i][0] for i in order]
+        weigh = agreement_weights(np.asarray(own_p) > 0, len(unseen), brain, case=c)
+      else:
+        members = [nets[i][0] for i in unseen]
+    prob, mask = segment_prepared(config, predictor, members, image, brain, geom, evidence, p,
+                                  weigh)
     if distributed.is_main():
       nifti.write_mask(mask, geom, meta, os.path.join(out_dir, f'{c}.nii.gz'))
       if config.eval.get('save_probabilities',
@@ -122,6 +135,27 @@ def predict_cases(config, prep: store_lib.Store, cases, nets, predictor, out_dir
   if distributed.is_main() and cases:
     write_statistics(stats, os.path.join(out_dir, 'statistics.csv'))
   return out
+
+
+def agreement_weights(p, n_unseen: int, brain, case: str = ''):
+  """The weights of eval.fold_networks = 'agreement' for members ordered unseen first: a = Dice of
+  the unseen networks' mean mask (> 0.5, inside `brain`) with the case's own P (bool[X', Y', Z']);
+  the networks that trained on the case share a, those that never saw it 1 - a. A network that never
+  saw a case's P can only agree with it where the other cases' P agree, so a is a label-free
+  reading of how far P, and with it the networks that fitted P, can be trusted on this case: a
+  failed P hands the case to the unseen networks, a good one to the networks that learned it. No
+  threshold to choose."""
+  inside = np.asarray(brain) > 0
+
+  def weigh(probs):
+    unseen = sum(probs[:n_unseen]) / n_unseen
+    a = float(metrics.dice((unseen > 0.5) & inside, p & inside))
+    n_seen = len(probs) - n_unseen
+    logging.info('agreement %s: the unseen networks agree with P at %.3f (weight of the %d that saw'
+                 ' it)', case, a, n_seen)
+    return [(1.0 - a) / n_unseen] * n_unseen + [a / n_seen] * n_seen
+
+  return weigh
 
 
 def write_statistics(rows: list, path: str):
