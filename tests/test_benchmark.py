@@ -22,6 +22,7 @@ def test_conv_shapes_are_the_unets_convolutions():
       ((3, 8, 8, 8), 4, 2), ((3, 8, 8, 8), 2, 2)]
 
 
+@pytest.mark.slow  # a program of its own to compile (~30 s): the whole suite runs it
 def test_conv_and_train_benchmarks_print_their_tables(capsys):
   opts = benchmark.Options(steps=1)
   benchmark.bench_conv(_small(), opts)

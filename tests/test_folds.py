@@ -84,7 +84,8 @@ def test_agreement_weights_hand_the_case_to_the_unseen_networks_as_p_fails():
   np.testing.assert_allclose(weigh([np.where(p, 0.8, 0.0), np.where(p, 0.6, 0.2), seen]),
                              [0.0, 0.0, 1.0])
   # an unseen mask that misses P entirely: the seen network has no weight
-  np.testing.assert_allclose(masks.agreement_weights(p, 1, brain)([np.where(p, 0.1, 0.9), seen]), [1.0, 0.0])
+  miss = np.where(p, 0.1, 0.9).astype(np.float32)
+  np.testing.assert_allclose(masks.agreement_weights(p, 1, brain)([miss, seen]), [1.0, 0.0])
   # outside the brain nothing counts
   brain2 = brain.copy()
   brain2[:2, :2] = False
@@ -153,7 +154,8 @@ def test_cross_fitting_networks_and_which_of_them_segment_a_case(tiny_workdir, t
     u, s = fold_of[c], 1 - fold_of[c]
     probs = [predictor.predict_volume(q, image) for q in params]  # what Known() returns
     pu, ps = probs[u], probs[s]
-    a = 2 * np.sum((pu > 0.5) & brain & own_p) / (np.sum((pu > 0.5) & brain) + np.sum(own_p & brain))
+    mask_u = (pu > 0.5) & brain
+    a = 2 * np.sum(mask_u & own_p) / (np.sum(mask_u) + np.sum(own_p & brain))
     assert 0.0 < a < 1.0
     prob = masks.segment_prepared(agree, Known(), [params[u], params[s]], image, brain, geom,
                                   weigh=lambda probs: [1 - a, a])[0]

@@ -68,6 +68,7 @@ def test_one_device_equals_eight_devices(tiny_workdir, overrides):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.slow  # a program of its own to compile (~30 s): the whole suite runs it
 def test_a_step_with_onednn_convolutions_equals_one_with_sum2d(tiny_workdir):
   if not onednn.available():
     pytest.skip(f'oneDNN convolutions not built here: {onednn.reason()}')
@@ -112,6 +113,7 @@ def test_teacher_is_the_bias_corrected_moving_average_of_the_parameters():
   assert float(scale) == pytest.approx(0.875)
 
 
+@pytest.mark.slow  # a program of its own to compile (~30 s): the whole suite runs it
 def test_elr_step_adds_the_teacher_term(tiny_workdir):
   """With train.elr_lambda the optimiser state carries the teacher; after one step the teacher is
   the initial parameters (one average, bias-corrected), its targets' scale 1 - decay, and the step's
@@ -165,6 +167,7 @@ def test_label_weight_multiplies_the_segmentation_weight(tiny_workdir):
   assert abs(float(seg_plain(state.params, batch)) - want) > 1e-3  # the weight matters here
 
 
+@pytest.mark.slow  # a program of its own to compile (~30 s): the whole suite runs it
 def test_target_correction_starts_at_its_step(tiny_workdir):
   """train.correct_threshold: before correct_start x steps the segmentation terms are taken against
   P, from that step on against cgc.corrected_target; train_step passes its own step to the loss."""
