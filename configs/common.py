@@ -29,6 +29,15 @@ def base_config() -> ml_collections.ConfigDict:
   d.affine_tolerance = 1e-3  # max abs difference between affines counted as "equal"
   d.num_workers = 2  # CPU worker processes for offline stages (0 or 1 = in-process)
   d.verify_checksums = True  # check every array's crc32 when a case is opened
+  # A brain mask that looks like the field of view (a scan not brain-extracted, or a noisy outside):
+  # a warning naming the file, or an error with strict_brain_mask. It covers more than this
+  # fraction of the volume, or reaches this many of the 6 faces, or (CT) more than ct_bone_fraction
+  # of it is above ct_bone_hu. Brain-extracted BraTS scans: 10-20% of the volume, no face.
+  d.strict_brain_mask = False
+  d.raw_scan_coverage = 0.6
+  d.raw_scan_faces = 4
+  d.ct_bone_hu = 300.0
+  d.ct_bone_fraction = 0.03
   # CT only.
   d.ct_window = (0.0, 100.0)  # HU window clipped to, then scaled to [0, 1]
   d.ct_brain_extracted = True  # False: approximate HU-window brain mask (flagged in the log)

@@ -1,6 +1,7 @@
 """The prepare stage on phantoms: exact GT round trip, resume after SIGKILL, nothing partial
 read."""
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -109,3 +110,104 @@ def test_touched_or_copied_scans_are_not_prepared_again(tmp_path):
   assert sorted(prepare.run(cfg, wd)) == sorted(metas)
   assert {c: os.stat(os.path.join(wd, 'prepared', 'cases', c, 'meta.json')).st_mtime_ns
           for c in metas} == metas
+
+
+def _rewrite(path, fn):
+  """Rewrites a NIfTI file's voxels as fn(voxels), keeping its header and dtype."""
+  img = nib.load(path)
+  data = np.asarray(img.dataobj)
+  nib.save(nib.Nifti1Image(fn(data).astype(data.dtype), img.affine, img.header), path)
+
+
+def test_ct_outside_filled_with_0_hu_is_read_as_with_minus_1024(tmp_path):
+  """A CT brain-extraction tool that fills the outside with 0 HU (above the -500 HU background
+  threshold) gives the same brain mask and prepared image as the same scans filled with -1024, up
+  to the few brain voxels of exactly 0 HU that touch the fill."""
+  import cq500  # pylint: disable=g-import-not-at-top
+  cfg = cq500.get_config()
+  cfg.data.layout = 'phantoms'
+  cfg.data.phantoms.num_subjects = 2
+  cfg.data.phantoms.lesion_free = 0
+  cfg.data.target_spacing = (4.0, 4.0, 4.0)
+  cfg.data.num_workers = 1
+  air, zero = str(tmp_path / 'air'), str(tmp_path / 'zero')
+  cases = prepare.run(cfg, air)
+  shutil.copytree(os.path.join(air, 'phantoms'), os.path.join(zero, 'phantoms'))
+  for f in prepare.case_files(cfg, zero):
+    _rewrite(f.images['ct'], lambda v: np.where(v == -1024, 0, v))
+    assert np.asarray(nib.load(f.images['ct']).dataobj).max() > 0
+    old_rule = np.asarray(nib.load(f.images['ct']).dataobj) > cfg.data.ct_background_below
+    assert old_rule.all()  # the HU threshold alone takes the whole field of view
+  assert prepare.run(cfg, zero) == cases
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  for c in cases:
+    pa, pz = paths.prepared_store(cfg, air), paths.prepared_store(cfg, zero)
+    ba, bz = (np.asarray(s.read(c, 'brain')) > 0 for s in (pa, pz))
+    # brain voxels of exactly 0 HU touching the fill cannot be told from it: a handful at the edge
+    differ = ba != bz
+    assert differ.sum() <= 1e-4 * ba.size and not (bz & ~ba).any()
+    assert not (differ & ndimage.binary_erosion(ba)).any()  # only on the brain's edge
+    both = ba & bz
+    np.testing.assert_array_equal(np.asarray(pa.read(c, 'image'))[both],
+                                  np.asarray(pz.read(c, 'image'))[both])
+
+
+def test_a_raw_scan_is_named_in_a_warning_or_stopped_under_strict_brain_mask(tmp_path,
+                                                                              tiny_workdir):
+  """A skull shell and a noisy background around a phantom's brain: the brain mask covers the
+  field of view; verify and prepare warn naming the file, data.strict_brain_mask stops the case
+  (exit 2's StageError naming it) and prepares the others. Brain-extracted phantoms: no warning."""
+  from cgc_jax import errors  # pylint: disable=g-import-not-at-top
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  cfg = tiny_config()
+  wd = str(tmp_path / 'wd')
+  shutil.copytree(os.path.join(tiny_workdir, 'phantoms'), os.path.join(wd, 'phantoms'))
+  files = prepare.case_files(cfg, wd)
+  data_cfg = prepare.reader_config(cfg)
+  for f in files:
+    assert prepare.prepare_case(f, data_cfg, '', '', write=False)['warnings'] == []
+  raw = files[0]
+  rng = np.random.default_rng(0)
+
+  def add_head(v):
+    brain = v != 0
+    shell = ndimage.binary_dilation(brain, iterations=3) & ~ndimage.binary_dilation(brain)
+    noise = np.abs(rng.normal(0.0, 0.05 * float(v.max()), v.shape)) + 1e-3
+    return np.where(brain, v, np.where(shell, 1.5 * float(v.max()), noise))
+
+  for m in data_cfg.modalities:
+    _rewrite(raw.images[m], add_head)
+  warnings = prepare.prepare_case(raw, data_cfg, '', '', write=False)['warnings']
+  assert len(warnings) == 1 and warnings[0].startswith(raw.images[data_cfg.modalities[0]])
+  assert 'covers 100% of the volume' in warnings[0] and 'reaches 6 of its 6 faces' in warnings[0]
+  assert prepare.run(cfg, wd) == sorted(f.case_id for f in files)  # a warning only
+  meta = paths.prepared_store(cfg, wd).meta(raw.case_id)
+  assert any('not brain-extracted' in w for w in meta['warnings'])
+  strict = tiny_config(**{'data.strict_brain_mask': True})
+  wd2 = str(tmp_path / 'wd2')
+  shutil.copytree(os.path.join(wd, 'phantoms'), os.path.join(wd2, 'phantoms'))
+  with pytest.raises(errors.StageError, match='1 of 3 cases failed') as e:
+    prepare.run(strict, wd2)
+  assert raw.images[data_cfg.modalities[0]].replace(wd, wd2) in str(e.value)
+  assert 'strict_brain_mask' in str(e.value)
+  assert len(paths.prepared_store(strict, wd2).complete_cases()) == 2  # the others are kept
+
+
+def test_mri_outside_filled_with_another_constant_is_the_outside():
+  """A skull-stripped MRI whose outside is -1 (not 0): the -1 region touching the border is the
+  outside; -1 and 0 voxels inside the brain stay brain. Outside 0: nonzero in every channel."""
+  cfg = tiny_config()
+  v = np.full((12, 12, 12), -1.0, np.float32)
+  v[3:9, 3:9, 3:9] = 5.0
+  v[5, 5, 5], v[6, 6, 6] = -1.0, 0.0  # inside the brain, not connected to the border
+  brain, approximate = geometry.brain_mask([v, v], cfg.data)
+  want = np.zeros(v.shape, bool)
+  want[3:9, 3:9, 3:9] = True
+  np.testing.assert_array_equal(brain, want)
+  assert not approximate
+  zero = np.where(v == -1.0, 0.0, v)
+  want_zero = want.copy()
+  want_zero[5, 5, 5] = want_zero[6, 6, 6] = False
+  np.testing.assert_array_equal(geometry.brain_mask([zero, zero], cfg.data)[0], want_zero)
+  assert geometry.raw_scan_problem(want, [v], cfg.data) is None
+  assert 'covers 100%' in geometry.raw_scan_problem(np.ones_like(want), [v], cfg.data)

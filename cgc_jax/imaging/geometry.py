@@ -168,23 +168,57 @@ def prob_to_original_mask(prob: np.ndarray, geom: Geometry, threshold: float = 0
   return to_original((prob > threshold).astype(np.uint8), geom, order=0)
 
 
+def border_fill(channel: np.ndarray, min_fraction: float = 0.5):
+  """The value that fills at least `min_fraction` of the voxels on the volume's six faces (the
+  constant a brain extraction writes outside the head: 0, -1024, the scan's minimum), or None."""
+  faces = np.concatenate([channel[0].ravel(), channel[-1].ravel(), channel[:, 0].ravel(),
+                          channel[:, -1].ravel(), channel[:, :, 0].ravel(),
+                          channel[:, :, -1].ravel()])
+  values, counts = np.unique(faces, return_counts=True)
+  i = int(np.argmax(counts))
+  return values[i] if counts[i] >= min_fraction * faces.size else None
+
+
+def outside_fill(channel: np.ndarray, fill) -> np.ndarray:
+  """bool[X, Y, Z]: the voxels equal to `fill` that connect (6-neighbours) to the volume's border:
+  the outside of a brain-extracted scan (equal voxels inside the brain, not connected to the
+  border, stay in)."""
+  lab, n = ndimage.label(channel == fill)  # int32 labels
+  if n == 0:
+    return np.zeros(channel.shape, bool)
+  edge = np.unique(np.concatenate([lab[0].ravel(), lab[-1].ravel(), lab[:, 0].ravel(),
+                                   lab[:, -1].ravel(), lab[:, :, 0].ravel(),
+                                   lab[:, :, -1].ravel()]))
+  return np.isin(lab, edge[edge > 0])
+
+
 def brain_mask(images, data_cfg) -> tuple:
   """Brain mask of `images: f32[X, Y, Z, C]` (or a list of C [X, Y, Z] channels), any orientation
   -> (bool[X, Y, Z], approximate: bool).
 
-  MRI: nonzero in every channel (skull-stripped input). CT: above the background HU when
-  brain-extracted; otherwise an approximate HU-window mask (largest component, holes filled).
+  MRI: nonzero in every channel (skull-stripped input); a channel whose outside is filled with
+  another constant (border_fill: -1, its minimum) loses that outside instead. CT: above the
+  background HU when brain-extracted, less an outside filled with a constant above it (0 HU, a
+  common convention of CT brain-extraction tools) that reaches the border; otherwise an approximate
+  HU-window mask (largest component, holes filled).
   """
   channels = [images[..., c] for c in range(images.shape[-1])] if isinstance(images, np.ndarray) \
       else list(images)
   if data_cfg.kind == 'mri':
-    m = channels[0] != 0
-    for ch in channels[1:]:
-      m &= ch != 0
+    m = np.ones(channels[0].shape, bool)
+    for ch in channels:
+      fill = border_fill(ch)
+      outside = None if fill is None or fill == 0 else outside_fill(ch, fill)
+      # a constant filling the whole volume is no outside
+      m &= (ch != 0) if outside is None or outside.all() else ~outside
     return m, False
   ct = channels[0]
   if data_cfg.ct_brain_extracted:
-    return ct > data_cfg.ct_background_below, False
+    m = ct > data_cfg.ct_background_below
+    fill = border_fill(ct)
+    if fill is not None and fill > data_cfg.ct_background_below:
+      m &= ~outside_fill(ct, fill)
+    return m, False
   lo, hi = data_cfg.ct_approx_brain_window
   m = ndimage.binary_opening((ct >= lo) & (ct <= hi), iterations=2)
   lab, n = ndimage.label(m)
@@ -193,6 +227,34 @@ def brain_mask(images, data_cfg) -> tuple:
   sizes = ndimage.sum_labels(m, lab, index=np.arange(1, n + 1))
   m = lab == (1 + int(np.argmax(sizes)))
   return ndimage.binary_fill_holes(m), True
+
+
+def raw_scan_problem(brain: np.ndarray, channels, data_cfg):
+  """Why `brain` (bool[X, Y, Z], from brain_mask) looks like the field of view rather than a brain,
+  or None: it covers more than data.raw_scan_coverage of the volume, or reaches data.raw_scan_faces
+  or more of the six faces (a quarter of a face's voxels or more), or (CT) more than
+  data.ct_bone_fraction of it is above data.ct_bone_hu (skull). The signs of a scan that was not
+  brain-extracted, or whose outside is noise rather than a constant."""
+  coverage = float(brain.mean())
+  faces = [brain[0], brain[-1], brain[:, 0], brain[:, -1], brain[:, :, 0], brain[:, :, -1]]
+  touched = sum(float(f.mean()) >= 0.25 for f in faces)
+  signs = []
+  if coverage > data_cfg.raw_scan_coverage:
+    signs.append(f'covers {coverage:.0%} of the volume')
+  if touched >= data_cfg.raw_scan_faces:
+    signs.append(f'reaches {touched} of its 6 faces')
+  if data_cfg.kind == 'ct' and brain.any():
+    bone = float((np.asarray(channels[0])[brain] > data_cfg.ct_bone_hu).mean())
+    if bone > data_cfg.ct_bone_fraction:
+      signs.append(f'is {bone:.0%} bone-range HU (> {data_cfg.ct_bone_hu:g})')
+  if not signs:
+    return None
+  fix = ('brain-extract the scans first (e.g. SynthStrip or HD-BET), with a constant outside the '
+         'brain')
+  if data_cfg.kind == 'ct':
+    fix += ', or set data.ct_brain_extracted=False for the approximate HU-window mask'
+  return (f'the brain mask {" and ".join(signs)}: this looks like a scan that was not '
+          f'brain-extracted (skull, scalp or a noisy background kept); {fix}')
 
 
 def normalise(images: np.ndarray, brain: np.ndarray, data_cfg) -> np.ndarray:

@@ -52,20 +52,27 @@ def reader_config(config):
   return config.data
 
 
-def preprocess(channels: list, affine: np.ndarray, data_cfg, label=None):
+def checked_brain(channels: list, data_cfg) -> tuple:
+  """geometry.brain_mask, or DataError when it is empty."""
+  brain, approximate = geometry.brain_mask(channels, data_cfg)
+  if not brain.any():
+    raise readers.DataError('empty brain mask (no voxel inside the brain in every channel): '
+                            'failed brain extraction?')
+  return brain, approximate
+
+
+def preprocess(channels: list, affine: np.ndarray, data_cfg, label=None, brain=None):
   """One case's arrays on its original grid -> (arrays on the prepared grid, Geometry, approximate).
 
   channels: C arrays f32[X, Y, Z] in data_cfg.modalities order, any orientation; affine: f64[4, 4];
   label: u8[X, Y, Z] or None. Returned arrays: image f[X', Y', Z', C] (data_cfg.store_dtype), brain
   u8, and with a label: label u8 (prepared grid) and label_native u8 (cropped canonical grid).
-  `geometry.to_original(..., geom)` maps any prepared-grid array back. Raises DataError on an empty
-  brain mask.
+  `geometry.to_original(..., geom)` maps any prepared-grid array back. brain: (bool[X, Y, Z],
+  approximate) from checked_brain, or None to compute it here. Raises DataError on an empty brain
+  mask.
   """
   shape = channels[0].shape
-  brain, approximate = geometry.brain_mask(channels, data_cfg)  # on the original grid
-  if not brain.any():
-    raise readers.DataError('empty brain mask (no voxel inside the brain in every channel): '
-                            'failed brain extraction?')
+  brain, approximate = brain or checked_brain(channels, data_cfg)  # on the original grid
   brain_c, canon_affine, ornt = geometry.to_canonical(brain.view(np.uint8), affine)
   geom = geometry.plan(brain_c > 0, affine, shape, ornt, canon_affine,
                        data_cfg.crop_margin_mm, tuple(data_cfg.target_spacing))
@@ -87,15 +94,21 @@ def prepare_case(files: readers.CaseFiles, data_cfg, store_root: str, fingerprin
                  write: bool = True) -> dict:
   """Loads, verifies and preprocesses one case; writes its shard unless write=False."""
   lc = readers.load_case(files, data_cfg)
+  first = files.images[data_cfg.modalities[0]]
+  warnings = [str(w) for w in lc.warnings]
   try:
-    if not write:  # verify: the brain mask check only
-      if not geometry.brain_mask(lc.channels, data_cfg)[0].any():
-        raise readers.DataError('empty brain mask (no voxel inside the brain in every channel): '
-                                'failed brain extraction?')
-      return {'warnings': [str(w) for w in lc.warnings]}
-    arrays, geom, approximate = preprocess(lc.channels, lc.affine, data_cfg, lc.label)
+    brain, approximate = checked_brain(lc.channels, data_cfg)
+    problem = None if approximate else geometry.raw_scan_problem(brain, lc.channels, data_cfg)
+    if problem and data_cfg.get('strict_brain_mask', False):
+      raise readers.DataError(problem + ' (data.strict_brain_mask=True stops here)')
+    if problem:
+      warnings.append(f'{first}: {problem}')
+    if not write:  # verify: the brain mask checks only
+      return {'warnings': warnings}
+    arrays, geom, approximate = preprocess(lc.channels, lc.affine, data_cfg, lc.label,
+                                           (brain, approximate))
   except readers.DataError as e:
-    raise readers.DataError(f'{files.images[data_cfg.modalities[0]]}: {e}') from e
+    raise readers.DataError(f'{first}: {e}') from e
   if lc.label is not None:
     outside = int(lc.label.sum()) - int(arrays['label_native'].sum())
     if outside:
@@ -106,7 +119,7 @@ def prepare_case(files: readers.CaseFiles, data_cfg, store_root: str, fingerprin
           'input_digests': {p: store_lib.content_digest(p) for p in inputs},
           'files': {'images': files.images, 'label': files.label},
           'approximate_brain': approximate, 'has_label': lc.label is not None,
-          'warnings': [str(w) for w in lc.warnings],
+          'warnings': warnings,
           'header': {'qform_code': int(lc.header['qform_code']),
                      'sform_code': int(lc.header['sform_code'])}}
   store_lib.Store(store_root, fingerprint).write(files.case_id, arrays, meta)
