@@ -3,10 +3,13 @@ or after `pip install .` the `cgc-jax` command, where `--config=demo` names a co
 package (a path works everywhere).
 
 Modes: all (default: every stage whose output is missing or stale), verify, prepare, pseudo_labels,
-train, evaluate, predict. Any config field can be overridden: `--config.train.steps=200`.
+train, evaluate, predict, export. Any config field can be overridden: `--config.train.steps=200`.
 
-Predict needs only a trained workdir (its config.json is restored when --config is not given):
+Predict needs only a trained workdir (its config.json is restored when --config is not given), or a
+model package made by export:
     cgc-jax --mode=predict --workdir=W --input=scan_dir_or_file --output=masks/ [--probabilities]
+    cgc-jax --mode=export --workdir=W --output=model.zip
+    cgc-jax --mode=predict --model=model.zip --workdir=scratch --input=... --output=masks/
 """
 
 import sys
@@ -26,7 +29,10 @@ flags.DEFINE_bool('verbose', False,
 flags.DEFINE_string(
     'input', None, 'Predict: new scans (a NIfTI file, a case folder, a folder of cases '
     'or an nnU-Net imagesTs folder); sets eval.input_root.')
-flags.DEFINE_string('output', None, 'Predict: folder for the masks; sets eval.output_dir.')
+flags.DEFINE_string('output', None, 'Predict: folder for the masks; sets eval.output_dir. '
+                    'Export: the model package file (.zip).')
+flags.DEFINE_string('model', None, 'Predict: a model package (.zip, from --mode=export) to '
+                    'predict with instead of the workdir\'s checkpoints; its config is used.')
 flags.DEFINE_bool('probabilities', False, 'Predict: also write <case>_prob.nii.gz (lesion '
                   'probability); sets eval.save_probabilities.')
 flags.mark_flags_as_required(['workdir'])
@@ -35,11 +41,19 @@ flags.mark_flags_as_required(['workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if FLAGS.config is None and FLAGS.mode != 'predict':
-    raise app.UsageError('--config is required (only --mode=predict restores it from the workdir)')
+  if FLAGS.config is None and FLAGS.mode not in ('predict', 'export'):
+    raise app.UsageError('--config is required (only --mode=predict and --mode=export restore it '
+                         'from the workdir)')
+  if FLAGS.model and FLAGS.mode != 'predict':
+    raise app.UsageError('--model is for --mode=predict')
 
   def job():
-    config = FLAGS.config or pipeline.workdir_config(FLAGS.workdir)
+    if FLAGS.model:
+      config = pipeline.package_config(FLAGS.model)
+    else:
+      config = FLAGS.config or pipeline.workdir_config(FLAGS.workdir)
+    if FLAGS.mode == 'export':
+      return pipeline.export_model(config, FLAGS.workdir, FLAGS.output)
     if FLAGS.input or FLAGS.output or FLAGS.probabilities:
       config = pipeline.with_predict_paths(config, FLAGS.input, FLAGS.output, FLAGS.probabilities)
     return pipeline.run(config, FLAGS.workdir, FLAGS.mode)

@@ -21,7 +21,7 @@ from cgc_jax.imaging import readers
 from cgc_jax.runtime import workers
 from cgc_jax.stages import prepare
 
-MODES = ('all', 'verify', 'prepare', 'pseudo_labels', 'train', 'evaluate', 'predict')
+MODES = ('all', 'verify', 'prepare', 'pseudo_labels', 'train', 'evaluate', 'predict', 'export')
 
 
 WorkdirError = errors.WorkdirError  # defined in errors.py (every user-facing error in one place)
@@ -83,6 +83,25 @@ def workdir_config(workdir: str):
   import ml_collections  # pylint: disable=g-import-not-at-top
   with open(path) as f:
     return ml_collections.ConfigDict(json.load(f))
+
+
+def export_model(config, workdir: str, output: str) -> dict:
+  """--mode=export: the workdir's networks (as evaluate restores them) and config in one model
+  package (inference.package) at `output`. Reads the workdir, writes nothing in it."""
+  from cgc_jax.inference import package  # pylint: disable=g-import-not-at-top
+  from cgc_jax.runtime import distributed  # pylint: disable=g-import-not-at-top
+  config_rules.check(config)
+  distributed.initialize(config.dist)
+  return package.export(config, workdir, output, distributed.mesh())
+
+
+def package_config(path: str):
+  """The config inside a model package, set to predict with that package's networks
+  (eval.package)."""
+  from cgc_jax.inference import package  # pylint: disable=g-import-not-at-top
+  config = package.read(path)[0]
+  config.eval.package = os.path.abspath(path)
+  return config
 
 
 def with_predict_paths(config, input_path=None, output_dir=None, probabilities=False):

@@ -2,6 +2,7 @@
 
     from cgc_jax.segmenter import Segmenter
     seg = Segmenter.from_workdir('runs/demo')        # config and checkpoint from the workdir
+    seg = Segmenter.from_package('model.zip')        # or a model package (--mode=export)
     mask = seg({'flair': flair, 't1': t1, 't1ce': t1ce, 't2': t2}, affine)
 
 Volumes are the scan's own arrays (any orientation, as nibabel loads them), one per modality the
@@ -53,6 +54,15 @@ class Segmenter:
     nets, s = restore.restore_networks(config, workdir, distributed.mesh(),
                                        len(config.data.modalities))
     return cls(config, [p for p, _ in nets] if len(nets) > 1 else nets[0][0], s)
+
+  @classmethod
+  def from_package(cls, path: str):
+    """A model package (--mode=export): its config and networks; no workdir needed."""
+    from cgc_jax.inference import package  # pylint: disable=g-import-not-at-top
+    config, params, manifest = package.read(path)
+    distributed.initialize(config.dist)
+    nets = package.placed(config, params, distributed.mesh(), path)
+    return cls(config, nets if len(nets) > 1 else nets[0], manifest['steps'])
 
   def _prepare(self, volumes: dict, affine):
     missing = [m for m in self.modalities if m not in volumes]

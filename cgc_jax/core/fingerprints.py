@@ -20,6 +20,7 @@ _IGNORED = {'num_workers', 'verify_checksums', 'log_every', 'prefetch', 'export_
             'every_steps', 'confident', 'input_root', 'pictures', 'output_dir',
             'save_probabilities', 'progress_every_s', 'restart_when_stale',
             'conv_impl',  # same arithmetic, only speed differs
+            'package',  # a path: predict reads the networks from it
             # checks that warn or stop, never change an output
             'strict_brain_mask', 'raw_scan_coverage', 'raw_scan_faces', 'ct_bone_hu',
             'ct_bone_fraction'}

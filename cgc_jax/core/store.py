@@ -56,6 +56,20 @@ def atomic_write_text(path: str, text: str):
   os.replace(tmp, path)
 
 
+def atomic_write_bytes(path: str, data: bytes):
+  """Writes `data` to `path` through a temporary file beside it and a rename."""
+  tmp = f'{path}.tmp-{os.getpid()}'
+  try:
+    with open(tmp, 'wb') as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
 def atomic_write_json(path: str, obj):
   atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True))
 

@@ -1,5 +1,6 @@
 """The predict stage: masks for new scans (prepared by the pipeline from eval.input_root) from a
-trained workdir's networks, on each scan's own grid, with optional probability maps and pictures.
+trained workdir's networks (or a model package's, eval.package), on each scan's own grid, with
+optional probability maps and pictures.
 
 Outputs: WORKDIR/predict/masks/<case>.nii.gz, or the folder given by --output.
 """
@@ -22,7 +23,13 @@ def predict(config, workdir: str, store: store_lib.Store, cases: list) -> str:
   out_dir = paths.predict_output(config, workdir)
   if cases:
     nch = store.meta(cases[0])['arrays']['image']['shape'][-1]
-    nets, step = restore.restore_networks(config, workdir, mesh, nch)
+    if config.eval.get('package', ''):
+      from cgc_jax.inference import package  # pylint: disable=g-import-not-at-top
+      _, params, manifest = package.read(config.eval.package)
+      nets = [(p, frozenset()) for p in package.placed(config, params, mesh, config.eval.package)]
+      step = manifest['steps']
+    else:
+      nets, step = restore.restore_networks(config, workdir, mesh, nch)
     predictor = sliding_window.Predictor(config, mesh)
     preds = masks.predict_cases(config, store, cases, nets, predictor, out_dir)
     if distributed.is_main() and config.eval.pictures:
