@@ -23,6 +23,17 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position,unused-i
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
+def pytest_sessionstart(session):
+  """CGC_JAX_REQUIRE_ONEDNN=1 (.ci/run on Linux x86-64): oneDNN's convolutions must build and pass
+  their self-test here; otherwise the session stops at once rather than skipping their tests."""
+  del session
+  if os.environ.get('CGC_JAX_REQUIRE_ONEDNN') == '1':
+    from cgc_jax.model import onednn  # pylint: disable=g-import-not-at-top
+    if not onednn.available():
+      pytest.exit(f'CGC_JAX_REQUIRE_ONEDNN=1 but oneDNN convolutions are unavailable: '
+                  f'{onednn.reason()}', returncode=1)
+
+
 def tiny_config(**overrides):
   """tests/tiny.py's config (the demo shrunk for tests) with `section.field` overrides."""
   import tiny  # pylint: disable=g-import-not-at-top

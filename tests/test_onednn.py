@@ -107,5 +107,36 @@ def test_conv3d_under_vmap_and_other_dtypes_through_unet():
 @needs_onednn
 def test_a_bad_call_is_an_error_not_a_crash():
   x, k = jnp.ones((1, 4, 4, 4, 3)), jnp.ones((2, 3, 3, 3, 5))  # even kernel
-  with pytest.raises(Exception, match='cgc_onednn_conv_fwd: x .* and an odd kernel'):
+  with pytest.raises(Exception, match='cgc_onednn_conv_fwd: x .*, an odd kernel'):
     jax.block_until_ready(onednn._call('fwd', (1, 4, 4, 4, 5), x, k))
+  # the backward handlers check their buffers too: a gradient of the wrong extent or channels
+  x, k = jnp.ones((1, 4, 4, 4, 3)), jnp.ones((3, 3, 3, 3, 5))
+  with pytest.raises(Exception, match='cgc_onednn_conv_bwd_data: dy .* expected'):
+    jax.block_until_ready(onednn._call('bwd_data', (1, 4, 4, 4, 3), jnp.ones((1, 4, 4, 4, 2)), k))
+  with pytest.raises(Exception, match='cgc_onednn_conv_bwd_data: dy .* expected'):
+    jax.block_until_ready(onednn._call('bwd_data', (1, 4, 4, 5, 3), jnp.ones((1, 4, 4, 4, 5)), k))
+  with pytest.raises(Exception, match='cgc_onednn_conv_bwd_weights: x .* expected'):
+    jax.block_until_ready(onednn._call('bwd_weights', k.shape, x, jnp.ones((1, 4, 4, 3, 5))))
+  with pytest.raises(Exception, match='cgc_onednn_conv_bwd_weights: x .* expected'):
+    jax.block_until_ready(onednn._call('bwd_weights', (3, 3, 3, 3, 4), x,
+                                       jnp.ones((1, 4, 4, 4, 5))))
+
+
+@needs_onednn
+def test_the_self_test_refuses_a_library_that_computes_wrong(monkeypatch):
+  onednn.self_test()  # the real one passes
+  real = onednn._call
+  monkeypatch.setattr(onednn, '_call', lambda t, shape, *a: real(t, shape, *a) * (
+      1.001 if t == 'bwd_weights' else 1.0))
+  with pytest.raises(RuntimeError, match='self-test: the kernel gradient differs'):
+    onednn.self_test()
+
+
+def test_the_build_is_keyed_by_the_onednn_library(tmp_path):
+  lib = tmp_path / 'lib'
+  lib.mkdir()
+  (lib / 'libdnnl.so.3').write_bytes(b'x' * 10)
+  before = onednn.library_identity(str(tmp_path))
+  assert str(lib / 'libdnnl.so.3') in before
+  (lib / 'libdnnl.so.3').write_bytes(b'y' * 11)  # upgraded in place
+  assert onednn.library_identity(str(tmp_path)) != before

@@ -256,10 +256,21 @@ def test_exact_resume_sigterm_finished_and_incompatible(tiny_workdir, tmp_path):
     assert len(f.readlines()) == 6  # the new run from step 1
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(new)))
   rec = checkpoint.Checkpointer(os.path.join(wd, 'checkpoints'), 3).record(6)
+  assert rec['convolution'] == train.convolution(other)  # the convolution that ran is recorded
   assert train.stale_reasons(rec, other, rec['inputs']) == []
   changed = dict(rec['inputs'], **{sorted(rec['inputs'])[0]: 'another digest'})
   assert train.stale_reasons(rec, other, changed) == [
       f'pseudo-labels of 1 case(s) changed since: {sorted(rec["inputs"])[0]}']
+
+
+def test_a_resume_with_other_convolutions_says_so():
+  cfg = tiny_config(**{'model.conv_impl': 'sum2d'})
+  now = train.convolution(cfg)
+  assert now == f'sum2d on cpu x {jax.device_count()}'
+  assert train.convolution_change({'convolution': now}, cfg) is None
+  assert train.convolution_change({}, cfg) is None  # a checkpoint from before the record
+  msg = train.convolution_change({'convolution': 'onednn on cpu x 1'}, cfg)
+  assert "'onednn on cpu x 1'" in msg and repr(now) in msg and 'bit for bit' in msg
 
 
 @pytest.mark.slow

@@ -10,12 +10,16 @@ backward handlers.
 What it needs, all found at first use: Linux on x86-64; oneDNN's library and headers (the pip
 packages onednn-cpu-gomp and onednn-devel-cpu-gomp, in requirements.txt, or $CGC_JAX_ONEDNN_ROOT
 holding lib/ and include/); a C++17 compiler ($CXX, else c++ or g++). The library is built into
-$CGC_JAX_CACHE (default ~/.cache/cgc_jax), under a name keyed by the source, jaxlib's version and
-oneDNN's location, so a machine builds it once (a few seconds) and processes share it; the build
-goes to a temporary name first and is renamed into place, so concurrent processes never load a
-half-written file. When anything is missing or fails, `available()` is False, the reason is
-logged once, and `unet.resolve_conv_impl('auto')` keeps XLA's own `sum2d`. CGC_JAX_ONEDNN=0 turns
-it off.
+$CGC_JAX_CACHE (default ~/.cache/cgc_jax), under a name keyed by the source, jaxlib's version,
+oneDNN's library (its path, size and modification time), the compiler and the compile command, so
+a machine builds it once (a few seconds) and processes share it, and an upgraded oneDNN or compiler
+builds anew; the build goes to a temporary name first and is renamed into place, so concurrent
+processes never load a half-written file. Once loaded, a self-test runs the three handlers on a
+small case against lax.conv_general_dilated and its VJP: a library that loads but computes wrong
+(or fails) is refused at load time, never mid-run. When anything is missing or fails,
+`available()` is False, the reason is logged once, and `unet.resolve_conv_impl('auto')` keeps
+XLA's own `sum2d`. CGC_JAX_ONEDNN=0 turns it off. The handlers check every buffer's shape and
+return an error (not a crash) on a mismatch.
 """
 import ctypes
 import glob
@@ -75,6 +79,37 @@ def _cache_dir():
                                                          'cgc_jax')
 
 
+def library_identity(root: str) -> str:
+  """oneDNN's shared libraries under `root`: real path, size and mtime of each (a reinstalled or
+  upgraded oneDNN gives another identity, and with it another build)."""
+  parts = []
+  for lib in sorted(glob.glob(os.path.join(root, 'lib', 'libdnnl.so*'))):
+    st = os.stat(lib)
+    parts.append(f'{os.path.realpath(lib)}:{st.st_size}:{st.st_mtime_ns}')
+  return ';'.join(parts)
+
+
+def self_test():
+  """Runs the three handlers on a small case (batch 2, 5x4x3, 3 -> 2 channels, 3x3x3 kernel) and
+  compares them with lax.conv_general_dilated and its VJP; raises RuntimeError on a mismatch."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 4, 3, 3), jnp.float32)
+  k = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 3, 3, 2), jnp.float32)
+  dy = jax.random.normal(jax.random.PRNGKey(2), (2, 5, 4, 3, 2), jnp.float32)
+
+  def ref(x, k):
+    return jax.lax.conv_general_dilated(x, k, (1, 1, 1), 'SAME',
+                                        dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'),
+                                        precision=jax.lax.Precision.HIGHEST)
+
+  got_y, got_vjp = jax.vjp(conv3d, x, k)
+  want_y, want_vjp = jax.vjp(ref, x, k)
+  for name, a, b in zip(('forward', 'input gradient', 'kernel gradient'),
+                        (got_y,) + got_vjp(dy), (want_y,) + want_vjp(dy)):
+    err = float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-12))
+    if not err < 1e-4:
+      raise RuntimeError(f'self-test: the {name} differs from XLA\'s by {err:.2e} (relative)')
+
+
 def build() -> str:
   """Compiles the FFI library if this machine has not yet -> its path. Raises RuntimeError naming
   what is missing (platform, oneDNN, compiler) or the compiler's own message."""
@@ -90,18 +125,19 @@ def build() -> str:
     raise RuntimeError('no C++ compiler found (set CXX, or install g++)')
   with open(SOURCE, 'rb') as f:
     src = f.read()
-  key = hashlib.sha256(src + jaxlib.__version__.encode() + os.path.realpath(root).encode() +
-                       cxx.encode()).hexdigest()[:16]
   out_dir = _cache_dir()
+  cmd = [cxx, '-O2', '-std=c++17', '-shared', '-fPIC', '-w', f'-I{jax.ffi.include_dir()}',
+         f'-I{os.path.join(root, "include")}', SOURCE, f'-L{os.path.join(root, "lib")}', '-ldnnl',
+         f'-Wl,-rpath,{os.path.join(root, "lib")}', '-o']
+  key = hashlib.sha256(src + jaxlib.__version__.encode() + library_identity(root).encode() +
+                       ' '.join(cmd).encode()).hexdigest()[:16]
   path = os.path.join(out_dir, f'libcgc_onednn_{key}.so')
   if os.path.exists(path):
     return path
   os.makedirs(out_dir, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix='.libcgc_onednn_', suffix='.so', dir=out_dir)
   os.close(fd)
-  cmd = [cxx, '-O2', '-std=c++17', '-shared', '-fPIC', '-w', f'-I{jax.ffi.include_dir()}',
-         f'-I{os.path.join(root, "include")}', SOURCE, f'-L{os.path.join(root, "lib")}', '-ldnnl',
-         f'-Wl,-rpath,{os.path.join(root, "lib")}', '-o', tmp]
+  cmd = cmd + [tmp]
   try:
     r = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if r.returncode != 0:
@@ -128,9 +164,10 @@ def available() -> bool:
         jax.ffi.register_ffi_target(f'cgc_onednn_conv_{t}',
                                     jax.ffi.pycapsule(getattr(lib, f'cgc_onednn_conv_{t}')),
                                     platform='cpu')
+      self_test()
       _state.update(ok=True, path=path, reason='')
-      logging.info('oneDNN convolutions loaded from %s', path)
-    except (RuntimeError, OSError, AttributeError) as e:
+      logging.info('oneDNN convolutions loaded from %s (self-test passed)', path)
+    except (RuntimeError, OSError, AttributeError, jax.errors.JaxRuntimeError) as e:
       _state.update(ok=False, reason=str(e))
       logging.info('oneDNN convolutions unavailable, XLA\'s own are used: %s', e)
     return _state['ok']

@@ -18,6 +18,7 @@ from cgc_jax.core import folds as folds_lib
 from cgc_jax.core import paths
 from cgc_jax.model import checkpoint
 from cgc_jax.model import train_state
+from cgc_jax.model import unet
 from cgc_jax.runtime import distributed
 from cgc_jax.training import input_pipeline
 from cgc_jax.training import run_log
@@ -33,7 +34,26 @@ NonFiniteError = errors.NonFiniteError  # defined in errors.py, with every user-
 def _record(config, step, sampler, inputs):
   return {'fields': fingerprints.fields(config, 'train'), 'data_step': int(step),
           'cases': sampler.case_ids, 'inputs': inputs,
-          'config': json.loads(config.to_json_best_effort())}
+          'config': json.loads(config.to_json_best_effort()), 'convolution': convolution(config)}
+
+
+def convolution(config) -> str:
+  """The convolution this run's steps use, as recorded with each checkpoint: 'onednn on cpu x 1'
+  (model.conv_impl resolved for this backend and device count)."""
+  return (f'{unet.resolve_conv_impl(config.model.conv_impl)} on {jax.default_backend()} x '
+          f'{jax.device_count()}')
+
+
+def convolution_change(record: dict, config) -> Optional[str]:
+  """A warning when a checkpoint was trained with other convolutions than this run's (same maths,
+  other rounding: the resumed run is not bit for bit the uninterrupted one), else None. Checkpoints
+  from before the record held it: None."""
+  before, now = record.get('convolution'), convolution(config)
+  if before is None or before == now:
+    return None
+  return (f'train: resuming with convolutions {now!r}; the checkpoint was trained with {before!r}:'
+          ' the same maths with other rounding, so the resumed run will not match an '
+          'uninterrupted one bit for bit')
 
 
 def accept_legacy(recorded: Optional[dict], inputs: dict, labels) -> dict:
@@ -150,6 +170,9 @@ def _train_network(config, run_dir, cases, prep, labels, periodic_eval):
     state, record, start = ckpt.restore(train_state.abstract_state(config, mesh, num_channels, tx))
     checkpoint.check_compatible(record, config, ckpt.directory)
     logging.info('train: resumed from step %d', start)
+    change = convolution_change(record, config)
+    if change:
+      logging.warning('%s', change)
   else:
     state = train_state.create_state(config, mesh, num_channels, tx)
   if start >= tcfg.steps:

@@ -121,12 +121,29 @@ Shape ShapeOf(const B& act, int64_t ci, int64_t co, const ffi::Span<const int64_
   return Shape{d[0], d[1], d[2], d[3], ci, co, kd[0], kd[1], kd[2]};
 }
 
+// Whether `act` [N, X, Y, Z, C] and the kernel dims `wd` [KX, KY, KZ, Ci, Co] (odd sizes) fit, with
+// C the kernel's Ci (`channel` 3: an input or its gradient) or Co (4: an output's gradient), and
+// `other` [N, X, Y, Z, C'] (when given) the same N, X, Y, Z with C' the kernel's other channel count.
+template <typename B, typename D>
+bool Fits(const B& act, const D& wd, int channel, const ffi::Span<const int64_t>* other) {
+  auto d = act.dimensions();
+  if (d.size() != 5 || wd.size() != 5 || wd[0] % 2 == 0 || wd[1] % 2 == 0 || wd[2] % 2 == 0 ||
+      d[4] != wd[channel])
+    return false;
+  if (other == nullptr) return true;
+  if (other->size() != 5 || (*other)[4] != wd[channel == 3 ? 4 : 3]) return false;
+  for (int i = 0; i < 4; ++i)
+    if ((*other)[i] != d[i]) return false;
+  return true;
+}
+
 ffi::Error Fwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
   auto wd = w.dimensions();
-  if (x.dimensions().size() != 5 || wd.size() != 5 || x.dimensions()[4] != wd[3] ||
-      wd[0] % 2 == 0 || wd[1] % 2 == 0 || wd[2] % 2 == 0)
+  auto yd = y->dimensions();
+  if (!Fits(x, wd, 3, &yd))
     return ffi::Error::InvalidArgument(
-        "cgc_onednn_conv_fwd: x [N, X, Y, Z, Ci] and an odd kernel [KX, KY, KZ, Ci, Co] expected");
+        "cgc_onednn_conv_fwd: x [N, X, Y, Z, Ci], an odd kernel [KX, KY, KZ, Ci, Co] and y "
+        "[N, X, Y, Z, Co] expected");
   Shape s = ShapeOf(x, wd[3], wd[4], wd);
   auto p = Get(s);
   dnnl::stream st(Engine());
@@ -140,6 +157,11 @@ ffi::Error Fwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuff
 ffi::Error BwdData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
                    ffi::ResultBuffer<ffi::F32> dx) {
   auto wd = w.dimensions();
+  auto dxd = dx->dimensions();
+  if (!Fits(dy, wd, 4, &dxd))
+    return ffi::Error::InvalidArgument(
+        "cgc_onednn_conv_bwd_data: dy [N, X, Y, Z, Co], an odd kernel [KX, KY, KZ, Ci, Co] and dx "
+        "[N, X, Y, Z, Ci] expected");
   Shape s = ShapeOf(dy, wd[3], wd[4], wd);
   auto p = Get(s);
   dnnl::stream st(Engine());
@@ -154,6 +176,11 @@ ffi::Error BwdData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
 ffi::Error BwdWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                       ffi::ResultBuffer<ffi::F32> dw) {
   auto wd = dw->dimensions();
+  auto dyd = dy.dimensions();
+  if (!Fits(x, wd, 3, &dyd))
+    return ffi::Error::InvalidArgument(
+        "cgc_onednn_conv_bwd_weights: x [N, X, Y, Z, Ci], dy [N, X, Y, Z, Co] and an odd kernel "
+        "gradient [KX, KY, KZ, Ci, Co] expected");
   Shape s = ShapeOf(x, wd[3], wd[4], wd);
   auto p = Get(s);
   dnnl::stream st(Engine());
