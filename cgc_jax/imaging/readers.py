@@ -18,6 +18,7 @@ import nibabel as nib
 import numpy as np
 
 from cgc_jax import errors
+from cgc_jax.imaging import dicom
 from cgc_jax.imaging import nifti
 
 
@@ -98,6 +99,8 @@ def _case_files(data_cfg, d: str) -> CaseFiles:
     if m not in data_cfg.filenames:
       raise DataError(f'config.data.filenames has no entry for modality {m!r}')
     path = os.path.join(d, data_cfg.filenames[m].format(case=case_id))
+    if not os.path.exists(path) and dicom.is_series_folder(os.path.join(d, m)):
+      path = os.path.join(d, m)  # a DICOM series in a folder named for the modality
     images[m] = path
     if not os.path.exists(path):
       missing.append(path)
@@ -113,7 +116,8 @@ def _is_case_folder(data_cfg, d: str) -> bool:
   """`d` itself holds a case (its first modality's file), rather than case folders."""
   first = data_cfg.modalities[0]
   return (first in data_cfg.filenames and os.path.exists(os.path.join(
-      d, data_cfg.filenames[first].format(case=os.path.basename(d.rstrip('/'))))))
+      d, data_cfg.filenames[first].format(case=os.path.basename(d.rstrip('/')))))) or \
+      dicom.is_series_folder(os.path.join(d, first))
 
 
 def discover(data_cfg, root: Optional[str] = None) -> list:
@@ -232,7 +236,8 @@ def load_case(files: CaseFiles, data_cfg) -> LoadedCase:
   for m, path in files.images.items():
     if path in files.missing:
       continue
-    v = nifti.load_volume(path, problems)
+    v = dicom.load_series(path, problems) if os.path.isdir(path) else \
+        nifti.load_volume(path, problems)
     if v is not None:
       vols[m] = v
   label = None

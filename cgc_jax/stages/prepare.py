@@ -18,6 +18,7 @@ import numpy as np
 from cgc_jax import errors
 from cgc_jax.core import paths
 from cgc_jax.core import store as store_lib
+from cgc_jax.imaging import dicom
 from cgc_jax.imaging import geometry
 from cgc_jax.imaging import readers
 from cgc_jax.runtime import bookkeeping
@@ -128,9 +129,12 @@ def prepare_case(files: readers.CaseFiles, data_cfg, store_root: str, fingerprin
 
 
 def case_inputs(files: readers.CaseFiles) -> dict:
-  """The identity of a case's input files (path, size, mtime): a prepared shard is current only
-  for these."""
-  return store_lib.file_identity(list(files.images.values()) + [files.label])
+  """The identity of a case's input files (path, size, mtime; a DICOM series folder: each of its
+  files): a prepared shard is current only for these."""
+  paths = []
+  for p in list(files.images.values()) + [files.label]:
+    paths += dicom.series_files(p) if p and os.path.isdir(p) else [p]
+  return store_lib.file_identity(paths)
 
 
 def verify(config, workdir, root=None):
