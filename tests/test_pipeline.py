@@ -1,6 +1,7 @@
 """End to end on tiny phantoms: prepare -> pseudo_labels -> train -> evaluate -> predict."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -302,3 +303,38 @@ def test_pip_install_gives_the_cgc_jax_command(tiny_trained, tmp_path):
   want = nib.load(os.path.join(tiny_trained, 'eval', 'predictions', f'{case}.nii.gz'))
   np.testing.assert_array_equal(got.get_fdata(), want.get_fdata())
   np.testing.assert_allclose(got.affine, want.affine)
+
+
+@pytest.mark.slow
+def test_ground_truth_changes_no_p_no_parameter_and_no_mask(tiny_trained, tmp_path):
+  """The tiny pipeline with and without the label files: the same P, the same trained parameters
+  bit for bit and the same masks. Ground truth is read for scoring only."""
+  import glob  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from cgc_jax.core import paths  # pylint: disable=g-import-not-at-top
+  from cgc_jax.inference import restore  # pylint: disable=g-import-not-at-top
+  from cgc_jax.runtime import distributed  # pylint: disable=g-import-not-at-top
+  with_gt, without = tiny_trained, str(tmp_path / 'no_labels')
+  shutil.copytree(os.path.join(with_gt, 'phantoms'), os.path.join(without, 'phantoms'))
+  labels = glob.glob(os.path.join(without, 'phantoms', '*', '*_seg.nii.gz'))
+  assert len(labels) == 3
+  for f in labels:
+    os.remove(f)
+  cfg = tiny_config(**{'eval.pictures': False})
+  pipeline.run(cfg, without, 'all')
+  cases = paths.prepared_store(cfg, with_gt).complete_cases()
+  assert cases == paths.prepared_store(cfg, without).complete_cases()
+  assert not paths.prepared_store(cfg, without).meta(cases[0])['has_label']
+  for c in cases:
+    np.testing.assert_array_equal(np.asarray(paths.pl_store(cfg, with_gt).read(c, 'p')),
+                                  np.asarray(paths.pl_store(cfg, without).read(c, 'p')))
+  mesh = distributed.mesh()
+  a = restore.restore_params(cfg, with_gt, mesh, 4)[0]
+  b = restore.restore_params(cfg, without, mesh, 4)[0]
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  for c in cases:
+    masks = [np.asarray(nib.load(os.path.join(w, 'eval', 'predictions', f'{c}.nii.gz')).dataobj)
+             for w in (with_gt, without)]
+    np.testing.assert_array_equal(masks[0], masks[1])
+  assert any(m.any() for m in masks)
