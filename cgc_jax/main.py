@@ -31,6 +31,9 @@ flags.DEFINE_string(
     'or an nnU-Net imagesTs folder); sets eval.input_root.')
 flags.DEFINE_string('output', None, 'Predict: folder for the masks; sets eval.output_dir. '
                     'Export: the model package file (.zip).')
+flags.DEFINE_enum('output_format', None, ['nifti', 'dicom_seg'], 'Predict: dicom_seg also '
+                  'writes <case>.dcm, a DICOM-SEG, for cases read from DICOM series; sets '
+                  'eval.output_format.')
 flags.DEFINE_string('model', None, 'Predict: a model package (.zip, from --mode=export) to '
                     'predict with instead of the workdir\'s checkpoints; its config is used.')
 flags.DEFINE_bool('probabilities', False, 'Predict: also write <case>_prob.nii.gz (lesion '
@@ -54,6 +57,9 @@ def main(argv):
       config = FLAGS.config or pipeline.workdir_config(FLAGS.workdir)
     if FLAGS.mode == 'export':
       return pipeline.export_model(config, FLAGS.workdir, FLAGS.output)
+    if FLAGS.output_format:
+      config = config.copy_and_resolve_references()
+      config.eval.output_format = FLAGS.output_format
     if FLAGS.input or FLAGS.output or FLAGS.probabilities:
       config = pipeline.with_predict_paths(config, FLAGS.input, FLAGS.output, FLAGS.probabilities)
     return pipeline.run(config, FLAGS.workdir, FLAGS.mode)

@@ -202,6 +202,9 @@ def base_config() -> ml_collections.ConfigDict:
   # unseen networks' mask with the case's P; the networks that saw it weigh a, the others 1 - a);
   # new scans always by all of them
   e.fold_networks = 'all'
+  # nifti: <case>.nii.gz masks; dicom_seg: for cases read from DICOM series, also <case>.dcm, a
+  # DICOM-SEG referencing the first modality's series (highdicom)
+  e.output_format = 'nifti'
   e.package = ''  # predict: a model package (--model=FILE.zip) instead of the workdir's networks
   e.batch_size = 2  # windows per device call (rounded up to the device count)
   e.every_steps = 0  # >0: label-free signals (and Dice where ground truth exists, analysis only)

@@ -42,6 +42,9 @@ def write_series(volume, affine, folder, modality='CT', slope=0.5, intercept=-10
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, \
         meta.MediaStorageSOPInstanceUID
     ds.Modality, ds.SeriesInstanceUID, ds.StudyInstanceUID = modality, series_uid, '1.2.3.4'
+    ds.PatientID, ds.PatientName, ds.PatientBirthDate, ds.PatientSex = 'P1', 'Phantom^One', '', 'O'
+    ds.StudyID, ds.StudyDate, ds.StudyTime, ds.AccessionNumber = '1', '20261203', '120000', ''
+    ds.ReferringPhysicianName, ds.SeriesNumber, ds.FrameOfReferenceUID = '', 1, '1.2.3.4.5'
     ds.InstanceNumber = nz - k if reverse else k + 1
     ds.Rows, ds.Columns = volume.shape[1], volume.shape[0]
     ds.PixelSpacing = [f'{dr:.10g}', f'{dc:.10g}']
@@ -134,12 +137,24 @@ def test_a_case_of_dicom_series_predicts_the_masks_of_its_nifti_copy(tiny_traine
   shutil.copytree(wd, run, ignore=shutil.ignore_patterns('phantoms', 'predict', '.lock'))
   for name, root in (('nii', tmp_path / 'nii'), ('dcm', tmp_path / 'dcm')):
     c = pipeline.with_predict_paths(cfg, str(root), str(tmp_path / f'out_{name}'))
+    c.eval.output_format = 'dicom_seg'  # a DICOM-SEG for the DICOM case only
     pipeline.run(c, run, 'predict')
     out[name] = nib.load(str(tmp_path / f'out_{name}' / f'{case}.nii.gz'))
   np.testing.assert_allclose(out['dcm'].affine, out['nii'].affine, atol=1e-5)
   a, b = np.asarray(out['nii'].dataobj), np.asarray(out['dcm'].dataobj)
   assert a.any()
   np.testing.assert_array_equal(b, a)
+  assert not os.path.exists(tmp_path / 'out_nii' / f'{case}.dcm')
+  # the DICOM-SEG: references the FLAIR series; its frames, by source slice, are the mask's
+  import highdicom as hd  # pylint: disable=g-import-not-at-top
+  seg = hd.seg.segread(str(tmp_path / 'out_dcm' / f'{case}.dcm'))
+  flair = dicom.ordered_slices(str(dicom_case / 'flair'))
+  refs = [r.SeriesInstanceUID for r in seg.ReferencedSeriesSequence]
+  assert refs == [flair[0].SeriesInstanceUID]
+  frames = seg.get_pixels_by_source_instance(
+      source_sop_instance_uids=[ds.SOPInstanceUID for ds in flair], segment_numbers=[1])
+  rebuilt = np.stack([f[..., 0].T for f in frames], axis=-1)
+  np.testing.assert_array_equal(rebuilt, b)
   # two series in the FLAIR folder: the case is refused, naming the folder and both series
   write_series(values, img.affine, str(tmp_path / 'extra'), modality='MR', slope=0.05,
                intercept=0.0, series_uid='9.9.9')

@@ -25,6 +25,7 @@ CHOICES = {
     'train.loss_region': ('brain', 'all'),
     'eval.select': ('latest', 'flip_agreement', 'confident_ce', 'p_agreement'),
     'eval.fold_networks': ('all', 'unseen', 'agreement'),
+    'eval.output_format': ('nifti', 'dicom_seg'),
 }
 
 # field -> (low, high, low included, high included)

@@ -61,6 +61,53 @@ def load_series(path: str, problems: list) -> Optional[tuple]:
   """A series folder -> (f32[X, Y, Z] in the scanner's units, RAS affine f64[4, 4], spacing f64[3],
   NIfTI header), as nifti.load_volume gives for a file; None with `problems` appended when the
   folder is not one readable series."""
+  out = _read_series(path, problems)
+  return None if out is None else out[:4]
+
+
+def ordered_slices(path: str) -> list:
+  """The series' datasets in the order of the volume's k axis (load_series' order)."""
+  problems = []
+  out = _read_series(path, problems)
+  if out is None:
+    raise ValueError('; '.join(str(p) for p in problems))
+  return out[4]
+
+
+def write_seg(mask: np.ndarray, series_dir: str, path: str, version: str = ''):
+  """mask u8[X, Y, Z] on the grid load_series(series_dir) gives -> a binary DICOM-SEG at `path`
+  (highdicom), one frame per source slice, referencing the source series, one segment 'lesion'
+  (SCT Morphologically Abnormal Structure / Lesion), written atomically."""
+  import highdicom as hd  # pylint: disable=g-import-not-at-top  (only DICOM output needs it)
+  from pydicom.sr.codedict import codes  # pylint: disable=g-import-not-at-top
+  sources = ordered_slices(series_dir)
+  frames = np.stack([np.asarray(mask[:, :, k]).T for k in range(mask.shape[2])]).astype(np.uint8)
+  algorithm = hd.AlgorithmIdentificationSequence(
+      name='cgc_jax', version=version or '0', family=codes.cid7162.ArtificialIntelligence)
+  segment = hd.seg.SegmentDescription(
+      segment_number=1, segment_label='lesion',
+      segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+      segmented_property_type=codes.SCT.Lesion,
+      algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+      algorithm_identification=algorithm)
+  seg = hd.seg.Segmentation(
+      source_images=sources, pixel_array=frames,
+      segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=[segment],
+      series_instance_uid=hd.UID(), series_number=9001, sop_instance_uid=hd.UID(),
+      instance_number=1, manufacturer='cgc_jax', manufacturer_model_name='cgc_jax lesion '
+      'segmentation', software_versions=version or '0', device_serial_number='0',
+      omit_empty_frames=False)
+  tmp = f'{path}.tmp-{os.getpid()}'
+  try:
+    seg.save_as(tmp)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def _read_series(path: str, problems: list) -> Optional[tuple]:
+  """load_series' work -> (data, affine, spacing, header, datasets in k order) or None."""
   import pydicom  # pylint: disable=g-import-not-at-top  (only DICOM cases need it)
   start = len(problems)
   slices, series = [], {}
@@ -156,4 +203,4 @@ def load_series(path: str, problems: list) -> Optional[tuple]:
   lps[:3, 3] = pos[order[0]]
   affine = _LPS_TO_RAS @ lps
   spacing = np.asarray([dc, dr, np.linalg.norm(lps[:3, 2])], np.float64)
-  return data, affine, spacing, header(affine)
+  return data, affine, spacing, header(affine), [ds for _, ds in slices]

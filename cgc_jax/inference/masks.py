@@ -118,6 +118,7 @@ def predict_cases(config, prep: store_lib.Store, cases, nets, predictor, out_dir
                                   weigh)
     if distributed.is_main():
       nifti.write_mask(mask, geom, meta, os.path.join(out_dir, f'{c}.nii.gz'))
+      write_dicom_seg(config, mask, meta, os.path.join(out_dir, f'{c}.dcm'))
       if config.eval.get('save_probabilities',
                          False):  # lesion probability on the original grid (0 outside)
         nifti.write_image(geometry.to_original(prob.astype(np.float32), geom, order=1), geom, meta,
@@ -135,6 +136,24 @@ def predict_cases(config, prep: store_lib.Store, cases, nets, predictor, out_dir
   if distributed.is_main() and cases:
     write_statistics(stats, os.path.join(out_dir, 'statistics.csv'))
   return out
+
+
+def write_dicom_seg(config, mask, meta: dict, path: str):
+  """With eval.output_format = 'dicom_seg' and a case read from DICOM series: the mask (u8, the
+  original grid) also as a DICOM-SEG referencing the first modality's series (imaging.dicom)."""
+  if config.eval.get('output_format', 'nifti') != 'dicom_seg':
+    return
+  first = meta.get('files', {}).get('images', {}).get(meta['modalities'][0], '')
+  if not os.path.isdir(first):
+    logging.info('%s: not a DICOM series, so no DICOM-SEG (the NIfTI mask is written)', first)
+    return
+  from cgc_jax import __version__  # pylint: disable=g-import-not-at-top
+  from cgc_jax.imaging import dicom  # pylint: disable=g-import-not-at-top
+  try:
+    dicom.write_seg(mask, first, path, __version__)
+  except Exception as e:  # pylint: disable=broad-except  (highdicom checks the sources' headers)
+    logging.warning('%s: DICOM-SEG not written (%s: %s); the NIfTI mask is', first,
+                    type(e).__name__, e)
 
 
 def agreement_weights(p, n_unseen: int, brain, case: str = ''):
