@@ -21,7 +21,7 @@ _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 def write_series(volume, affine, folder, modality='CT', slope=0.5, intercept=-1024.0,
-                 series_uid=None, reverse=True):
+                 series_uid=None, reverse=True, description=''):
   """Writes f[X, Y, Z] with RAS `affine` as one DICOM series (one file per k, uint16 pixels stored
   as (value - intercept) / slope), files numbered from the last slice to the first (reverse)."""
   os.makedirs(folder, exist_ok=True)
@@ -53,6 +53,7 @@ def write_series(volume, affine, folder, modality='CT', slope=0.5, intercept=-10
     ds.ImagePositionPatient = [f'{v:.10g}' for v in (lps @ [0, 0, k, 1])[:3]]
     ds.SliceThickness = f'{np.linalg.norm(lps[:3, 2]):.10g}'
     ds.RescaleSlope, ds.RescaleIntercept = f'{slope:g}', f'{intercept:g}'
+    ds.SeriesDescription = description
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, 'MONOCHROME2'
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
     ds.PixelData = stored[:, :, k].T.astype(np.uint16).tobytes()  # rows = j, columns = i
@@ -109,6 +110,29 @@ def test_bad_series_are_refused_naming_each_problem(tmp_path):
   problems = []
   assert dicom.load_series(junk, problems) is None
   assert problems[0].path.endswith('notes.txt') and 'not a DICOM file' in problems[0].message
+
+
+def test_a_cq500_study_folder_reads_its_thinnest_plain_axial_ct_series(tmp_path):
+  """A CQ500-style study (several series of one head CT): the bone-kernel and the too-short series
+  are passed over, the thinnest plain axial one is read; the discovery says which and why."""
+  import cq500  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(1)
+  hu = rng.integers(-1024, 1500, size=(12, 10, 12)).astype(np.float32)
+  study = tmp_path / 'root' / 'CQ500-CT-7' / 'Unknown Study'
+  thin = np.diag([0.5, 0.5, 0.625, 1.0])
+  write_series(hu, thin, str(study / 'CT BONE'), description='CT BONE')
+  write_series(hu, np.diag([0.5, 0.5, 5.0, 1.0]), str(study / 'CT Plain'), description='CT Plain')
+  write_series(hu, np.diag([0.5, 0.5, 0.8, 1.0]), str(study / 'CT PLAIN THIN'),
+               description='CT PLAIN THIN')
+  write_series(hu[..., :5], thin, str(study / 'CT 4cm'), description='CT 4cm')  # 5 slices
+  chosen, why, found = dicom.choose_ct_series(str(tmp_path / 'root' / 'CQ500-CT-7'))
+  assert chosen == str(study / 'CT PLAIN THIN')
+  assert why == 'the thinnest plain axial CT series (0.8 mm, 12 slices) of 4'
+  assert sorted(os.path.basename(f[0]) for f in found if not f[4]) == ['CT 4cm', 'CT BONE']
+  cfg = cq500.get_config()
+  files = prepare.case_files(cfg, '', str(tmp_path / 'root'))
+  assert [(f.case_id, f.images['ct'], f.missing) for f in files] == [
+      ('CQ500-CT-7', str(study / 'CT PLAIN THIN'), [])]
 
 
 @pytest.mark.slow

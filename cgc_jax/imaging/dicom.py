@@ -48,6 +48,48 @@ def series_files(path: str) -> list:
           if not n.startswith('.') and os.path.isfile(os.path.join(path, n))]
 
 
+def series_folders(root: str) -> list:
+  """Every folder under `root` (itself included) that holds DICOM files, sorted."""
+  return sorted(d for d, _, _ in os.walk(root) if is_series_folder(d))
+
+
+_NOT_PLAIN = ('BONE', 'LUNG', 'POST', 'CONTRAST', 'C+', 'CTA', 'ANGIO', 'SCOUT', 'LOCALIZER',
+              'TOPO', 'MIP', 'DOSE')
+
+
+def choose_ct_series(case_dir: str) -> tuple:
+  """The CT series of a study folder holding several (CQ500: 'CT PLAIN THIN', 'CT Plain',
+  'CT BONE', 'CT 0.625mm', ...) -> (folder or None, why, [(folder, description, slices,
+  thickness mm, kept)]).
+
+  The rule: a CT series of axial slices (normal within 10 degrees of the head's axis) whose
+  description names no other reconstruction or scan (bone or lung kernel, post-contrast,
+  angiography, scout, MIP, dose report) and that has at least 10 slices; of those, the thinnest
+  slices, then the most slices. A plain soft-tissue head CT in the thinnest slices is what the
+  mixture's HU ranges were set on."""
+  import pydicom  # pylint: disable=g-import-not-at-top
+  found = []
+  for d in series_folders(case_dir):
+    files = [f for f in series_files(d) if is_dicom_file(f)]
+    try:
+      ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+    except Exception:  # pylint: disable=broad-except  (load_series reports it if chosen)
+      continue
+    desc = str(ds.get('SeriesDescription', ''))
+    thick = float(ds.get('SliceThickness', 0) or 0) or float('inf')
+    o = np.asarray(ds.get('ImageOrientationPatient', [1, 0, 0, 0, 1, 0]), np.float64)
+    axial = abs(np.cross(o[:3], o[3:])[2]) > np.cos(np.radians(10))
+    plain = not any(w in desc.upper() for w in _NOT_PLAIN)
+    kept = str(ds.get('Modality', '')) == 'CT' and axial and plain and len(files) >= 10
+    found.append((d, desc, len(files), thick, kept))
+  kept = [f for f in found if f[4]]
+  if not kept:
+    return None, 'no plain axial CT series of 10 or more slices', found
+  best = min(kept, key=lambda f: (f[3], -f[2], f[0]))
+  return best[0], (f'the thinnest plain axial CT series ({best[3]:g} mm, {best[2]} slices) of '
+                   f'{len(found)}'), found
+
+
 def header(affine: np.ndarray) -> nib.Nifti1Header:
   """A NIfTI header saying the affine is the scanner's (qform and sform code 1), written back with
   the masks of a DICOM case."""

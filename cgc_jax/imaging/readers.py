@@ -14,6 +14,7 @@ import re
 import zlib
 from typing import Optional
 
+from absl import logging
 import nibabel as nib
 import numpy as np
 
@@ -101,6 +102,11 @@ def _case_files(data_cfg, d: str) -> CaseFiles:
     path = os.path.join(d, data_cfg.filenames[m].format(case=case_id))
     if not os.path.exists(path) and dicom.is_series_folder(os.path.join(d, m)):
       path = os.path.join(d, m)  # a DICOM series in a folder named for the modality
+    elif not os.path.exists(path) and data_cfg.kind == 'ct' and len(data_cfg.modalities) == 1:
+      chosen, why, _ = dicom.choose_ct_series(d)  # a CQ500 study folder: one series of several
+      if chosen:
+        logging.info('%s: %s: %s', case_id, os.path.relpath(chosen, d), why)
+        path = chosen
     images[m] = path
     if not os.path.exists(path):
       missing.append(path)
@@ -113,11 +119,14 @@ def _case_files(data_cfg, d: str) -> CaseFiles:
 
 
 def _is_case_folder(data_cfg, d: str) -> bool:
-  """`d` itself holds a case (its first modality's file), rather than case folders."""
+  """`d` itself holds a case (its first modality's file or series folder, or for CT a study of
+  DICOM series with no case folders of NIfTI files), rather than case folders."""
   first = data_cfg.modalities[0]
-  return (first in data_cfg.filenames and os.path.exists(os.path.join(
+  if (first in data_cfg.filenames and os.path.exists(os.path.join(
       d, data_cfg.filenames[first].format(case=os.path.basename(d.rstrip('/')))))) or \
-      dicom.is_series_folder(os.path.join(d, first))
+      dicom.is_series_folder(os.path.join(d, first)):
+    return True
+  return False
 
 
 def discover(data_cfg, root: Optional[str] = None) -> list:
