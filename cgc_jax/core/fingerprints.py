@@ -49,8 +49,11 @@ def fields(config, stage: str) -> dict:
       full[section][key] = os.path.realpath(full[section][key])
   # tuples as lists: a config read back from JSON
   for (section, key), value in compat.OMIT_AT.items():
-    if section in full and _as_lists(full[section].get(key, value)) == _as_lists(value):
-      full[section].pop(key, None)
+    node = full
+    for part in section.split('.'):
+      node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict) and _as_lists(node.get(key, value)) == _as_lists(value):
+      node.pop(key, None)
   return {k: _clean(full[k]) for k in _STAGE_FIELDS[stage]}
 
 

@@ -102,12 +102,16 @@ def _deform(anatomy, rng, amplitude_vox):
           for k in ('gm', 'wm', 'csf', 'mask')}
 
 
-def _tumour(rng, tissue, shape):
+def _tumour(rng, tissue, shape, radius=(5.0, 11.0), side=0):
   """Fractions (oedema, enhancing, necrosis) of an irregular glioma, or zeros if it misses the
-  brain."""
+  brain. radius: the oedema's semi-axes are drawn in this range (voxels of 2 mm); side: -1 / +1
+  puts its centre in the left / right hemisphere (by the template's middle x), 0 anywhere."""
   wm_idx = np.argwhere(tissue['wm'] > 0.6)
+  if side:
+    mid = shape[0] / 2.0
+    wm_idx = wm_idx[(wm_idx[:, 0] < mid) if side < 0 else (wm_idx[:, 0] >= mid)]
   centre = wm_idx[rng.integers(len(wm_idx))].astype(np.float32)
-  radii = rng.uniform(5, 11, 3).astype(np.float32)  # voxels (2 mm) of the oedema
+  radii = rng.uniform(radius[0], radius[1], 3).astype(np.float32)  # voxels (2 mm) of the oedema
   grid = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing='ij')
   d = np.sqrt(sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii)))
   d = d * (1.0 + 0.25 * _smooth_noise(rng, shape, 5))
@@ -179,8 +183,12 @@ def mri_subject(tissue, rng, p, lesion_free):
   frac = [tissue['csf'], tissue['gm'], tissue['wm']]
   if lesion_free:
     oed = act = nec = np.zeros(shape, np.float32)
-  else:
+  elif int(p.get('lesions', 1)) <= 1:
     oed, act, nec = _tumour(rng, tissue, shape)
+  else:  # several small lesions, alternating between the hemispheres
+    parts = [_tumour(rng, tissue, shape, tuple(p.lesion_radius), side=1 if j % 2 else -1)
+             for j in range(int(p.lesions))]
+    oed, act, nec = (np.max(np.stack(f), axis=0) for f in zip(*parts))
   act = np.minimum(act, oed)
   nec = np.minimum(nec, act)
   parts = [oed - act, act - nec, nec]  # exclusive oedema, enhancing, necrosis fractions
