@@ -44,6 +44,18 @@ def tiny_config(**overrides):
   return c
 
 
+def ct_phantom_config(num_subjects: int, lesion_free: int):
+  """configs/cq500.py on its CQ500-like CT phantoms, small: 4 mm, one worker."""
+  import cq500  # pylint: disable=g-import-not-at-top
+  c = cq500.get_config()
+  c.data.layout = 'phantoms'
+  c.data.phantoms.num_subjects = num_subjects
+  c.data.phantoms.lesion_free = lesion_free
+  c.data.target_spacing = (4.0, 4.0, 4.0)
+  c.data.num_workers = 1
+  return c
+
+
 def copy_inputs(src, dst):
   """Copies a workdir's phantoms, prepared shards and pseudo-labels (the offline stages' output)."""
   os.makedirs(dst, exist_ok=True)

@@ -10,7 +10,7 @@ from cgc_jax.imaging import readers
 from cgc_jax.stages import prepare
 from cgc_jax.stages import pseudo_labels
 
-from conftest import tiny_config
+from conftest import ct_phantom_config, tiny_config
 
 
 def test_mri_phantoms_layout_labels_and_lesion_free(tiny_workdir):
@@ -40,13 +40,7 @@ def test_phantoms_are_seeded():
 
 
 def test_ct_phantoms_in_hu_through_the_whole_ct_path(tmp_path):
-  import cq500  # pylint: disable=g-import-not-at-top
-  cfg = cq500.get_config()
-  cfg.data.layout = 'phantoms'
-  cfg.data.phantoms.num_subjects = 2
-  cfg.data.phantoms.lesion_free = 1
-  cfg.data.target_spacing = (4.0, 4.0, 4.0)
-  cfg.data.num_workers = 1
+  cfg = ct_phantom_config(2, 1)
   wd = str(tmp_path)
   cases = prepare.run(cfg, wd)
   f = prepare.case_files(cfg, wd)[0]

@@ -14,7 +14,7 @@ from cgc_jax.core import paths
 from cgc_jax.imaging import geometry
 from cgc_jax.stages import prepare
 
-from conftest import ROOT, tiny_config
+from conftest import ROOT, ct_phantom_config, tiny_config
 
 
 def test_prepared_ground_truth_maps_back_exactly(tiny_workdir):
@@ -123,13 +123,7 @@ def test_ct_outside_filled_with_0_hu_is_read_as_with_minus_1024(tmp_path):
   """A CT brain-extraction tool that fills the outside with 0 HU (above the -500 HU background
   threshold) gives the same brain mask and prepared image as the same scans filled with -1024, up
   to the few brain voxels of exactly 0 HU that touch the fill."""
-  import cq500  # pylint: disable=g-import-not-at-top
-  cfg = cq500.get_config()
-  cfg.data.layout = 'phantoms'
-  cfg.data.phantoms.num_subjects = 2
-  cfg.data.phantoms.lesion_free = 0
-  cfg.data.target_spacing = (4.0, 4.0, 4.0)
-  cfg.data.num_workers = 1
+  cfg = ct_phantom_config(2, 0)
   air, zero = str(tmp_path / 'air'), str(tmp_path / 'zero')
   cases = prepare.run(cfg, air)
   shutil.copytree(os.path.join(air, 'phantoms'), os.path.join(zero, 'phantoms'))
