@@ -56,7 +56,7 @@ def test_a_failed_build_names_what_is_missing_and_leaves_nothing(tmp_path, monke
   assert os.listdir(tmp_path / 'cache') == []  # nothing half-written
 
 
-def test_auto_takes_onednn_on_one_cpu_device_only_and_by_name_needs_it(monkeypatch):
+def test_auto_takes_onednn_on_cpu_whatever_the_devices_and_by_name_needs_it(monkeypatch):
   monkeypatch.setattr(jax, 'device_count', lambda: 1)
   monkeypatch.setattr(onednn, '_state', {'ok': False, 'reason': 'no compiler here'})
   assert unet.resolve_conv_impl('auto') == 'sum2d'
@@ -65,8 +65,8 @@ def test_auto_takes_onednn_on_one_cpu_device_only_and_by_name_needs_it(monkeypat
   monkeypatch.setattr(onednn, '_state', {'ok': True, 'reason': ''})
   assert unet.resolve_conv_impl('auto') == 'onednn'
   assert unet.resolve_conv_impl('onednn') == 'onednn'
-  monkeypatch.setattr(jax, 'device_count', lambda: 8)  # a foreign call is not split by the mesh
-  assert unet.resolve_conv_impl('auto') == 'sum2d'
+  monkeypatch.setattr(jax, 'device_count', lambda: 8)  # split along the batch under the mesh
+  assert unet.resolve_conv_impl('auto') == 'onednn'
   monkeypatch.setattr(onednn, '_state', {})
   monkeypatch.setenv('CGC_JAX_ONEDNN', '0')
   assert not onednn.available() and 'CGC_JAX_ONEDNN=0' in onednn.reason()
@@ -140,3 +140,47 @@ def test_the_build_is_keyed_by_the_onednn_library(tmp_path):
   assert str(lib / 'libdnnl.so.3') in before
   (lib / 'libdnnl.so.3').write_bytes(b'y' * 11)  # upgraded in place
   assert onednn.library_identity(str(tmp_path)) != before
+
+
+@needs_onednn
+def test_on_several_devices_each_convolves_its_own_rows():
+  """Under a context mesh of 8 devices (the train step and the window set one) the oneDNN call runs
+  per device on its rows of the batch: the loss and both gradients equal XLA's, and the kernel's
+  gradient is summed across devices by one all-reduce."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from cgc_jax.runtime import distributed  # pylint: disable=g-import-not-at-top
+  mesh = Mesh(np.asarray(jax.devices()[:8]), ('data',))
+  x = jax.device_put(jax.random.normal(jax.random.PRNGKey(0), (8, 6, 5, 4, 3)),
+                     NamedSharding(mesh, P('data')))
+  k = jax.device_put(jax.random.normal(jax.random.PRNGKey(1), (3, 3, 3, 3, 2)),
+                     NamedSharding(mesh, P()))
+
+  def loss(impl):
+    return lambda k, x: jnp.sum(jnp.sin(unet.conv3x3x3(x, k, impl)))
+
+  grad = jax.jit(jax.value_and_grad(loss('onednn'), argnums=(0, 1)))
+  on_mesh = distributed.OnMesh(grad, mesh)
+  (got, (gk, gx)) = on_mesh(k, x)
+  (want, (wk, wx)) = jax.jit(jax.value_and_grad(
+      lambda k, x: jnp.sum(jnp.sin(_lax_conv(x, k))), argnums=(0, 1)))(k, x)
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+  np.testing.assert_allclose(gk, wk, atol=1e-4 * float(jnp.abs(wk).max()))
+  np.testing.assert_allclose(gx, wx, atol=1e-5 * float(jnp.abs(wx).max()))
+  hlo = on_mesh.lower(k, x).compile().as_text()
+  assert hlo.count('cgc_onednn_conv') == 3 and hlo.count('all-reduce(') == 1
+  # each device's call sees its own row only: a batch of 1 in the program
+  assert 'f32[1,6,5,4,3]' in hlo
+
+
+@needs_onednn
+def test_the_first_ask_may_come_from_inside_a_trace(monkeypatch):
+  """unet.build resolves 'auto' while jit traces the model's init: the load and its self-test run
+  eagerly there."""
+  monkeypatch.setattr(onednn, '_state', {})
+
+  @jax.jit
+  def f(x):
+    assert onednn.available(), onednn.reason()
+    return x + 1
+
+  np.testing.assert_array_equal(f(jnp.ones(2)), [2.0, 2.0])

@@ -101,6 +101,8 @@ class Predictor:
                                          gauss=gauss),
                        in_shardings=(repl, data),
                        out_shardings=data)
+    if n > 1 and unet.resolve_conv_impl(config.model.conv_impl) == 'onednn':
+      self._fn = distributed.OnMesh(self._fn, mesh)  # oneDNN per device on its rows
 
   def predict_volume(self, params, image: np.ndarray) -> np.ndarray:
     shape = image.shape[:3]

@@ -91,7 +91,13 @@ def library_identity(root: str) -> str:
 
 def self_test():
   """Runs the three handlers on a small case (batch 2, 5x4x3, 3 -> 2 channels, 3x3x3 kernel) and
-  compares them with lax.conv_general_dilated and its VJP; raises RuntimeError on a mismatch."""
+  compares them with lax.conv_general_dilated and its VJP; raises RuntimeError on a mismatch. Runs
+  eagerly even when first asked for inside a trace (unet.build under jit)."""
+  with jax.ensure_compile_time_eval():
+    _self_test()
+
+
+def _self_test():
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 4, 3, 3), jnp.float32)
   k = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 3, 3, 2), jnp.float32)
   dy = jax.random.normal(jax.random.PRNGKey(2), (2, 5, 4, 3, 2), jnp.float32)

@@ -11,6 +11,7 @@ from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from cgc_jax import errors
 from cgc_jax.model import onednn
@@ -18,16 +19,16 @@ from cgc_jax.model import onednn
 
 def resolve_conv_impl(impl: str) -> str:
   """'auto' -> on CPU 'onednn' when it is available (onednn.py: oneDNN's convolution, 3-5x faster
-  than `sum2d` forward + backward, benchmark.py) and the program runs on one device, else 'sum2d'
-  (XLA's CPU 2D convolution is 4-6x faster than its 3D one at these channel counts); 'native'
-  elsewhere (cuDNN / TPU handle 3D well). 'onednn' asked for by name raises errors.ConfigError
-  when unavailable.
-  Several devices keep 'sum2d' under 'auto': XLA cannot split a foreign call along the batch, so
-  every device would convolve the whole global batch."""
+  than `sum2d` forward + backward, benchmark.py), else 'sum2d' (XLA's CPU 2D convolution is 4-6x
+  faster than its 3D one at these channel counts); 'native' elsewhere (cuDNN / TPU handle 3D
+  well). 'onednn' asked for by name raises errors.ConfigError when unavailable.
+  On several devices the oneDNN call runs per device on its own rows of the batch (conv3x3x3 under
+  a context mesh: the train step and the sliding window set it); XLA alone cannot split a foreign
+  call along the batch."""
   if impl == 'auto':
     if jax.default_backend() != 'cpu':
       return 'native'
-    return 'onednn' if jax.device_count() == 1 and onednn.available() else 'sum2d'
+    return 'onednn' if onednn.available() else 'sum2d'
   if impl not in ('sum2d', 'native', 'onednn'):
     raise ValueError(f'unknown model.conv_impl {impl!r} (auto | sum2d | native | onednn)')
   if impl == 'onednn' and not onednn.available():
@@ -59,6 +60,12 @@ def conv3x3x3(x, kernel, impl: str):
   """
   if impl == 'onednn':
     if x.dtype == jnp.float32 and kernel.dtype == jnp.float32:
+      mesh = jax.sharding.get_abstract_mesh()
+      if not mesh.empty and mesh.size > 1 and 'data' in mesh.axis_names:
+        # each device convolves its own rows of the batch; the kernel's gradient is summed
+        # across devices by shard_map's transpose
+        return jax.shard_map(onednn.conv3d, in_specs=(P('data'), P()), out_specs=P('data'),
+                             check_vma=False)(x, kernel)
       return onednn.conv3d(x, kernel)
     impl = 'sum2d'
   if impl == 'native':

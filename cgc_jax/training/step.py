@@ -96,5 +96,8 @@ def train_step(state: train_state.TrainState, batch, *, config, tx):
 
 def make_train_step(config, mesh, tx):
   repl, data = distributed.replicated(mesh), distributed.data_sharding(mesh)
-  return jax.jit(functools.partial(train_step, config=config, tx=tx),
+  step = jax.jit(functools.partial(train_step, config=config, tx=tx),
                  in_shardings=(repl, data), out_shardings=(repl, repl), donate_argnums=0)
+  if mesh.devices.size > 1 and unet.resolve_conv_impl(config.model.conv_impl) == 'onednn':
+    return distributed.OnMesh(step, mesh)  # oneDNN per device on its rows of the batch
+  return step
