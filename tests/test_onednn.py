@@ -147,7 +147,9 @@ def test_on_several_devices_each_convolves_its_own_rows():
   """Under a context mesh of 8 devices (the train step and the window set one) the oneDNN call runs
   per device on its rows of the batch: the loss and both gradients equal XLA's, and the kernel's
   gradient is summed across devices by one all-reduce."""
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
   from cgc_jax.runtime import distributed  # pylint: disable=g-import-not-at-top
   mesh = Mesh(np.asarray(jax.devices()[:8]), ('data',))
   x = jax.device_put(jax.random.normal(jax.random.PRNGKey(0), (8, 6, 5, 4, 3)),
