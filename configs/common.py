@@ -266,8 +266,9 @@ def base_config() -> ml_collections.ConfigDict:
 # 5 others; docs/experiments/2026-11-30-pseudo-labels.md): a consensus of mixtures over three
 # channel sets and K = 4, 5 (members whose channels a dataset lacks are skipped: FLAIR + T1 data
 # keep two), each cleaned, majority-voted, grown by 2 mm (the mixture stops short of the faint
-# oedema edge: recall 0.72 -> 0.86 at precision 0.87 -> 0.79) and hole-filled. T1ce is left out: enhancing rims and
-# vessels give it bright non-lesion components (8 members with T1ce: 0.740 against 0.785).
+# oedema edge: recall 0.72 -> 0.86 at precision 0.87 -> 0.79) and hole-filled. T1ce is left out:
+# enhancing rims and vessels give it bright non-lesion components (8 members with T1ce: 0.740
+# against 0.785).
 MRI_CONSENSUS = ('flair,t1:4', 'flair,t1:5', 'flair,t1,t2:4', 'flair,t1,t2:5', 'flair,t2:4',
                  'flair,t2:5')
 
