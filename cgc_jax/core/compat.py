@@ -31,7 +31,7 @@ OMIT_AT = {('train', 'elr_lambda'): 0.0, ('train', 'elr_decay'): 0.97,
            ('train', 'symmetry_margin'): 0.0, ('train', 'symmetry_modality'): 'flair',
            ('train', 'symmetry_sigma'): 1.0, ('train', 'ensemble'): 1,
            ('eval', 'border_symmetry'): False, ('data.phantoms', 'lesions'): 1,
-           ('data.phantoms', 'lesion_radius'): (2.5, 4.5)}
+           ('data.phantoms', 'lesion_radius'): (4.0, 7.0)}
 
 
 def p_inputs(current: dict, recorded: Optional[dict], legacy_prepared: str) -> dict:
