@@ -68,11 +68,10 @@ def _broken_dataset(root):
   d = _good_case(root, 'constant')
   _save(np.full((20, 22, 18), 7.0, np.float32), os.path.join(d, 'T1.nii.gz'))
   expect['constant image'] = os.path.join(d, 'T1.nii.gz')
-  d = _good_case(root, 'label3')
+  d = _good_case(root, 'label3')  # a bad label: a warning, the case is prepared unscored
   lab = np.zeros((20, 22, 18), np.uint8)
   lab[5, 5, 5] = 3
   _save(lab, os.path.join(d, 'GT_W.nii.gz'))
-  expect['label values [3.0]'] = os.path.join(d, 'GT_W.nii.gz')
   d = _good_case(root, 'fourd')
   _save(np.ones((20, 22, 18, 2), np.float32), os.path.join(d, 'FLAIR.nii.gz'))
   expect['expected a 3D volume'] = os.path.join(d, 'FLAIR.nii.gz')
@@ -88,7 +87,7 @@ def test_verify_names_every_problem_and_writes_nothing(tmp_path):
   msg = str(e.value)
   for keyword, path in expect.items():
     assert any(keyword in line and path in line for line in msg.splitlines()), (keyword, msg)
-  assert '7 of 8 cases failed' in msg
+  assert '6 of 8 cases failed' in msg and 'label3' not in msg
   assert not wd.exists()
 
 
@@ -113,8 +112,15 @@ def test_prepare_keeps_good_cases_and_writes_nothing_for_bad(tmp_path):
   c = folder_config(data)
   with pytest.raises(prepare.StageError):
     prepare.run(c, str(wd))
-  assert sorted(os.listdir(wd / 'prepared' / 'cases')) == ['good']
-  assert paths.prepared_store(c, str(wd)).complete_cases() == ['good']
+  assert sorted(os.listdir(wd / 'prepared' / 'cases')) == ['good', 'label3']
+  store = paths.prepared_store(c, str(wd))
+  assert store.complete_cases() == ['good', 'label3']
+  # the bad label is a warning naming it; the case is prepared without it (segmented, not scored)
+  meta = store.meta('label3')
+  assert not meta['has_label'] and 'label' not in meta['arrays']
+  label = str(data / 'label3' / 'GT_W.nii.gz')
+  assert meta['warnings'] == [f'WARNING: {label}: label values [3.0] not in the allowed set '
+                              '[0, 1] (the label is skipped: this case is not scored)']
 
 
 def test_brats_layout_hgg_lgg_and_flat(tmp_path):

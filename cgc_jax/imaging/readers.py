@@ -249,9 +249,9 @@ def load_case(files: CaseFiles, data_cfg) -> LoadedCase:
         nifti.load_volume(path, problems)
     if v is not None:
       vols[m] = v
-  label = None
+  label, label_probs = None, []
   if files.label:
-    label = nifti.load_volume(files.label, problems)
+    label = nifti.load_volume(files.label, label_probs)
 
   # the case's geometry comes from the first channel that HAS spatial information: a header with
   # qform and sform codes 0 carries none (nibabel makes up an affine from pixdim)
@@ -259,14 +259,22 @@ def load_case(files: CaseFiles, data_cfg) -> LoadedCase:
   ref_mod = spatial[0] if spatial else next(iter(vols), None)
   ref = vols.get(ref_mod)
   if ref is not None:
-    where = {**files.images, 'label': files.label}
-    for m, vol in list(vols.items()) + ([('label', label)] if label else []):
-      problems += geometry_problems(where[m], vol, files.images[ref_mod], ref, bool(spatial),
-                                    data_cfg)
+    for m, vol in vols.items():
+      problems += geometry_problems(files.images[m], vol, files.images[ref_mod], ref,
+                                    bool(spatial), data_cfg)
+    if label is not None:
+      label_probs += geometry_problems(files.label, label, files.images[ref_mod], ref,
+                                       bool(spatial), data_cfg)
   for m, (data, *_) in vols.items():
     problems += intensity_problems(files.images[m], data, data_cfg)
   if label is not None:
-    problems += label_problems(files.label, label[0], data_cfg.label_values)
+    label_probs += label_problems(files.label, label[0], data_cfg.label_values)
+  if any(p.severity == 'error' for p in label_probs):
+    # ground truth only scores: a bad label costs this case its score, never its segmentation
+    label = None
+    label_probs = [nifti.Problem(p.path, f'{p.message} (the label is skipped: this case is '
+                                 'not scored)', 'warning') for p in label_probs]
+  problems += label_probs
 
   errors = [p for p in problems if p.severity == 'error']
   if errors:
