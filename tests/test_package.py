@@ -42,26 +42,23 @@ def test_export_then_predict_from_an_empty_folder_equals_predict_from_the_workdi
   zip_path = str(tmp_path / 'out' / 'model.zip')
   env = dict(os.environ, PYTHONPATH=ROOT)
   cmd = [sys.executable, '-m', 'cgc_jax.main']
-  r = subprocess.run(cmd + ['--mode=export', f'--workdir={wd}', f'--output={zip_path}'],
-                     capture_output=True, text=True, env=env, check=False)
-  assert r.returncode == 0, r.stderr[-3000:]
-  manifest = json.loads(zipfile.ZipFile(zip_path).read('manifest.json'))
   cfg = pipeline.workdir_config(wd)
+  pipeline.export_model(cfg, wd, zip_path)  # what --mode=export runs
+  manifest = json.loads(zipfile.ZipFile(zip_path).read('manifest.json'))
   assert manifest['format'] == package.FORMAT and manifest['networks'] == 1
   assert manifest['steps'] == [cfg.train.steps] and manifest['trained_cases'] == [3]
   # no optimiser state: under half of one checkpoint (params + Adam's two moments)
   assert _size(zip_path) < _size(os.path.join(wd, 'checkpoints', str(cfg.train.steps))) / 2
   # predict from the workdir, then from the package in an empty folder: the same masks
   from_wd, from_zip = str(tmp_path / 'from_wd'), str(tmp_path / 'from_zip')
-  r = subprocess.run(cmd + ['--mode=predict', f'--workdir={wd}', f'--input={scans}',
-                            f'--output={from_wd}'], capture_output=True, text=True, env=env,
-                     check=False)
-  assert r.returncode == 0, r.stderr[-3000:]
+  run = str(tmp_path / 'run')  # the trained workdir's copy (predict prepares the scans in it)
+  shutil.copytree(wd, run, ignore=shutil.ignore_patterns('phantoms', 'predict', '.lock'))
+  pipeline.run(pipeline.with_predict_paths(cfg, scans, from_wd), run, 'predict')
+  # what --mode=predict --model=FILE runs, in an empty folder
   empty = str(tmp_path / 'empty')
-  r = subprocess.run(cmd + ['--mode=predict', f'--workdir={empty}', f'--model={zip_path}',
-                            f'--input={scans}', f'--output={from_zip}'], capture_output=True,
-                     text=True, env=env, check=False)
-  assert r.returncode == 0, r.stderr[-3000:]
+  pipeline.run(pipeline.with_predict_paths(pipeline.package_config(zip_path), scans, from_zip),
+               empty, 'predict')
+  assert sorted(os.listdir(empty)) == ['config.json', 'log.txt', 'predict']
   a, b = _masks(from_wd), _masks(from_zip)
   assert sorted(a) == [f'{c}.nii.gz' for c in cases[:2]] and sorted(b) == sorted(a)
   assert any(m.any() for m in a.values())
