@@ -5,7 +5,8 @@ cases that each carry one corruption, and returns one `Fuzzed(case_id, kind, pat
 broken case: `path` is the file that was damaged (the one an error must name), `must_fail` is True
 when the case must be refused, None when the damage may leave a valid file (random header bytes that
 hit unused fields): then a clean load or a clean refusal both count as handled; False when the case
-must load with a warning that names the file (a header without spatial information).
+must load with a warning that names the file (a header without spatial information, any damaged
+label: ground truth only scores, so the case is prepared without it).
 """
 import dataclasses
 import gzip
@@ -103,6 +104,8 @@ def write_dataset(root, seed=0) -> list:
     case = f'fz{len(out):03d}_{kind}'
     arrays = write_case(root, case, 100 + len(out))
     p = paths(root, case)
+    if target == 'seg' and must_fail:  # a damaged label costs the case its score only
+      must_fail = False
     out.append(Fuzzed(case, kind, p[target], must_fail))
     return p[target], arrays, p
 
