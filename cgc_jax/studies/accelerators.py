@@ -73,3 +73,54 @@ def predicted_seconds(flops: float, nbytes: float, devices: int) -> dict:
   """{chip: (compute-bound s at MFU, memory-bound s)} for a program spread evenly over `devices`."""
   return {chip: (flops / (MFU * peak * devices), nbytes / (bandwidth * devices))
           for chip, (peak, bandwidth) in CHIPS.items()}
+
+
+def roofline(config, opts, table, nch: int):
+  """--what=roofline: the train and sliding-window steps of `config` on this machine's mesh, their
+  XLA cost, memory per device and predicted time on each of CHIPS; with opts.workdir (a prepared and
+  pseudo-labelled workdir) the input pipeline's crops/s per host core beside what a step consumes.
+  table(title, header, rows) prints a table."""
+  import time  # pylint: disable=g-import-not-at-top
+  mesh = distributed.mesh()
+  n = mesh.devices.size
+  if opts.batch:
+    config.train.batch_size = opts.batch
+  if config.model.conv_impl == 'auto':  # the accelerators' convolution, whatever runs here
+    config.model.conv_impl = 'native'
+  rows, step_s = [], {}
+  for name, make in (('train step', abstract_train_step),
+                     ('sliding-window batch', abstract_window_step)):
+    fn, *args = make(config, mesh, nch)
+    c = cost(fn, args)
+    mem = device_memory(fn, args)
+    pred = predicted_seconds(c['flops'], c['bytes'], n)
+    step_s[name] = pred
+    rows.append((name, c['flops'] / 1e12, c['bytes'] / 1e9,
+                 *[f'{pred[k][0] * 1e3:.3g} / {pred[k][1] * 1e3:.3g}' for k in CHIPS],
+                 f'{(mem["arguments"] + mem["temporaries"]) / 1e9:.3g}'))
+  table(f'roofline: {config.model.dtype}, global batch {config.train.batch_size} crops of '
+         f'{tuple(config.train.crop)} x {nch} ch, base {config.model.base}, {n} devices; predicted '
+         f'ms per step on n chips at {MFU:.0%} MFU / memory-bound at full bandwidth',
+         ['program', 'TFLOP', 'GB moved (unfused)'] + [f'{k} ms' for k in CHIPS] +
+         [f'GB per device (as compiled on {jax.devices()[0].platform})'], rows)
+  if not opts.workdir:
+    print('\n(--workdir=W, a prepared and pseudo-labelled workdir, adds the input pipeline\'s '
+          'rate)')
+    return
+  from cgc_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from cgc_jax.core import paths  # pylint: disable=g-import-not-at-top
+  own = pipeline.workdir_config(opts.workdir)  # its stores; the crops are this config's
+  prep, labels = paths.prepared_store(own, opts.workdir), paths.pl_store(own, opts.workdir)
+  cases = [c for c in prep.complete_cases() if labels.is_complete(c)]
+  sampler = input_pipeline.CropSampler(prep, labels, cases, config.train)
+  sampler.local_batch(0)  # opens the cases first
+  t0, steps = time.time(), max(1, opts.steps)
+  for s in range(1, steps + 1):
+    sampler.local_batch(s)
+  per_core = steps * config.train.batch_size / (time.time() - t0)  # one thread: one core
+  need = {k: config.train.batch_size / v[0] for k, v in step_s['train step'].items()}
+  table(f'input pipeline: crops of {tuple(config.train.crop)} from {len(cases)} cases of '
+         f'{opts.workdir}, one host thread',
+         ['crops/s per core'] + [f'crops/s a {k} step consumes (n = {n})' for k in need] +
+         [f'host cores to feed {k}' for k in need],
+         [(per_core, *need.values(), *[f'{v / per_core:.2g}' for v in need.values()])])

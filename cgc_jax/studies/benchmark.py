@@ -368,53 +368,9 @@ def bench_inference(config, opts: Options):
 
 
 def bench_roofline(config, opts: Options):
-  import jax  # pylint: disable=g-import-not-at-top
-  from cgc_jax.runtime import distributed  # pylint: disable=g-import-not-at-top
+  """The accelerators' predicted step times and the input pipeline's rate (studies.accelerators)."""
   from cgc_jax.studies import accelerators  # pylint: disable=g-import-not-at-top
-  mesh = distributed.mesh()
-  n, nch = mesh.devices.size, config_channels(config)
-  if opts.batch:
-    config.train.batch_size = opts.batch
-  if config.model.conv_impl == 'auto':  # the accelerators' convolution, whatever runs here
-    config.model.conv_impl = 'native'
-  rows, step_s = [], {}
-  for name, make in (('train step', accelerators.abstract_train_step),
-                     ('sliding-window batch', accelerators.abstract_window_step)):
-    fn, *args = make(config, mesh, nch)
-    c = accelerators.cost(fn, args)
-    mem = accelerators.device_memory(fn, args)
-    pred = accelerators.predicted_seconds(c['flops'], c['bytes'], n)
-    step_s[name] = pred
-    rows.append((name, c['flops'] / 1e12, c['bytes'] / 1e9,
-                 *[f'{pred[k][0] * 1e3:.3g} / {pred[k][1] * 1e3:.3g}' for k in accelerators.CHIPS],
-                 f'{(mem["arguments"] + mem["temporaries"]) / 1e9:.3g}'))
-  _table(f'roofline: {config.model.dtype}, global batch {config.train.batch_size} crops of '
-         f'{tuple(config.train.crop)} x {nch} ch, base {config.model.base}, {n} devices; predicted '
-         f'ms per step on n chips at {accelerators.MFU:.0%} MFU / memory-bound at full bandwidth',
-         ['program', 'TFLOP', 'GB moved (unfused)'] + [f'{k} ms' for k in accelerators.CHIPS] +
-         [f'GB per device (as compiled on {jax.devices()[0].platform})'], rows)
-  if not opts.workdir:
-    print('\n(--workdir=W, a prepared and pseudo-labelled workdir, adds the input pipeline\'s '
-          'rate)')
-    return
-  from cgc_jax import pipeline  # pylint: disable=g-import-not-at-top
-  from cgc_jax.core import paths  # pylint: disable=g-import-not-at-top
-  from cgc_jax.training import input_pipeline  # pylint: disable=g-import-not-at-top
-  own = pipeline.workdir_config(opts.workdir)  # its stores; the crops are this config's
-  prep, labels = paths.prepared_store(own, opts.workdir), paths.pl_store(own, opts.workdir)
-  cases = [c for c in prep.complete_cases() if labels.is_complete(c)]
-  sampler = input_pipeline.CropSampler(prep, labels, cases, config.train)
-  sampler.local_batch(0)  # opens the cases first
-  t0, steps = time.time(), max(1, opts.steps)
-  for s in range(1, steps + 1):
-    sampler.local_batch(s)
-  per_core = steps * config.train.batch_size / (time.time() - t0)  # one thread: one core
-  need = {k: config.train.batch_size / v[0] for k, v in step_s['train step'].items()}
-  _table(f'input pipeline: crops of {tuple(config.train.crop)} from {len(cases)} cases of '
-         f'{opts.workdir}, one host thread',
-         ['crops/s per core'] + [f'crops/s a {k} step consumes (n = {n})' for k in need] +
-         [f'host cores to feed {k}' for k in need],
-         [(per_core, *need.values(), *[f'{v / per_core:.2g}' for v in need.values()])])
+  accelerators.roofline(config, opts, _table, config_channels(config))
 
 
 def main(argv):
