@@ -85,6 +85,9 @@ def roofline(config, opts, table, nch: int):
   n = mesh.devices.size
   if opts.batch:
     config.train.batch_size = opts.batch
+  if config.train.batch_size % n:
+    raise SystemExit(f'--what=roofline: the global batch ({config.train.batch_size}) must divide '
+                     f'among the {n} devices: pass --batch={n * -(-config.train.batch_size // n)}')
   if config.model.conv_impl == 'auto':  # the accelerators' convolution, whatever runs here
     config.model.conv_impl = 'native'
   rows, step_s = [], {}
