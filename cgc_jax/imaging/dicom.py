@@ -110,7 +110,7 @@ def load_series(path: str, problems: list) -> Optional[tuple]:
 def ordered_slices(path: str) -> list:
   """The series' datasets in the order of the volume's k axis (load_series' order)."""
   problems = []
-  out = _read_series(path, problems)
+  out = _read_series(path, problems, pixels=False)
   if out is None:
     raise ValueError('; '.join(str(p) for p in problems))
   return out[4]
@@ -148,8 +148,9 @@ def write_seg(mask: np.ndarray, series_dir: str, path: str, version: str = ''):
       os.remove(tmp)
 
 
-def _read_series(path: str, problems: list) -> Optional[tuple]:
-  """load_series' work -> (data, affine, spacing, header, datasets in k order) or None."""
+def _read_series(path: str, problems: list, pixels: bool = True) -> Optional[tuple]:
+  """load_series' work -> (data, affine, spacing, header, datasets in k order) or None; with
+  pixels=False the headers only (data None: nothing decoded)."""
   import pydicom  # pylint: disable=g-import-not-at-top  (only DICOM cases need it)
   start = len(problems)
   slices, series = [], {}
@@ -224,6 +225,8 @@ def _read_series(path: str, problems: list) -> Optional[tuple]:
       return None
   else:
     step = float(slices[0][1].get('SliceThickness', 1.0) or 1.0)
+  if not pixels:
+    return None, None, None, None, [ds for _, ds in slices]
   try:
     planes = []
     for f, ds in slices:

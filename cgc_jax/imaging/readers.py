@@ -119,14 +119,12 @@ def _case_files(data_cfg, d: str) -> CaseFiles:
 
 
 def _is_case_folder(data_cfg, d: str) -> bool:
-  """`d` itself holds a case (its first modality's file or series folder, or for CT a study of
-  DICOM series with no case folders of NIfTI files), rather than case folders."""
+  """`d` itself holds a case (its first modality's file or series folder), rather than case
+  folders."""
   first = data_cfg.modalities[0]
-  if (first in data_cfg.filenames and os.path.exists(os.path.join(
+  return (first in data_cfg.filenames and os.path.exists(os.path.join(
       d, data_cfg.filenames[first].format(case=os.path.basename(d.rstrip('/')))))) or \
-      dicom.is_series_folder(os.path.join(d, first)):
-    return True
-  return False
+      dicom.is_series_folder(os.path.join(d, first))
 
 
 def discover(data_cfg, root: Optional[str] = None) -> list:
