@@ -200,6 +200,8 @@ def _run_stages(config, workdir, mode, t0):
     except train.Preempted as e:
       logging.warning('%s', e)
       return
+  if mode == 'evaluate':  # label files added, edited or removed since: scored, nothing redone
+    prepare.update_references(config, workdir)
   if mode in ('all', 'evaluate'):
     from cgc_jax.stages import evaluate  # pylint: disable=g-import-not-at-top
     evaluate.evaluate(config, workdir)

@@ -57,9 +57,10 @@ def ct_phantom_config(num_subjects: int, lesion_free: int):
 
 
 def copy_inputs(src, dst):
-  """Copies a workdir's phantoms, prepared shards and pseudo-labels (the offline stages' output)."""
+  """Copies a workdir's phantoms, prepared shards, references and pseudo-labels (the offline
+  stages' output)."""
   os.makedirs(dst, exist_ok=True)
-  for d in ('phantoms', 'prepared', 'pseudo_labels'):
+  for d in ('phantoms', 'prepared', 'references', 'pseudo_labels'):
     shutil.copytree(os.path.join(src, d), os.path.join(dst, d))
 
 

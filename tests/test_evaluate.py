@@ -13,6 +13,7 @@ from cgc_jax.inference import masks
 from cgc_jax.inference import restore
 from cgc_jax.inference import sliding_window
 from cgc_jax.inference import tracking
+from cgc_jax.labels import references
 from cgc_jax.runtime import distributed
 from cgc_jax.stages import evaluate
 from cgc_jax.stages import prepare
@@ -47,6 +48,7 @@ def test_tracked_signals_match_hand_values(tiny_workdir, tmp_path, monkeypatch):
   assert len(rows) == 1 and rows[0]['step'] == 7
   prep = paths.prepared_store(cfg, wd)
   labels = paths.pl_store(cfg, wd)
+  refs = paths.reference_store(cfg, wd)
   cases = prep.complete_cases()
   assert sorted(rows[0]['cases']) == sorted(cases)
   for c in cases:
@@ -64,7 +66,7 @@ def test_tracked_signals_match_hand_values(tiny_workdir, tmp_path, monkeypatch):
     np.testing.assert_allclose(got['flip_agreement'], _dice(mask, mirrored), atol=1e-9)
     np.testing.assert_allclose(got['p_agreement'], _dice(mask, post > 0.5), atol=1e-9)
     np.testing.assert_allclose(got['confident_ce'], np.mean(terms), rtol=1e-5)
-    np.testing.assert_allclose(got['dice'], _dice(mask, np.asarray(prep.read(c, 'label')) > 0),
+    np.testing.assert_allclose(got['dice'], _dice(mask, np.asarray(refs.read(c, 'label')) > 0),
                                atol=1e-9)
   for k in ('flip_agreement', 'p_agreement', 'confident_ce', 'dice'):
     np.testing.assert_allclose(rows[0][k], np.mean([r[k] for r in rows[0]['cases'].values()]),
@@ -101,19 +103,25 @@ def test_score_case_against_a_hand_count(tiny_workdir):
   stage's stored ones, and its mask is the stored posterior above the threshold."""
   cfg = tiny_config()
   prep, labels = paths.prepared_store(cfg, tiny_workdir), paths.pl_store(cfg, tiny_workdir)
-  case = next(c for c in prep.complete_cases() if prep.meta(c)['has_label'])
+  refs = paths.reference_store(cfg, tiny_workdir)
+  case = next(c for c in prep.complete_cases() if refs.is_complete(c))
   geom = geometry.Geometry.from_json(prep.meta(case)['geometry'])
-  ref = geometry.to_original(np.asarray(prep.read(case, 'label_native')), geom.native()) > 0
+  ref = geometry.to_original(np.asarray(refs.read(case, 'label_native')), geom.native()) > 0
   net = np.zeros_like(ref)
   net[:net.shape[0] // 2] = True  # half the volume
-  row, mn, mp, p_mask = evaluate.score_case(cfg, prep, labels, case, net)
+  row, mn, mp, p_mask = evaluate.score_case(cfg, prep, labels, refs, case, net)
   want = 2 * (net & ref).sum() / (net.sum() + ref.sum())
   np.testing.assert_allclose(mn['dice'], want, rtol=1e-12)
   assert row['case'] == case and row['net_dice'] == mn['dice']
-  assert mp == labels.meta(case)['report']['metrics'] and row['p_dice'] == mp['dice']
-  np.testing.assert_array_equal(
-      p_mask, np.asarray(labels.read(case, 'posterior'), np.float32) > cfg.gmm.threshold)
-  assert evaluate.score_case(cfg, prep, labels, case, ref)[1]['dice'] == 1.0
+  post = np.asarray(labels.read(case, 'posterior'), np.float32)
+  p_orig = geometry.prob_to_original_mask(post, geom, cfg.gmm.threshold) > 0
+  np.testing.assert_allclose(mp['dice'], 2 * (p_orig & ref).sum() / (p_orig.sum() + ref.sum()),
+                             rtol=1e-12)
+  # the same as the pseudo-label stage's cached score of this P against this reference
+  assert mp == references.p_scores(cfg, prep, labels, refs, [case])[case]
+  assert row['p_dice'] == mp['dice']
+  np.testing.assert_array_equal(p_mask, post > cfg.gmm.threshold)
+  assert evaluate.score_case(cfg, prep, labels, refs, case, ref)[1]['dice'] == 1.0
 
 
 def test_an_evaluation_is_current_only_while_everything_it_used_is():

@@ -165,6 +165,7 @@ def test_other_sources(tmp_path, tiny_workdir):
   wd = tmp_path / 'w'
   wd.mkdir()
   shutil.copytree(f'{tiny_workdir}/prepared', wd / 'prepared')
+  shutil.copytree(f'{tiny_workdir}/references', wd / 'references')
   shutil.copytree(f'{tiny_workdir}/phantoms', wd / 'phantoms')
   # ground truth: P equals the prepared label; its NIfTI export equals the original label exactly
   # where no resampling is involved (native grid) -> check through the metrics: Dice 1 on the
@@ -173,8 +174,9 @@ def test_other_sources(tmp_path, tiny_workdir):
   cases = pseudo_labels.run(c, str(wd))
   s = paths.pl_store(c, str(wd))
   prep = paths.prepared_store(c, str(wd))
+  refs = paths.reference_store(c, str(wd))
   for k in cases:
-    np.testing.assert_array_equal(np.asarray(s.read(k, 'p')), np.asarray(prep.read(k, 'label')))
+    np.testing.assert_array_equal(np.asarray(s.read(k, 'p')), np.asarray(refs.read(k, 'label')))
   # nifti: re-import the ground-truth export, matched by case id, geometry checked
   nifti_dir = wd / 'pseudo_labels' / 'nifti'
   c2 = tiny_config(**{'pseudo_labels.source': 'nifti', 'pseudo_labels.nifti_dir': str(nifti_dir)})

@@ -324,7 +324,7 @@ def test_ground_truth_changes_no_p_no_parameter_and_no_mask(tiny_trained, tmp_pa
   pipeline.run(cfg, without, 'all')
   cases = paths.prepared_store(cfg, with_gt).complete_cases()
   assert cases == paths.prepared_store(cfg, without).complete_cases()
-  assert not paths.prepared_store(cfg, without).meta(cases[0])['has_label']
+  assert not any(paths.reference_store(cfg, without).is_complete(c) for c in cases)
   for c in cases:
     np.testing.assert_array_equal(np.asarray(paths.pl_store(cfg, with_gt).read(c, 'p')),
                                   np.asarray(paths.pl_store(cfg, without).read(c, 'p')))
@@ -338,3 +338,31 @@ def test_ground_truth_changes_no_p_no_parameter_and_no_mask(tiny_trained, tmp_pa
              for w in (with_gt, without)]
     np.testing.assert_array_equal(masks[0], masks[1])
   assert any(m.any() for m in masks)
+  # the label files added afterwards, one of them damaged: the run is re-scored only (no shard
+  # re-prepared, no P recomputed, no step trained, no mask predicted again), the damaged label
+  # is a warning that leaves its case unscored, and the other cases score as with labels from
+  # the start
+  def stamps():
+    return {f: os.stat(f).st_mtime_ns
+            for d in ('prepared', 'pseudo_labels/cases', 'checkpoints', 'eval/predictions')
+            for f in glob.glob(os.path.join(without, d, '**', '*'), recursive=True)
+            if os.path.isfile(f)}
+  before = stamps()
+  for f in sorted(labels):
+    shutil.copy(f.replace(without, with_gt), f)
+  damaged = sorted(labels)[0]
+  with open(damaged, 'wb') as fh:
+    fh.write(b'not a NIfTI file')
+  pipeline.run(cfg, without, 'all')
+  assert stamps() == before and len(before) > 20
+  refs = paths.reference_store(cfg, without)
+  scored = [c for c in cases if refs.is_complete(c)]
+  assert len(scored) == 2 and os.path.basename(os.path.dirname(damaged)) not in scored
+  rows = {}
+  for w in (with_gt, without):
+    with open(os.path.join(w, 'eval', 'summary.json')) as fh:
+      rows[w] = {r['case']: r for r in json.load(fh)['cases']}
+  assert sorted(rows[without]) == scored
+  keys = ('net_dice', 'p_dice', 'net_assd', 'p_hd95', 'net_ref_voxels')
+  np.testing.assert_equal([[rows[without][c][k] for k in keys] for c in scored],
+                          [[rows[with_gt][c][k] for k in keys] for c in scored])

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from cgc_jax.core import paths
+from cgc_jax.core import store as store_lib
 from cgc_jax.imaging import geometry
 from cgc_jax.stages import prepare
 
@@ -20,14 +21,16 @@ from conftest import ROOT, ct_phantom_config, tiny_config
 def test_prepared_ground_truth_maps_back_exactly(tiny_workdir):
   cfg = tiny_config()
   store = paths.prepared_store(cfg, tiny_workdir)
+  refs = paths.reference_store(cfg, tiny_workdir)
   cases = store.complete_cases()
-  assert len(cases) == 3
+  assert len(cases) == 3 and refs.complete_cases() == cases
   for c in cases:
     meta = store.meta(c)
     geom = geometry.Geometry.from_json(meta['geometry'])
     assert geom.resampled  # 2 mm phantoms prepared at 4 mm
-    img = nib.load(meta['files']['label'])
-    back = geometry.to_original(np.asarray(store.read(c, 'label_native')), geom.native())
+    assert 'label' not in meta['arrays']  # ground truth lives in the reference store only
+    img = nib.load(refs.meta(c)['file'])
+    back = geometry.to_original(np.asarray(refs.read(c, 'label_native')), geom.native())
     np.testing.assert_array_equal(back, (np.asarray(img.dataobj) > 0).astype(np.uint8))
     np.testing.assert_allclose(np.asarray(geom.original_affine), img.affine)
     image = store.read(c, 'image')
@@ -48,10 +51,11 @@ def test_anisotropic_phantoms_round_trip(tmp_path):
   meta = store.meta(cases[0])
   geom = geometry.Geometry.from_json(meta['geometry'])
   np.testing.assert_allclose(geom.native_spacing, (2.0, 2.0, 3.0))
-  label = np.asarray(nib.load(meta['files']['label']).dataobj) > 0
-  back = geometry.to_original(np.asarray(store.read(cases[0], 'label_native')), geom.native())
+  refs = paths.reference_store(cfg, wd)
+  label = np.asarray(nib.load(refs.meta(cases[0])['file']).dataobj) > 0
+  back = geometry.to_original(np.asarray(refs.read(cases[0], 'label_native')), geom.native())
   np.testing.assert_array_equal(back > 0, label)
-  lab_p = np.asarray(store.read(cases[0], 'label')).astype(np.float32)
+  lab_p = np.asarray(refs.read(cases[0], 'label')).astype(np.float32)
   approx = geometry.prob_to_original_mask(lab_p, geom) > 0
   assert 2 * (approx & label).sum() / (approx.sum() + label.sum()) > 0.85
 
@@ -205,3 +209,49 @@ def test_mri_outside_filled_with_another_constant_is_the_outside():
   np.testing.assert_array_equal(geometry.brain_mask([zero, zero], cfg.data)[0], want_zero)
   assert geometry.raw_scan_problem(want, [v], cfg.data) is None
   assert 'covers 100%' in geometry.raw_scan_problem(np.ones_like(want), [v], cfg.data)
+
+
+def test_a_shard_prepared_with_its_label_stays_current_and_gains_a_reference(tiny_workdir,
+                                                                            tmp_path):
+  """Earlier versions kept the label in the prepared shard and its file among the shard's inputs:
+  such a shard is not prepared again (its identity, so P and the networks, unchanged), and the
+  label file is read into the reference store beside it."""
+  import json  # pylint: disable=g-import-not-at-top
+  from conftest import copy_inputs  # pylint: disable=g-import-not-at-top
+  cfg = tiny_config()
+  wd = str(tmp_path / 'wd')
+  copy_inputs(tiny_workdir, wd)
+  shutil.rmtree(os.path.join(wd, 'references'))
+  store = paths.prepared_store(cfg, wd)
+  files = {f.case_id: f for f in prepare.case_files(cfg, wd)}
+  for c in store.complete_cases():
+    path = os.path.join(store.case_dir(c), 'meta.json')
+    with open(path) as f:
+      meta = json.load(f)
+    meta['inputs'] = dict(prepare.case_inputs(files[c]),
+                          **store_lib.file_identity([files[c].label]))
+    meta['files']['label'], meta['has_label'] = files[c].label, True
+    with open(path, 'w') as f:
+      json.dump(meta, f)
+  def stamps(store):
+    return {c: (store.identity(c), os.stat(os.path.join(store.case_dir(c),
+                                                        'meta.json')).st_mtime_ns)
+            for c in store.complete_cases()}
+  before = stamps(store)
+  assert prepare.run(cfg, wd) == sorted(before)
+  store = paths.prepared_store(cfg, wd)
+  assert stamps(store) == before
+  refs = paths.reference_store(cfg, wd)
+  assert refs.complete_cases() == sorted(before)
+  # a label edited afterwards: its reference is made again, the image shard stays
+  lab = nib.load(files[sorted(before)[0]].label)
+  data = np.zeros(lab.shape, np.uint8)
+  x, y, z = (n // 2 for n in lab.shape)
+  data[x:x + 3, y:y + 3, z:z + 2] = 1  # in the brain box
+  nib.save(nib.Nifti1Image(data, lab.affine, lab.header), files[sorted(before)[0]].label)
+  prepare.run(cfg, wd)
+  assert store.identity(sorted(before)[0]) == before[sorted(before)[0]][0]
+  geom = geometry.Geometry.from_json(store.meta(sorted(before)[0])['geometry'])
+  back = geometry.to_original(np.asarray(refs.read(sorted(before)[0], 'label_native')),
+                              geom.native())
+  np.testing.assert_array_equal(back, data)

@@ -105,7 +105,7 @@ def test_main_verify_exit_code_and_no_traceback(tmp_path):
   assert not wd.exists()
 
 
-def test_prepare_keeps_good_cases_and_writes_nothing_for_bad(tmp_path):
+def test_prepare_keeps_good_cases_and_writes_nothing_for_bad(tmp_path, caplog):
   data = tmp_path / 'data'
   _broken_dataset(str(data))
   wd = tmp_path / 'wd'
@@ -115,12 +115,15 @@ def test_prepare_keeps_good_cases_and_writes_nothing_for_bad(tmp_path):
   assert sorted(os.listdir(wd / 'prepared' / 'cases')) == ['good', 'label3']
   store = paths.prepared_store(c, str(wd))
   assert store.complete_cases() == ['good', 'label3']
-  # the bad label is a warning naming it; the case is prepared without it (segmented, not scored)
+  # the bad label is a warning naming it; the case is prepared all the same (segmented, not
+  # scored): its image shard never holds a label, and it has no reference
   meta = store.meta('label3')
-  assert not meta['has_label'] and 'label' not in meta['arrays']
+  assert 'label' not in meta['arrays'] and meta['warnings'] == []
+  refs = paths.reference_store(c, str(wd))
+  assert refs.complete_cases() == ['good'] and not refs.is_complete('label3')
   label = str(data / 'label3' / 'GT_W.nii.gz')
-  assert meta['warnings'] == [f'WARNING: {label}: label values [3.0] not in the allowed set '
-                              '[0, 1] (the label is skipped: this case is not scored)']
+  assert f'label3: WARNING: {label}: label values [3.0] not in the allowed set [0, 1] (the label ' \
+      'is skipped: this case is not scored)' in caplog.text
 
 
 def test_brats_layout_hgg_lgg_and_flat(tmp_path):

@@ -6,6 +6,12 @@ package, listed here, and the ones that are plain bookkeeping implemented here.
   of workdirs made before the field existed stay current.
 - A config read back from an older workdir's config.json may lack fields; the config rules skip
   them (core.config_rules): `--mode=predict` with an older workdir.
+- A prepared shard made when label files were part of a case's inputs (before 2026-12-03) stays
+  current while its images are unchanged, whatever became of its label (prepared_inputs, here);
+  its label arrays are left in it and never read (stages/references.py reads label files).
+- An evaluation made before its masks kept a record of their own (eval/predictions/record.json)
+  has its masks re-scored, not predicted again, when its summary names the same networks and
+  shards (masks_record, here).
 - A P shard that recorded its prepared shard by the identity formula before 2026-12 (file stats
   included) stays current (p_inputs, here; store.Store.legacy_identity).
 - A checkpoint that recorded its P shards by that formula is continued, not retrained
@@ -17,6 +23,7 @@ package, listed here, and the ones that are plain bookkeeping implemented here.
 
 Each is exercised by a test (test_store, test_paths, test_config_rules, test_train).
 """
+import os
 from typing import Callable, Optional
 
 # Fields added after runs existed, left out of the fingerprints while at these values (which
@@ -31,7 +38,34 @@ OMIT_AT = {('train', 'elr_lambda'): 0.0, ('train', 'elr_decay'): 0.97,
            ('train', 'symmetry_margin'): 0.0, ('train', 'symmetry_modality'): 'flair',
            ('train', 'symmetry_sigma'): 1.0, ('train', 'ensemble'): 1,
            ('eval', 'border_symmetry'): False, ('data.phantoms', 'lesions'): 1,
-           ('data.phantoms', 'lesion_radius'): (4.0, 7.0)}
+           ('data.phantoms', 'lesion_radius'): (4.0, 7.0), ('train', 'quality_weight'): 0.0}
+
+
+def prepared_inputs(current: dict, meta: Optional[dict]) -> dict:
+  """What a case's prepared shard should have recorded: `current` (its image files' identities),
+  or the shard's recorded inputs when they are `current` plus the label file the shard was made
+  with (`meta['files']['label']`), so that shard stays current."""
+  if not meta:
+    return current
+  recorded, label = meta.get('inputs'), (meta.get('files') or {}).get('label')
+  if not label or not isinstance(recorded, dict):
+    return current
+  from cgc_jax.core import store  # pylint: disable=g-import-not-at-top
+  real = os.path.realpath(label)
+  images = {k: v for k, v in recorded.items() if k != real}
+  if real in recorded and store.same_files(images, current, meta.get('input_digests')):
+    return recorded
+  return current
+
+
+def masks_record(summary: Optional[dict]) -> Optional[dict]:
+  """The record of the masks an earlier evaluation wrote (fingerprint, checkpoint step, prepared
+  and P shard identities per case), from its summary.json; None without one."""
+  if not summary or not summary.get('inputs') or summary.get('checkpoint_step') is None:
+    return None
+  return {'fingerprint': summary.get('fingerprint'),
+          'checkpoint_step': summary['checkpoint_step'],
+          'inputs': {c: list(v[:2]) for c, v in summary['inputs'].items()}}
 
 
 def p_inputs(current: dict, recorded: Optional[dict], legacy_prepared: str) -> dict:

@@ -1,6 +1,7 @@
 """The workdir's layout: every folder name a stage reads or writes, and the stores of its shards.
 
-    WORKDIR/prepared/        prepare: one shard per case (image, brain, labels for analysis)
+    WORKDIR/prepared/        prepare: one shard per case (image, brain)
+    WORKDIR/references/      prepare, evaluate: each labelled case's ground truth (scoring only)
     WORKDIR/pseudo_labels/   pseudo_labels: P per case, reports/, nifti/ (P on the original grid)
     WORKDIR/checkpoints/     train: orbax checkpoints
     WORKDIR/train/           train: metrics.jsonl, track.jsonl, tensorboard/, curves.png
@@ -17,6 +18,7 @@ from cgc_jax.core import store as store_lib
 
 PREPARED = 'prepared'
 PSEUDO_LABELS = 'pseudo_labels'
+REFERENCES = 'references'
 CHECKPOINTS = 'checkpoints'
 TRAIN = 'train'
 EVAL = 'eval'
@@ -25,6 +27,11 @@ PREDICT = 'predict'
 
 def prepared_store(config, workdir: str) -> store_lib.Store:
   return store_lib.Store(os.path.join(workdir, PREPARED), fingerprints.of(config, 'prepare'))
+
+
+def reference_store(config, workdir: str) -> store_lib.Store:
+  """Ground truth on the prepared grids (stages/references.py): never read by training."""
+  return store_lib.Store(os.path.join(workdir, REFERENCES), fingerprints.of(config, 'prepare'))
 
 
 def pl_store(config, workdir: str) -> store_lib.Store:

@@ -30,13 +30,13 @@ def case_figure(image, masks: dict, title: str, path: str):
   os.replace(tmp, path)
 
 
-def write_all(out_dir, prep, cases, probs, p_masks, per_case, p_name, n_name):
+def write_all(out_dir, prep, refs, cases, probs, p_masks, per_case, p_name, n_name):
   d = os.path.join(out_dir, 'pictures')
   os.makedirs(d, exist_ok=True)
   rows = {r['case']: r for r in per_case}
   for c in cases:
     image = np.asarray(prep.read(c, 'image')[..., 0], np.float32)
-    gt = np.asarray(prep.read(c, 'label')) > 0 if prep.meta(c)['has_label'] else None
+    gt = np.asarray(refs.read(c, 'label')) > 0 if refs.is_complete(c) else None
     r = rows.get(c, {})
     title = (f'{c}  Dice P {r.get("p_dice", float("nan")):.3f}  '
              f'net {r.get("net_dice", float("nan")):.3f}')

@@ -163,7 +163,6 @@ class LoadedCase:
   case_id: str
   # C arrays f32[X, Y, Z], in data.modalities order (not stacked: prepare crops first)
   channels: list
-  label: Optional[np.ndarray]  # u8[X, Y, Z], 1 = lesion
   affine: np.ndarray  # f64[4, 4]
   spacing: np.ndarray  # f64[3]
   header: object  # nibabel header of the first modality (written back with predictions)
@@ -236,8 +235,8 @@ def label_problems(path: str, lab: np.ndarray, label_values) -> list:
 
 
 def load_case(files: CaseFiles, data_cfg) -> LoadedCase:
-  """Loads and verifies one case. Raises DataError listing EVERY problem found (each with its
-  file)."""
+  """Loads and verifies one case's images (never its label: references.py reads that). Raises
+  DataError listing EVERY problem found (each with its file)."""
   problems = [nifti.Problem(p, 'missing file (configured modality)') for p in files.missing]
   vols = {}
   for m, path in files.images.items():
@@ -247,9 +246,6 @@ def load_case(files: CaseFiles, data_cfg) -> LoadedCase:
         nifti.load_volume(path, problems)
     if v is not None:
       vols[m] = v
-  label, label_probs = None, []
-  if files.label:
-    label = nifti.load_volume(files.label, label_probs)
 
   # the case's geometry comes from the first channel that HAS spatial information: a header with
   # qform and sform codes 0 carries none (nibabel makes up an affine from pixdim)
@@ -260,25 +256,34 @@ def load_case(files: CaseFiles, data_cfg) -> LoadedCase:
     for m, vol in vols.items():
       problems += geometry_problems(files.images[m], vol, files.images[ref_mod], ref,
                                     bool(spatial), data_cfg)
-    if label is not None:
-      label_probs += geometry_problems(files.label, label, files.images[ref_mod], ref,
-                                       bool(spatial), data_cfg)
   for m, (data, *_) in vols.items():
     problems += intensity_problems(files.images[m], data, data_cfg)
-  if label is not None:
-    label_probs += label_problems(files.label, label[0], data_cfg.label_values)
-  if any(p.severity == 'error' for p in label_probs):
-    # ground truth only scores: a bad label costs this case its score, never its segmentation
-    label = None
-    label_probs = [nifti.Problem(p.path, f'{p.message} (the label is skipped: this case is '
-                                 'not scored)', 'warning') for p in label_probs]
-  problems += label_probs
 
   errors = [p for p in problems if p.severity == 'error']
   if errors:
     raise DataError('\n'.join(str(p) for p in problems))
   return LoadedCase(
       case_id=files.case_id, channels=[vols[m][0] for m in data_cfg.modalities],
-      label=None if label is None else (label[0] > 0).astype(np.uint8),
       affine=ref[1], spacing=ref[2], header=ref[3], files=files,
       warnings=[p for p in problems if p.severity == 'warning'])
+
+
+def load_label(path: str, ref: tuple, ref_path: str, any_spatial: bool, data_cfg) -> tuple:
+  """A case's ground truth checked against its images: (u8[X, Y, Z] 1 = lesion, or None, warnings).
+
+  ref: the case's reference grid (data or an array of its shape, affine, spacing, header) as
+  nifti.load_volume gives it, from `ref_path`; any_spatial: whether that grid carries spatial
+  information. Ground truth only scores, so a label that cannot be read, sits on another grid or
+  holds values outside data.label_values is never an error: it is returned as None with warnings
+  that name the file (the case is then not scored).
+  """
+  probs = []
+  vol = nifti.load_volume(path, probs)
+  if vol is not None:
+    probs += geometry_problems(path, vol, ref_path, ref, any_spatial, data_cfg)
+  if vol is not None and not any(p.severity == 'error' for p in probs):
+    probs += label_problems(path, vol[0], data_cfg.label_values)
+  if vol is None or any(p.severity == 'error' for p in probs):
+    return None, [nifti.Problem(p.path, f'{p.message} (the label is skipped: this case is not '
+                                'scored)', 'warning') for p in probs]
+  return (vol[0] > 0).astype(np.uint8), probs

@@ -126,6 +126,7 @@ def track_during_training(config, workdir, mesh):
   """
   prep = paths.prepared_store(config, workdir)
   labels = paths.pl_store(config, workdir)
+  refs = paths.reference_store(config, workdir)  # ground truth: the analysis Dice only
   cases = [c for c in prep.complete_cases() if labels.is_complete(c)]
   if not cases:
     return None
@@ -143,7 +144,7 @@ def track_during_training(config, workdir, mesh):
       prob = predictor.predict_volume(params['unet'], image) * brain
       mirrored = predictor.predict_volume(params['unet'], image[::-1])[::-1] * brain
       post = np.asarray(labels.read(c, 'posterior'), np.float32)
-      label = np.asarray(prep.read(c, 'label')) > 0 if prep.meta(c)['has_label'] else None
+      label = np.asarray(refs.read(c, 'label')) > 0 if refs.is_complete(c) else None
       rows[c] = tracking_signals(prob, mirrored, post, brain, conf, label)
     means = tracking_means(rows)
     logging.info('step %d: %s', step, ', '.join(

@@ -6,9 +6,8 @@ of the case is written, so a bad case writes nothing while good cases in the sam
 Prepared shard arrays (prepared grid = RAS, brain box, target spacing):
   image: f16[X, Y, Z, C]  normalised (MRI z-score in brain; CT window scaled to [0, 1]); 0 outside
   brain: u8[X, Y, Z]
-  label: u8[X, Y, Z] (if ground truth)            for training-free analysis only
-  label_native: u8[Xc, Yc, Zc] (if ground truth)  cropped canonical grid at native spacing: maps
-                                                  back to the original GT exactly (evaluation)
+Label files are not read here: references.py keeps them in a store of their own (scoring only), so
+a label added, edited or removed never re-prepares a case.
 """
 import os
 
@@ -16,11 +15,14 @@ from absl import logging
 import numpy as np
 
 from cgc_jax import errors
+from cgc_jax.core import compat
 from cgc_jax.core import paths
 from cgc_jax.core import store as store_lib
 from cgc_jax.imaging import dicom
 from cgc_jax.imaging import geometry
+from cgc_jax.imaging import nifti
 from cgc_jax.imaging import readers
+from cgc_jax.labels import references
 from cgc_jax.runtime import bookkeeping
 from cgc_jax.runtime import workers
 
@@ -62,12 +64,11 @@ def checked_brain(channels: list, data_cfg) -> tuple:
   return brain, approximate
 
 
-def preprocess(channels: list, affine: np.ndarray, data_cfg, label=None, brain=None):
+def preprocess(channels: list, affine: np.ndarray, data_cfg, brain=None):
   """One case's arrays on its original grid -> (arrays on the prepared grid, Geometry, approximate).
 
-  channels: C arrays f32[X, Y, Z] in data_cfg.modalities order, any orientation; affine: f64[4, 4];
-  label: u8[X, Y, Z] or None. Returned arrays: image f[X', Y', Z', C] (data_cfg.store_dtype), brain
-  u8, and with a label: label u8 (prepared grid) and label_native u8 (cropped canonical grid).
+  channels: C arrays f32[X, Y, Z] in data_cfg.modalities order, any orientation; affine: f64[4, 4].
+  Returned arrays: image f[X', Y', Z', C] (data_cfg.store_dtype), brain u8.
   `geometry.to_original(..., geom)` maps any prepared-grid array back. brain: (bool[X, Y, Z],
   approximate) from checked_brain, or None to compute it here. Raises DataError on an empty brain
   mask.
@@ -83,12 +84,7 @@ def preprocess(channels: list, affine: np.ndarray, data_cfg, label=None, brain=N
   brain_p = geometry.crop_and_resample(brain_c, geom, order=0)
   image = geometry.resample_cropped(canon, geom, order=1)
   image = geometry.normalise(image, brain_p > 0, data_cfg).astype(data_cfg.store_dtype)
-  arrays = {'image': image, 'brain': brain_p}
-  if label is not None:
-    native, _, _ = geometry.to_canonical(label[box], affine)
-    arrays['label'] = geometry.resample_cropped(native, geom, order=0)
-    arrays['label_native'] = native
-  return arrays, geom, approximate
+  return {'image': image, 'brain': brain_p}, geom, approximate
 
 
 def prepare_case(files: readers.CaseFiles, data_cfg, store_root: str, fingerprint: str,
@@ -104,22 +100,22 @@ def prepare_case(files: readers.CaseFiles, data_cfg, store_root: str, fingerprin
       raise readers.DataError(problem + ' (data.strict_brain_mask=True stops here)')
     if problem:
       warnings.append(f'{first}: {problem}')
-    if not write:  # verify: the brain mask checks only
+    if not write:  # verify: the brain mask and the label's checks only
+      if files.label:
+        _, probs = readers.load_label(files.label, (lc.channels[0], lc.affine, lc.spacing,
+                                                    lc.header), first,
+                                      nifti.has_spatial_info(lc.header), data_cfg)
+        warnings += [str(p) for p in probs]
       return {'warnings': warnings}
-    arrays, geom, approximate = preprocess(lc.channels, lc.affine, data_cfg, lc.label,
-                                           (brain, approximate))
+    arrays, geom, approximate = preprocess(lc.channels, lc.affine, data_cfg, (brain, approximate))
   except readers.DataError as e:
     raise readers.DataError(f'{first}: {e}') from e
-  if lc.label is not None:
-    outside = int(lc.label.sum()) - int(arrays['label_native'].sum())
-    if outside:
-      logging.warning('%s: %d lesion voxels lie outside the brain box', files.case_id, outside)
   inputs = case_inputs(files)
   meta = {'geometry': geom.to_json(), 'modalities': list(data_cfg.modalities),
           'inputs': inputs,
           'input_digests': {p: store_lib.content_digest(p) for p in inputs},
-          'files': {'images': files.images, 'label': files.label},
-          'approximate_brain': approximate, 'has_label': lc.label is not None,
+          'files': {'images': files.images},
+          'approximate_brain': approximate,
           'warnings': warnings,
           'header': {'qform_code': int(lc.header['qform_code']),
                      'sform_code': int(lc.header['sform_code'])}}
@@ -129,10 +125,10 @@ def prepare_case(files: readers.CaseFiles, data_cfg, store_root: str, fingerprin
 
 
 def case_inputs(files: readers.CaseFiles) -> dict:
-  """The identity of a case's input files (path, size, mtime; a DICOM series folder: each of its
-  files): a prepared shard is current only for these."""
+  """The identity of a case's image files (path, size, mtime; a DICOM series folder: each of its
+  files): a prepared shard is current only for these. Its label is not among them."""
   paths = []
-  for p in list(files.images.values()) + [files.label]:
+  for p in files.images.values():
     paths += dicom.series_files(p) if p and os.path.isdir(p) else [p]
   return store_lib.file_identity(paths)
 
@@ -150,15 +146,29 @@ def verify(config, workdir, root=None):
 
 
 def run(config, workdir, root=None, store=None) -> list:
-  """The prepare stage. Returns the prepared case ids (complete shards)."""
+  """The prepare stage (and, for the workdir's own data, the reference store of its labels).
+  Returns the prepared case ids (complete shards). `store`: another store (--mode=predict's new
+  scans, which are never scored)."""
   data_cfg = reader_config(config)
   files = case_files(config, workdir, root)
+  own = store is None
   store = store or paths.prepared_store(config, workdir)
-  inputs = {f.case_id: case_inputs(f) for f in files}
+  inputs = {f.case_id: compat.prepared_inputs(case_inputs(f), store.meta(f.case_id, True))
+            for f in files}
   todo = bookkeeping.start_cases(config, store, [f.case_id for f in files], 'prepare', inputs)
   by_id = {f.case_id: f for f in files}
   jobs = [(c, (by_id[c], data_cfg, store.root, store.fingerprint)) for c in todo]
   results = workers.map_cases(prepare_case, jobs, config.data.num_workers, 'prepare',
                                expected_types=(readers.DataError,))
-  return bookkeeping.finish_cases(config, store, [f.case_id for f in files], results, 'prepare',
-                                  inputs)
+  try:
+    return bookkeeping.finish_cases(config, store, [f.case_id for f in files], results,
+                                    'prepare', inputs)
+  finally:
+    if own:  # the good cases' labels, whatever failed
+      references.update(config, workdir, files, data_cfg)
+
+
+def update_references(config, workdir: str) -> list:
+  """The reference store brought in line with the dataset's label files (labels.references):
+  before an evaluation, so that labels added, edited or removed since are scored."""
+  return references.update(config, workdir, case_files(config, workdir), reader_config(config))

@@ -13,7 +13,6 @@ import numpy as np
 
 from cgc_jax import errors
 from cgc_jax.core import compat
-from cgc_jax.core import fingerprints
 from cgc_jax.core import paths
 from cgc_jax.core import store as store_lib
 from cgc_jax.imaging import geometry
@@ -21,6 +20,7 @@ from cgc_jax.imaging import metrics
 from cgc_jax.imaging import morphology
 from cgc_jax.imaging import nifti
 from cgc_jax.labels import gmm
+from cgc_jax.labels import references
 from cgc_jax.runtime import bookkeeping
 from cgc_jax.runtime import workers
 
@@ -43,34 +43,33 @@ def _from_nifti(path, geom: geometry.Geometry):
   return geometry.crop_and_resample(canon, geom, order=0).astype(np.float32)
 
 
-def case_pseudo_label(case_id, config, prep_root, prep_fp, out_root, out_fp):
-  """Computes and writes one case's P shard; returns its report."""
+def case_pseudo_label(case_id, config, prep_root, prep_fp, out_root, out_fp, ref_root, inputs):
+  """Computes and writes one case's P shard; returns its report. ref_root: the reference store
+  (read by source=ground_truth only)."""
   prep = store_lib.Store(prep_root, prep_fp)
   meta = prep.meta(case_id)
   geom = geometry.Geometry.from_json(meta['geometry'])
   image = np.asarray(prep.read(case_id, 'image', config.data.verify_checksums), np.float32)
   brain = np.asarray(prep.read(case_id, 'brain', config.data.verify_checksums)) > 0
   src = config.pseudo_labels.source
-  if src == 'ground_truth' and not meta['has_label']:
-    raise errors.DataError(
-        f'{case_id}: pseudo_labels.source=ground_truth but the case has no label')
-  post, p, report = labels_from_source(
-      config, case_id, image, brain, list(meta['modalities']), geom,
-      label=np.asarray(prep.read(case_id, 'label')) if src == 'ground_truth' else None)
+  label = None
+  if src == 'ground_truth':
+    refs = store_lib.Store(ref_root, prep_fp)
+    if not refs.is_complete(case_id):
+      raise errors.DataError(
+          f'{case_id}: pseudo_labels.source=ground_truth but the case has no usable label')
+    label = np.asarray(refs.read(case_id, 'label'))
+  post, p, report = labels_from_source(config, case_id, image, brain, list(meta['modalities']),
+                                       geom, label=label)
   report['source'] = src
-  post = post.astype(np.float16).astype(np.float32)  # what is stored: export and score that
+  post = post.astype(np.float16).astype(np.float32)  # what is stored: export that
   out = store_lib.Store(out_root, out_fp)
-  if config.pseudo_labels.export_nifti or meta['has_label']:
-    mask = original_mask(config, post, geom)
   if config.pseudo_labels.export_nifti:
-    nifti.write_mask(mask, geom, meta, export_path(out_root, case_id))
-  if meta['has_label']:
-    ref = geometry.to_original(np.asarray(prep.read(case_id, 'label_native')), geom.native())
-    report['metrics'] = metrics.all_metrics(mask, ref, geom.original_spacing)
+    nifti.write_mask(original_mask(config, post, geom), geom, meta, export_path(out_root, case_id))
   os.makedirs(os.path.join(out_root, 'reports'), exist_ok=True)
   store_lib.atomic_write_json(os.path.join(out_root, 'reports', f'{case_id}.json'), report)
   out.write(case_id, {'p': p.astype(np.uint8), 'posterior': post.astype(np.float16)},
-            {'report': report, 'inputs': case_inputs(config, prep, case_id)})
+            {'report': report, 'inputs': inputs})
   return report
 
 
@@ -106,8 +105,7 @@ def labels_from_source(config, case_id: str, image: np.ndarray, brain: np.ndarra
 
 def original_mask(config, post, geom) -> np.ndarray:
   """P on the case's original grid (u8) from its stored posterior on the prepared grid."""
-  thr = config.gmm.threshold if config.pseudo_labels.source == 'gmm' else 0.5
-  return geometry.prob_to_original_mask(post, geom, thr)
+  return geometry.prob_to_original_mask(post, geom, references.p_threshold(config))
 
 
 def export_path(out_root: str, case_id: str) -> str:
@@ -128,22 +126,27 @@ def export_missing(config, prep: store_lib.Store, out: store_lib.Store, cases: l
   return n
 
 
-def expected_inputs(config, prep: store_lib.Store, out: store_lib.Store, case_id: str) -> dict:
+def expected_inputs(config, prep: store_lib.Store, out: store_lib.Store, case_id: str,
+                    refs=None) -> dict:
   """case_inputs(), or what an existing P shard recorded when that names the same prepared shard
   by the identity formula of earlier versions (store.Store.legacy_identity): such a shard is
   current, not redone."""
   meta = out.meta(case_id, missing_ok=True)
-  return compat.p_inputs(case_inputs(config, prep, case_id), meta and meta.get('inputs'),
+  return compat.p_inputs(case_inputs(config, prep, case_id, refs), meta and meta.get('inputs'),
                          prep.legacy_identity(case_id))
 
 
-def case_inputs(config, prep: store_lib.Store, case_id: str) -> dict:
-  """What a case's P is made from: its prepared shard (by content) and, for source=nifti, the mask
-  file. A redone prepared case or a replaced mask makes the P shard stale."""
+def case_inputs(config, prep: store_lib.Store, case_id: str, refs=None) -> dict:
+  """What a case's P is made from: its prepared shard (by content), for source=nifti the mask file,
+  and for source=ground_truth its reference (refs: the reference store). A redone prepared case or
+  a replaced mask makes the P shard stale."""
   out = {'prepared': prep.identity(case_id)}
-  if config.pseudo_labels.source == 'nifti':
+  src = config.pseudo_labels.source
+  if src == 'nifti':
     out['mask'] = store_lib.file_identity(
         [os.path.join(config.pseudo_labels.nifti_dir, f'{case_id}.nii.gz')])
+  if src == 'ground_truth' and refs is not None and refs.is_complete(case_id):
+    out['reference'] = refs.identity(case_id)
   return out
 
 
@@ -165,10 +168,12 @@ def run(config, workdir) -> list:
   if not cases:
     raise errors.StageError(f'{prep.root}: no prepared cases: run --mode=prepare first')
   out = paths.pl_store(config, workdir)
+  refs = paths.reference_store(config, workdir)  # made by the prepare stage
   logging.info('pseudo_labels: source %s', config.pseudo_labels.source)
-  inputs = {c: expected_inputs(config, prep, out, c) for c in cases}
+  inputs = {c: expected_inputs(config, prep, out, c, refs) for c in cases}
   todo = bookkeeping.start_cases(config, out, cases, 'pseudo_labels', inputs)
-  jobs = [(c, (c, config, prep.root, prep.fingerprint, out.root, out.fingerprint)) for c in todo]
+  jobs = [(c, (c, config, prep.root, prep.fingerprint, out.root, out.fingerprint, refs.root,
+               inputs[c])) for c in todo]
   results = workers.map_cases(case_pseudo_label, jobs, config.data.num_workers, 'pseudo_labels',
                                expected_types=(errors.DataError, gmm.GMMError))
   done = bookkeeping.finish_cases(config, out, cases, results, 'pseudo_labels', inputs)
@@ -176,12 +181,10 @@ def run(config, workdir) -> list:
   if not distributed.is_main():  # process 0 logs and writes the summary
     return done
   rows = []
-  for c in done:
-    r = out.meta(c)['report']
-    if 'metrics' in r:
-      rows.append(dict(case=c, **r['metrics']))
-      logging.info('P %s: dice %.4f sens %.4f assd %.2f mm', c, r['metrics']['dice'],
-                   r['metrics']['sensitivity'], r['metrics']['assd'])
+  for c, m in references.p_scores(config, prep, out, refs, done).items():
+    rows.append(dict(case=c, **m))
+    logging.info('P %s: dice %.4f sens %.4f assd %.2f mm', c, m['dice'], m['sensitivity'],
+                 m['assd'])
   if rows:
     s = metrics.summarise(rows)
     logging.info(
@@ -191,6 +194,8 @@ def run(config, workdir) -> list:
         s['assd']['std'])
     store_lib.atomic_write_json(os.path.join(out.root, 'summary.json'),
                                 {'rows': rows, 'summary': s})
+  elif os.path.exists(os.path.join(out.root, 'summary.json')):  # every label removed
+    os.remove(os.path.join(out.root, 'summary.json'))
   n = export_missing(config, prep, out, done)
   if n:
     logging.info('pseudo_labels: exported %d NIfTI masks that were missing', n)

@@ -80,7 +80,7 @@ def p_workdir(config, base: str, source: str, p_overrides=None) -> str:
         f'p_{source}_{fingerprints.of(config, "pseudo_labels")}'
     wd = os.path.join(base, 'experiments', name)
     os.makedirs(wd, exist_ok=True)
-    for d in ('prepared', 'phantoms'):
+    for d in ('prepared', paths.REFERENCES, 'phantoms'):
       if os.path.exists(os.path.join(base, d)):
         _link(os.path.join(base, d), os.path.join(wd, d))
   pipeline.run(config, wd, 'pseudo_labels')
@@ -141,8 +141,8 @@ def _evaluate_run(c, trained_config, trained: str, base: str) -> str:
     return trained
   wd = os.path.join(base, 'experiments', 'evals', f'{fingerprints.of(c, "train")}_{fp}')
   os.makedirs(wd, exist_ok=True)
-  for d in ('prepared', 'phantoms', 'pseudo_labels', paths.CHECKPOINTS, paths.TRAIN,
-            folds_lib.FOLDS, folds_lib.ENSEMBLE):
+  for d in ('prepared', paths.REFERENCES, 'phantoms', 'pseudo_labels', paths.CHECKPOINTS,
+            paths.TRAIN, folds_lib.FOLDS, folds_lib.ENSEMBLE):
     if os.path.exists(os.path.join(trained, d)):
       _link(os.path.join(trained, d), os.path.join(wd, d))
   logging.info('experiments: evaluating the networks of %s in %s', trained, wd)
@@ -154,7 +154,7 @@ def _train_run(c, base: str, pwd: str) -> str:
   """Trains and evaluates config `c` on the pseudo-labels of workdir `pwd`; returns its workdir."""
   wd = run_dir(base, c)
   os.makedirs(wd, exist_ok=True)
-  for d in ('prepared', 'phantoms', 'pseudo_labels'):
+  for d in ('prepared', paths.REFERENCES, 'phantoms', 'pseudo_labels'):
     if os.path.exists(os.path.join(pwd, d)):
       _link(os.path.join(pwd, d), os.path.join(wd, d))
   logging.info('experiments: training %s (P from %s, seed %s)', wd, c.pseudo_labels.source,
