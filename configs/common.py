@@ -156,6 +156,10 @@ def base_config() -> ml_collections.ConfigDict:
   # takes for lesion on both sides. For one-sided lesions (gliomas), not for bilateral ones.
   t.symmetry_margin = 0.0
   t.symmetry_modality = 'flair'
+  # >0 (s, at most 1): each case's segmentation loss is weighed by 1 - s + s x the label-free
+  # quality score of its P (labels.quality: the rank among the cases of its mixtures' agreement,
+  # ring contrast, compactness and roundness), so cases whose P looks worst teach the least
+  t.quality_weight = 0.0
   t.symmetry_sigma = 1.0
   # >0: early-learning regularisation, lambda * log(1 - <prob, teacher prob>) with a teacher whose
   # weights are the moving average (decay elr_decay per step) of the network's own

@@ -8,10 +8,11 @@ from cgc_jax.training import input_pipeline
 from conftest import tiny_config
 
 
-def _sampler(wd, cfg, pi=0, pc=1):
+def _sampler(wd, cfg, pi=0, pc=1, weights=None):
   prep = paths.prepared_store(cfg, wd)
   pl = paths.pl_store(cfg, wd)
-  return input_pipeline.CropSampler(prep, pl, pl.complete_cases(), cfg.train, True, pi, pc)
+  return input_pipeline.CropSampler(prep, pl, pl.complete_cases(), cfg.train, True, pi, pc,
+                                    weights)
 
 
 def test_deterministic_and_process_sharded(tiny_workdir):
@@ -108,6 +109,24 @@ def test_label_weight_is_the_symmetry_weight_cropped_with_p(tiny_workdir, monkey
   monkeypatch.undo()
   with pytest.raises(ValueError, match=r"phantom_mri_00\d: train.symmetry_modality 'dwi' is not"):
     _sampler(tiny_workdir, cfg_bad).local_batch(0)
+
+
+def test_quality_weight_scales_each_crop_by_its_case_weight(tiny_workdir):
+  plain = _sampler(tiny_workdir, tiny_config())
+  weights = {c: 0.25 * (i + 1) for i, c in enumerate(plain.case_ids)}
+  s = _sampler(tiny_workdir, tiny_config(**{'train.quality_weight': 1.0}), weights=weights)
+  sym = _sampler(tiny_workdir, tiny_config(**{'train.quality_weight': 1.0,
+                                              'train.symmetry_margin': 0.3}), weights=weights)
+  sym_only = _sampler(tiny_workdir, tiny_config(**{'train.symmetry_margin': 0.3}))
+  for step in range(2):
+    batch, ids = s.local_batch(step), s.case_ids_of(step)
+    want = np.stack([np.full(s.crop, weights[c], np.float32) for c in ids])
+    np.testing.assert_array_equal(batch['label_weight'], want)
+    for k in plain.local_batch(step):  # the weight changes nothing else
+      np.testing.assert_array_equal(plain.local_batch(step)[k], batch[k])
+    # with the symmetry rule too: the product of both weights
+    np.testing.assert_array_equal(sym.local_batch(step)['label_weight'],
+                                  sym_only.local_batch(step)['label_weight'] * want)
 
 
 class _FixedRng:

@@ -42,6 +42,7 @@ RANGES = {
     'train.bootstrap': (0.0, 1.0, True, False),
     'train.confidence_gamma': (0.0, float('inf'), True, False),
     'train.symmetry_margin': (0.0, float('inf'), True, False),
+    'train.quality_weight': (0.0, 1.0, True, True),
     'train.symmetry_sigma': (0.0, float('inf'), True, False),
     'train.elr_decay': (0.0, 1.0, True, False),
     'train.correct_start': (0.0, 1.0, True, True),

@@ -259,6 +259,15 @@ def parse_member(spec: str) -> tuple:
   return out
 
 
+def member_agreement(masks: list, voted: np.ndarray) -> float:
+  """Mean Dice of each member's mask (bool[X, Y, Z]) with the voted one: 1 when the mixtures agree,
+  low when each marks something else (a label-free sign of a poor P). Empty against empty is 1."""
+  def dice(a, b):
+    s = int(a.sum()) + int(b.sum())
+    return 1.0 if s == 0 else 2.0 * int((a & b).sum()) / s
+  return float(np.mean([dice(m, voted) for m in masks]))
+
+
 def consensus(image: np.ndarray, brain: np.ndarray, modalities: list, gcfg, case_id: str,
               spacing, hu_scale=None):
   """P from a consensus of mixtures -> (posterior f32[X, Y, Z], P u8[X, Y, Z], report).
@@ -306,6 +315,7 @@ def consensus(image: np.ndarray, brain: np.ndarray, modalities: list, gcfg, case
   post = consistent_posterior(np.mean(posts, axis=0), p, gcfg.threshold)
   report = {'status': status, 'members': members, 'skipped_members': skipped,
             'contrast': contrast, 'voted_voxels': int(voted.sum()),
+            'member_agreement': member_agreement(masks, voted),
             'lesion_voxels': int(p.sum()), 'brain_voxels': int(brain.sum()),
             'lesion_fraction': float(p.sum() / max(int(brain.sum()), 1)),
             'seconds': time.time() - t0}

@@ -16,6 +16,7 @@ from cgc_jax.core import compat
 from cgc_jax.core import fingerprints
 from cgc_jax.core import folds as folds_lib
 from cgc_jax.core import paths
+from cgc_jax.labels import quality
 from cgc_jax.model import checkpoint
 from cgc_jax.model import train_state
 from cgc_jax.model import unet
@@ -150,8 +151,14 @@ def _train_network(config, run_dir, cases, prep, labels, periodic_eval):
   folder), resuming from its newest checkpoint."""
   mesh = distributed.mesh()
   tcfg = config.train
+  weights = None
+  if tcfg.get('quality_weight', 0.0) > 0:
+    weights = quality.case_weights(quality.pseudo_label_signals(config, prep, labels, cases),
+                                   tcfg.quality_weight)
+    logging.info('train: case weights from the quality of P (train.quality_weight %.2f): %s',
+                 tcfg.quality_weight, ', '.join(f'{c} {w:.2f}' for c, w in sorted(weights.items())))
   sampler = input_pipeline.CropSampler(prep, labels, cases, tcfg, config.data.verify_checksums,
-                                       jax.process_index(), jax.process_count())
+                                       jax.process_index(), jax.process_count(), weights)
   num_channels = sampler.num_channels
   tx, sched = train_state.make_optimizer(tcfg)
   inputs = {c: labels.identity(c) for c in cases}

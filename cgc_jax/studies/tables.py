@@ -141,6 +141,11 @@ TABLES = {
             {'train.ensemble': 1, 'train.folds': 2, 'eval.fold_networks': 'agreement'}),
         Row('cross-fitting, 5 folds, weighed by the unseen network\'s agreement with P',
             {'train.ensemble': 1, 'train.folds': 5, 'eval.fold_networks': 'agreement'}),
+        # each case's loss weighed by 1 - s + s x the label-free quality score of its P
+        Row('quality-weighted training (train.quality_weight = 1)',
+            {'train.quality_weight': 1.0}),
+        Row('quality-weighted training (train.quality_weight = 0.5)',
+            {'train.quality_weight': 0.5}),
     ],
     # not a paper table: how much the CGC terms' weight (both lambdas) matters
     'weights': [Row(f'full CGC, lambda = {w}',

@@ -12,7 +12,8 @@ threads build the next `prefetch` batches ahead.
 
 Example contract (one slot): image f32[X, Y, Z, C], p f32[X, Y, Z] (P in {0, 1}),
 brain f32[X, Y, Z], posterior f32[X, Y, Z] (P's soft posterior) when train.confidence_gamma > 0,
-and label_weight f32[X, Y, Z] (0 on P's left-right symmetric voxels) when train.symmetry_margin > 0;
+and label_weight f32[X, Y, Z] (0 on P's left-right symmetric voxels) when train.symmetry_margin > 0,
+times the case's weight (labels.quality.case_weights) when train.quality_weight > 0;
 (X, Y, Z) = train.crop. Cases smaller than the crop are zero-padded (brain 0).
 """
 import collections
@@ -32,7 +33,8 @@ def batch_keys(train_cfg) -> tuple:
   step reads, so anything that builds a batch (this sampler, a benchmark, an export) builds
   these."""
   return ('image', 'p', 'brain') + (('posterior',) if train_cfg.confidence_gamma else ()) + (
-      ('label_weight',) if train_cfg.get('symmetry_margin', 0.0) > 0 else ())
+      ('label_weight',) if train_cfg.get('symmetry_margin', 0.0) > 0 or
+      train_cfg.get('quality_weight', 0.0) > 0 else ())
 
 
 def batch_shapes(train_cfg, num_channels: int) -> dict:
@@ -100,7 +102,8 @@ class CropSampler:
   """Deterministic random crops; see module docstring."""
 
   def __init__(self, prep: store_lib.Store, labels: store_lib.Store, case_ids: list, train_cfg,
-               verify: bool = True, process_index: int = 0, process_count: int = 1):
+               verify: bool = True, process_index: int = 0, process_count: int = 1,
+               case_weights=None):
     if not case_ids:
       raise ValueError('no training cases')
     if train_cfg.batch_size % process_count:
@@ -112,6 +115,7 @@ class CropSampler:
     self.local_batch_size = train_cfg.batch_size // process_count
     self.first_slot = process_index * self.local_batch_size
     self._prep, self._labels, self._verify = prep, labels, verify
+    self._case_weights = case_weights or {}  # case -> its loss weight (train.quality_weight)
     self._cases = {}  # case index -> (image, p, brain, fg coords), opened on first use
     self._lock = threading.Lock()
     self._perm_cache = {}
@@ -212,6 +216,9 @@ class CropSampler:
         out_p = np.flip(out_p, axes)
         out_b = np.flip(out_b, axes)
         extra = {k: np.flip(v, axes) for k, v in extra.items()}
+    if cfg.get('quality_weight', 0.0) > 0:  # the case's weight over the whole crop
+      w = np.float32(self._case_weights.get(self.case_ids[ci], 1.0))
+      extra['label_weight'] = extra.get('label_weight', np.ones(self.crop, np.float32)) * w
     out = {'image': out_img, 'p': out_p, 'brain': out_b, **extra}
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 

@@ -1,0 +1,119 @@
+"""How well the label-free quality signals of P (labels.quality) rank the cases by P's real Dice.
+
+    python -m cgc_jax.studies.quality --dev=runs/dev --sample=runs/sample
+
+Each workdir is one the experiments ran in (its own config.json, P, references); the network
+signal comes from the run of that config (experiments.run_dir), or the workdir's own evaluation.
+Prints, per signal and for the combined scores (p_score: the four known before training, which
+train.quality_weight uses; score: all five), Spearman's rank correlation with P's Dice on each
+half of the development cases (protocol.halves), on all of them and on the sample cases. Ground
+truth enters only here, to judge the signals; nothing a run does reads it. The network signal is
+cached in WORKDIR/experiments/quality_network.json, the others in pseudo_labels/quality.json
+(member agreement is refitted for P made before it was reported: ~8 s a case, once).
+"""
+import json
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+import numpy as np
+
+from cgc_jax import pipeline
+from cgc_jax.core import paths
+from cgc_jax.imaging import geometry
+from cgc_jax.imaging import metrics
+from cgc_jax.labels import quality
+from cgc_jax.labels import references
+from cgc_jax.stages import prepare
+from cgc_jax.studies import protocol
+
+COLUMNS = quality.SIGNALS + ('volume_fraction', 'p_score', 'score')
+
+
+def _network_masks_dir(base: str, config) -> str:
+  from cgc_jax.studies import experiments  # pylint: disable=g-import-not-at-top
+  for wd in (base, experiments.run_dir(base, config)):
+    d = os.path.join(wd, paths.EVAL, 'predictions')
+    if os.path.isdir(d):
+      return d
+  return ''
+
+
+def workdir_signals(base: str) -> dict:
+  """{case: {signal: value, 'p_dice': P's Dice}} for the cases of `base` with ground truth."""
+  cache_path = os.path.join(base, 'experiments', 'quality_network.json')
+  cache = {}
+  if os.path.exists(cache_path):
+    with open(cache_path) as f:
+      cache = json.load(f)
+  config = pipeline.workdir_config(base)
+  prepare.update_references(config, base)  # the label files, read into references/ when missing
+  prep, out = paths.prepared_store(config, base), paths.pl_store(config, base)
+  refs = paths.reference_store(config, base)
+  cases = [c for c in prep.complete_cases() if out.is_complete(c) and refs.is_complete(c)]
+  p_dice = {c: m['dice'] for c, m in references.p_scores(config, prep, out, refs, cases).items()}
+  masks_dir = _network_masks_dir(base, config)
+  import nibabel as nib  # pylint: disable=g-import-not-at-top
+  rows = quality.pseudo_label_signals(config, prep, out, cases)
+  for c in cases if masks_dir else ():
+    key = [out.identity(c), masks_dir]
+    if (cache.get(c) or {}).get('key') != key:
+      geom = geometry.Geometry.from_json(prep.meta(c)['geometry'])
+      net = np.asarray(nib.load(os.path.join(masks_dir, f'{c}.nii.gz')).dataobj) > 0
+      post = np.asarray(out.read(c, 'posterior'), np.float32)
+      p_orig = geometry.prob_to_original_mask(post, geom, references.p_threshold(config)) > 0
+      cache[c] = {'key': key, 'network_agreement': metrics.dice(net, p_orig)}
+    rows[c] = dict(rows[c], network_agreement=cache[c]['network_agreement'])
+  os.makedirs(os.path.dirname(cache_path), exist_ok=True)
+  with open(cache_path, 'w') as f:
+    json.dump(cache, f, indent=1, sort_keys=True)
+  combined, before = quality.score(rows), quality.score(rows, quality.P_SIGNALS)
+  return {c: dict(rows[c], score=combined[c], p_score=before[c], p_dice=p_dice[c]) for c in cases}
+
+
+def spearman(rows: dict, cases: list, column: str) -> float:
+  """Spearman's rho of `column` with P's Dice over `cases` (NaN rows left out)."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  x = np.array([rows[c][column] for c in cases], np.float64)
+  y = np.array([rows[c]['p_dice'] for c in cases], np.float64)
+  ok = ~np.isnan(x)
+  if ok.sum() < 3 or np.all(x[ok] == x[ok][0]):
+    return float('nan')
+  return float(stats.spearmanr(x[ok], y[ok])[0])
+
+
+def markdown(dev: dict, sample=None) -> str:
+  a, b = protocol.halves(sorted(dev))
+  head = ['signal', f'half A ({len(a)})', f'half B ({len(b)})', f'all ({len(dev)})']
+  if sample:
+    head.append(f'sample ({len(sample)})')
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + ' --- |' * len(head)]
+  for col in COLUMNS:
+    vals = [spearman(dev, a, col), spearman(dev, b, col), spearman(dev, sorted(dev), col)]
+    if sample:
+      vals.append(spearman(sample, sorted(sample), col))
+    lines.append(f'| {col} | ' + ' | '.join(f'{v:+.2f}' for v in vals) + ' |')
+  return '\n'.join(lines)
+
+
+def _define_flags():
+  flags.DEFINE_string('dev', None, 'the development cases\' experiments workdir')
+  flags.DEFINE_string('sample', '', 'the sample cases\' experiments workdir (optional)')
+  flags.mark_flag_as_required('dev')
+
+
+def main(argv):
+  del argv
+  dev = workdir_signals(flags.FLAGS.dev)
+  sample = workdir_signals(flags.FLAGS.sample) if flags.FLAGS.sample else None
+  print('Spearman rank correlation of each label-free signal with P\'s Dice\n')
+  print(markdown(dev, sample))
+  print('\nper case (development): P Dice, combined score')
+  for c in sorted(dev, key=lambda k: dev[k]['score']):
+    print(f'  {c}: {dev[c]["p_dice"]:.3f}  {dev[c]["score"]:.2f}')
+
+
+if __name__ == '__main__':
+  _define_flags()
+  app.run(main)
