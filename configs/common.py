@@ -55,6 +55,9 @@ def base_config() -> ml_collections.ConfigDict:
   p.bias = 0.15  # multiplicative bias field amplitude
   p.blur = 0.7  # partial-volume blur sigma, voxels
   p.deform_mm = 4.0  # random smooth deformation amplitude
+  # CT: > 0 puts patches of this HU on the brain's outer 4 mm (what brain extraction leaves of skull
+  # and dura; not a lesion) in every subject
+  p.ct_rim_hu = 0.0
   # MRI lesions per subject: 1 (a glioma of 10-22 mm semi-axes), or this many smaller ones with
   # semi-axes in lesion_radius voxels of 2 mm (8-14 mm: at 2.5-4.5 voxels every P recipe of the
   # pseudo_labels table stays under Dice 0.2 at 3 mm), alternating between the hemispheres
@@ -235,6 +238,10 @@ def base_config() -> ml_collections.ConfigDict:
   # With border_mm: P's left-right symmetric voxels (train.symmetry_margin's rule, which training
   # leaves out of the loss) have no say in the band either; the network's value stays there.
   e.border_symmetry = False
+  # Components of the network's mask that P does not touch and that lie mostly within this many mm
+  # of the brain's edge are dropped (0 = off): the bright rim brain extraction leaves on CT is
+  # marked by a network where P marked nothing; a lesion P missed deep in the brain stays.
+  e.edge_mm = 0.0
   # Case-level gate: where the pseudo-label mixture finds no lesion evidence (gmm.min_contrast), the
   # network's mask is emptied too (new scans: the mixture is fitted at prediction time).
   e.gate_on_p_evidence = False

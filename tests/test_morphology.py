@@ -188,3 +188,25 @@ def test_symmetric_lesion_by_hand():
   want = p & p[::-1] & (diff < 0.5)
   np.testing.assert_array_equal(
       morphology.symmetric_lesion(p, ch, np.ones_like(p), margin=0.5, sigma=1.0), want)
+
+
+def test_edge_components_without_p_are_dropped_and_the_rest_kept():
+  brain = np.zeros((20, 20, 20), bool)
+  brain[2:18, 2:18, 2:18] = True
+  prob = np.zeros(brain.shape, np.float32)
+  prob[2:4, 8:11, 8:11] = 0.9  # at the edge (depth 1-2 voxels), P does not touch it: dropped
+  prob[2:4, 13:16, 13:16] = 0.8  # at the edge, P touches one voxel: kept
+  prob[9:12, 9:12, 9:12] = 0.7  # deep in the brain, no P: kept (a lesion P missed)
+  p = np.zeros(brain.shape, bool)
+  p[3, 14, 14] = True
+  out = morphology.drop_edge_components(prob, p, brain, (2.0, 2.0, 2.0), 4.0)
+  want = prob.copy()
+  want[2:4, 8:11, 8:11] = 0
+  np.testing.assert_array_equal(out, want)
+  # depth in mm: at 1 mm voxels the component's two planes lie 1 and 2 mm deep: within 1 mm, half
+  # of it (dropped); within 0.5 mm, none of it (kept)
+  assert morphology.drop_edge_components(prob, p, brain, (1.0, 1.0, 1.0), 1.0)[2, 9, 9] == 0
+  kept = morphology.drop_edge_components(prob, p, brain, (1.0, 1.0, 1.0), 0.5)
+  assert kept[2, 9, 9] == prob[2, 9, 9]
+  np.testing.assert_array_equal(morphology.drop_edge_components(prob, p, brain, (1, 1, 1), 0.0),
+                                prob)

@@ -93,3 +93,21 @@ def test_to_spacing_resamples_images_label_and_affine():
   same = phantoms.to_spacing({'t1': img}, label, affine, brain, ConfigDict({'spacing': (2.0,) * 3,
                                                                           'kind': 'mri'}))
   assert same[0]['t1'] is img and same[1] is label and same[2] is affine
+
+
+def test_a_ct_rim_changes_only_the_brains_outer_voxels_and_no_label():
+  cfg = ct_phantom_config(1, 0)
+  anatomy = phantoms._anatomy()  # pylint: disable=protected-access
+  plain = phantoms.subject(anatomy, np.random.default_rng([0, 0]), cfg.data.phantoms, False)
+  cfg.data.phantoms.ct_rim_hu = 55.0
+  rim = phantoms.subject(anatomy, np.random.default_rng([0, 0]), cfg.data.phantoms, False)
+  np.testing.assert_array_equal(plain[1], rim[1])  # the same label
+  a, b = plain[0]['ct'].astype(np.float32), rim[0]['ct'].astype(np.float32)
+  changed = a != b
+  brain = a > -1000
+  inner = ndimage.binary_erosion(brain, iterations=2)
+  assert changed.any() and not (changed & inner).any() and not (changed & ~brain).any()
+  # about a third of the outer two voxels, at the rim's HU give or take the noise
+  shell = brain & ~inner
+  assert 0.2 < changed.sum() / shell.sum() < 0.45
+  assert abs(float(np.median(b[changed])) - 55.0) < 2.0

@@ -95,6 +95,27 @@ def filter_components(prob: np.ndarray, spacing, min_mm3: float, min_probability
   return np.where(drop, np.float32(0), prob)
 
 
+def drop_edge_components(prob: np.ndarray, p: np.ndarray, brain: np.ndarray, spacing, mm: float,
+                         threshold: float = 0.5) -> np.ndarray:
+  """Zeroes each component of `prob > threshold` (f32[X, Y, Z]) that P (bool or f32 > 0 = lesion,
+  same grid) does not touch and that lies mostly (at least half its voxels) within `mm` of the
+  brain's edge (Euclidean distance of the voxel centre to the nearest voxel outside `brain`, mm
+  from `spacing`); other voxels unchanged. What brain extraction leaves at the edge (a bright rim
+  of bone or dura on CT) is marked by a network only where P did not mark it; a lesion P missed
+  deep in the brain is kept."""
+  prob = np.asarray(prob, np.float32)
+  mask = prob > threshold
+  if mm <= 0 or not mask.any():
+    return prob
+  depth = ndimage.distance_transform_edt(np.pad(np.asarray(brain, bool), 1),
+                                         sampling=spacing)[1:-1, 1:-1, 1:-1]
+  lab, sizes = components(mask)
+  near = np.bincount(lab.ravel(), (depth <= mm).ravel(), minlength=sizes.size + 1)[1:]
+  touched = np.bincount(lab.ravel(), (np.asarray(p) > 0).ravel(), minlength=sizes.size + 1)[1:]
+  drop = np.concatenate([[False], (touched == 0) & (near >= 0.5 * sizes)])[lab]
+  return np.where(drop, np.float32(0), prob)
+
+
 def refine_border(prob: np.ndarray, p: np.ndarray, spacing, mm: float,
                   threshold: float = 0.5) -> np.ndarray:
   """The network's border drawn by the case's own pseudo-label mixture.

@@ -136,7 +136,9 @@ def ct_subject(tissue, rng, p, lesion_free):
   """A CQ500-like CT: ({'ct': i16 HU volume}, u8 label) from tissue fractions on the 2 mm template.
 
   0 (lesion-free) or 1-3 bleeds of 55-85 HU; label = blood fraction > 0.5; CSF/GM/WM at their HU
-  means (jittered per subject), blurred by p.blur voxels, Gaussian noise, -1024 outside the brain.
+  means (jittered per subject), blurred by p.blur voxels, Gaussian noise, -1024 outside the brain;
+  with p.ct_rim_hu > 0, patches of the brain's outer 4 mm at that HU (_rim), never
+  labelled.
   """
   shape = tissue['mask'].shape
   brain = tissue['mask'] > 0.5
@@ -156,8 +158,18 @@ def ct_subject(tissue, rng, p, lesion_free):
   means = [m + rng.normal(0, 1.5) for m in _CT_MEANS]
   ct = sum(f * rest * m for f, m in zip(frac, means)) + blood * hu_blood
   ct = ndimage.gaussian_filter(ct, p.blur) + rng.normal(0, _CT_NOISE_HU, shape)
+  if p.get('ct_rim_hu', 0.0) > 0:  # drawn last: the phantoms without a rim are unchanged
+    ct = np.where(_rim(brain, rng), p.ct_rim_hu + rng.normal(0, _CT_NOISE_HU, shape), ct)
   ct = np.where(brain, ct, -1024.0)
   return {'ct': np.round(ct).astype(np.int16)}, label
+
+
+def _rim(brain: np.ndarray, rng) -> np.ndarray:
+  """What brain extraction leaves of the skull and dura on a CT: bool mask of patches (about a
+  third) of the brain's outer two voxels (4 mm on the 2 mm template)."""
+  shell = brain & ~ndimage.binary_erosion(brain, iterations=2)
+  field = _smooth_noise(rng, brain.shape, 8)
+  return shell & (field > np.quantile(field[shell], 2 / 3))
 
 
 def brats_label(oed, act, nec, brain) -> np.ndarray:

@@ -25,7 +25,8 @@ def case_mixture(config, image, brain, geom, modalities, case_id: str, stored=No
 
   evidence: False when the mixture found no lesion evidence (its status 'no_lesion_evidence',
   gmm.min_contrast) and the case-level gate (eval.gate_on_p_evidence) is on; otherwise True.
-  p: the case's P on the prepared grid when eval.border_mm > 0 (the border refinement), else None;
+  p: the case's P on the prepared grid when eval.border_mm > 0 (the border refinement) or
+  eval.edge_mm > 0 (the edge rule), else None;
   with eval.border_symmetry, f32 with 0.5 (no say: morphology.refine_border) on P's left-right
   symmetric voxels (morphology.case_symmetric_lesion, the voxels training leaves out), 1 on P's
   other lesion voxels, 0 elsewhere.
@@ -34,7 +35,8 @@ def case_mixture(config, image, brain, geom, modalities, case_id: str, stored=No
   """
   gmm_source = config.pseudo_labels.source == 'gmm'
   gate = bool(config.eval.gate_on_p_evidence) and gmm_source
-  border = config.eval.get('border_mm', 0.0) > 0 and gmm_source
+  border = (config.eval.get('border_mm', 0.0) > 0 or
+            config.eval.get('edge_mm', 0.0) > 0) and gmm_source
   if not (gate or border):
     return True, None
   report, p = stored if stored is not None else (None, None)
@@ -61,7 +63,9 @@ def segment_prepared(config, predictor, params, image, brain, geom, evidence: bo
   evidence=False (the case-level gate said no lesion): an empty mask. p: the case's P (bool, the
   prepared grid; case_mixture) for eval.border_mm: voxels within that many mm of the border of the
   network's mask (after the component rules) take P's side (morphology.refine_border), then the
-  component rules run again. The network does not run when evidence is False."""
+  component rules run again; for eval.edge_mm: the network's components that P does not touch and
+  that lie mostly within that many mm of the brain's edge are dropped
+  (morphology.drop_edge_components). The network does not run when evidence is False."""
   if not evidence:
     prob = np.zeros(np.shape(brain), np.float32)
     return prob, geometry.prob_to_original_mask(prob, geom)
@@ -77,6 +81,8 @@ def segment_prepared(config, predictor, params, image, brain, geom, evidence: bo
   prob = rules(prob)
   if p is not None and e.get('border_mm', 0.0) > 0:
     prob = rules(morphology.refine_border(prob, p, geom.spacing, e.border_mm))
+  if p is not None and e.get('edge_mm', 0.0) > 0:
+    prob = morphology.drop_edge_components(prob, p, brain, geom.spacing, e.edge_mm)
   return prob, geometry.prob_to_original_mask(prob, geom)
 
 
@@ -101,7 +107,8 @@ def predict_cases(config, prep: store_lib.Store, cases, nets, predictor, out_dir
     stored, own_p = None, None
     mode = config.eval.get('fold_networks', 'all')
     if labels is not None and labels.is_complete(c):
-      if config.eval.get('border_mm', 0.0) > 0 or mode == 'agreement':
+      if config.eval.get('border_mm', 0.0) > 0 or config.eval.get('edge_mm', 0.0) > 0 or \
+          mode == 'agreement':
         own_p = labels.read(c, 'p', config.data.verify_checksums)
       stored = (labels.meta(c)['report'], own_p)
     evidence, p = case_mixture(config, image, brain, geom, meta['modalities'], c, stored)
