@@ -8,7 +8,8 @@
                     same initialisation) and the Dice agreement of the two P maps (needs a workdir
                     after --mode=prepare)
   --what=train      s/step, XLA FLOPs and GFLOP/s of the train step, of its convolutions alone, a
-                    matmul peak, peak host memory; bf16 MFU on GPU
+                    matmul peak, peak host memory; bf16 MFU on GPU; where the step's time goes,
+                    op by op and grouped (studies/profile.py; --noprofile skips it)
   --what=conv       the step's 3x3x3 convolutions (forward + both backward) in every formulation:
                     native, sum2d (unet.py), onednn (onednn.py, where built) and the candidates
                     of conv_variants.py
@@ -55,6 +56,7 @@ def _define_flags():
   flags.DEFINE_string('volume', '240,240,155', 'inference: volume shape')
   flags.DEFINE_bool('tta', True, 'inference: also time flip TTA')
   flags.DEFINE_integer('max_cases', 0, 'prepare/gmm: at most this many cases (0 = all)')
+  flags.DEFINE_bool('profile', True, 'train: also the per-op profile of the step')
   flags.DEFINE_enum('against', '', ['', 'torch'],
                     'train/inference: also time this peer in the same run')
 
@@ -69,6 +71,7 @@ class Options:
   tta: bool = True
   max_cases: int = 0
   against: str = ''
+  profile: bool = False
 
 # Peak dense bf16 FLOP/s by device kind (vendor figures), for MFU.
 _PEAK_BF16 = {'H200': 989e12, 'H100': 989e12, 'A100': 312e12, 'TPU v4': 275e12, 'TPU v5': 459e12}
@@ -309,6 +312,13 @@ def bench_train(config, opts: Options):
       ['what', 's', 'GFLOP', 'GFLOP/s', 'voxels/s'], rows)
   print(f'\nstep / convolutions-alone time: {dt / conv_dt:.2f}x; peak host memory '
         f'{_peak_rss_gb():.2f} GB')
+  if opts.profile:
+    from cgc_jax.studies import profile  # pylint: disable=g-import-not-at-top
+    state, groups = profile.profile_train(step, state, batch, max(1, opts.steps))
+    busy = sum(v[0] for v in groups.values())
+    _table(f'where the step goes (ops\' own time summed over threads: {busy / 1e6:.0f} ms a step '
+           f'against {dt * 1e3:.0f} ms wall)', ['group', 'ms/step', 'share', 'backward ms', 'ops'],
+           [(g, v[0] / 1e6, f'{v[0] / busy:.0%}', v[1] / 1e6, v[2]) for g, v in groups.items()])
   if opts.against == 'torch':
     from cgc_jax.studies import torch_peer  # pylint: disable=g-import-not-at-top
     t_dt = _in_fresh_process(torch_peer.time_train_step, config, nch, opts.steps)
@@ -377,7 +387,7 @@ def main(argv):
   del argv
   opts = Options(workdir=FLAGS.workdir, steps=FLAGS.steps, batch=FLAGS.batch,
                  volume=tuple(int(v) for v in FLAGS.volume.split(',')), tta=FLAGS.tta,
-                 max_cases=FLAGS.max_cases, against=FLAGS.against)
+                 max_cases=FLAGS.max_cases, against=FLAGS.against, profile=FLAGS.profile)
   {'prepare': bench_prepare, 'gmm': bench_gmm, 'train': bench_train, 'conv': bench_conv,
    'inference': bench_inference, 'roofline': bench_roofline}[FLAGS.what](FLAGS.config, opts)
 
