@@ -85,6 +85,9 @@ def base_config() -> ml_collections.ConfigDict:
   # gives it; configs for real scans switch them on.
   g.open_iterations = 0  # binary opening (6-neighbour cross) iterations: cuts rims and bridges
   g.keep_fraction = 0.0  # keep components >= this x the largest (0 = all)
+  # > 0: the voted components lying mostly within this many mm of the brain's edge are dropped
+  # (what brain extraction leaves of skull and dura on CT; an extra-axial bleed there goes too)
+  g.edge_mm = 0.0
   g.fill_holes = False  # fill enclosed holes (3D and per slice): necrotic cores inside oedema
   # Case-level lesion evidence: P is emptied when the lesion channel inside raw P exceeds the ring
   # of tissue around it by less than this (z units for MRI, window units for CT); -inf = off.

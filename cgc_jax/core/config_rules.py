@@ -44,6 +44,7 @@ RANGES = {
     'train.symmetry_margin': (0.0, float('inf'), True, False),
     'train.quality_weight': (0.0, 1.0, True, True),
     'eval.edge_mm': (0.0, float('inf'), True, False),
+    'gmm.edge_mm': (0.0, float('inf'), True, False),
     'train.symmetry_sigma': (0.0, float('inf'), True, False),
     'train.elr_decay': (0.0, 1.0, True, False),
     'train.correct_start': (0.0, 1.0, True, True),

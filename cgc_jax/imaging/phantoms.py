@@ -165,11 +165,11 @@ def ct_subject(tissue, rng, p, lesion_free):
 
 
 def _rim(brain: np.ndarray, rng) -> np.ndarray:
-  """What brain extraction leaves of the skull and dura on a CT: bool mask of patches (about a
-  third) of the brain's outer two voxels (4 mm on the 2 mm template)."""
-  shell = brain & ~ndimage.binary_erosion(brain, iterations=2)
+  """What brain extraction leaves of the skull and dura on a CT: bool mask of patches (a fifth) of
+  the brain's outermost voxel layer (2 mm on the 2 mm template)."""
+  shell = brain & ~ndimage.binary_erosion(brain)
   field = _smooth_noise(rng, brain.shape, 8)
-  return shell & (field > np.quantile(field[shell], 2 / 3))
+  return shell & (field > np.quantile(field[shell], 0.8))
 
 
 def brats_label(oed, act, nec, brain) -> np.ndarray:

@@ -276,7 +276,8 @@ def consensus(image: np.ndarray, brain: np.ndarray, modalities: list, gcfg, case
   the grid. Members are `gmm.ensemble` ('channels:K' each; those naming a channel the case lacks are
   skipped and listed), or the one mixture gmm.channels / gmm.k when the ensemble is empty. Each
   member gives its cleaned P (pseudo_label); P is the voxels at least `gmm.vote` of the members
-  mark, then its components below keep_fraction x the largest are dropped, it grows by
+  mark, then its components below keep_fraction x the largest are dropped (and, with gmm.edge_mm,
+  those lying mostly within that many mm of the brain's edge), it grows by
   `gmm.grow_mm`, and enclosed holes are filled. A mixture's lesion component is wrong in a different
   way for each channel set and K (grey matter in one, a bright rim in another), so a majority keeps
   what they agree on. Lesion evidence (min_contrast) is judged on the voted mask, before growing.
@@ -305,6 +306,9 @@ def consensus(image: np.ndarray, brain: np.ndarray, modalities: list, gcfg, case
   lesion = image[..., modalities.index(gcfg.lesion_channel)]
   voted = np.mean(masks, axis=0) >= gcfg.vote - 1e-9 if len(masks) > 1 else masks[0]
   voted = morphology.keep_major(voted, gcfg.keep_fraction)
+  if gcfg.get('edge_mm', 0.0) > 0:  # what brain extraction left at the edge is not a lesion
+    voted = morphology.drop_edge_components(voted.astype(np.float32), np.zeros_like(voted), brain,
+                                            spacing, gcfg.edge_mm) > 0.5
   contrast = ring_contrast(lesion, voted, brain, gcfg.ring_voxels)
   p = morphology.grow(voted, gcfg.grow_mm, spacing)
   p = (morphology.fill_holes(p) if gcfg.fill_holes else p) & brain
