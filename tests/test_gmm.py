@@ -348,3 +348,20 @@ def test_consensus_of_one_member_is_the_mixture_itself():
   assert rep2['means'] == rep1['means'] and rep2['skipped_members'] == []
   with pytest.raises(ValueError, match='t2'):
     gmm.consensus(img, brain, ['flair', 't1'], _gcfg(ensemble=('flair,t2:4',)), 'c', (1, 1, 1))
+
+
+def test_an_edge_component_leaves_p_and_a_deep_one_stays():
+  """gmm.edge_mm: a lesion-bright patch on the brain's outermost layers (what brain extraction
+  leaves) is not in P; the lesion deep in the brain stays, voxel for voxel."""
+  rng = np.random.default_rng(3)
+  img, brain, gt = _two_tissue_volume(rng)
+  rim = np.zeros(brain.shape, bool)
+  rim[2:4, 6:12, 6:12] = True  # the two outer layers of one face
+  img[rim] = [3.0, -1.0] + rng.normal(0, 0.15, (rim.sum(), 2))
+  cfg = _gcfg(k=4, channels=('flair', 't1'))
+  _, p0, _ = gmm.consensus(img, brain, ['flair', 't1'], cfg, 'c', (2.0, 2.0, 2.0))
+  assert (p0.astype(bool) & rim).sum() > 0.9 * rim.sum()  # without the rule the rim is "lesion"
+  cfg.edge_mm = 4.0
+  _, p1, _ = gmm.consensus(img, brain, ['flair', 't1'], cfg, 'c', (2.0, 2.0, 2.0))
+  np.testing.assert_array_equal(p1.astype(bool), p0.astype(bool) & ~rim)
+  assert (p1.astype(bool) & gt).sum() > 0.95 * gt.sum()

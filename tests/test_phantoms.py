@@ -105,9 +105,9 @@ def test_a_ct_rim_changes_only_the_brains_outer_voxels_and_no_label():
   a, b = plain[0]['ct'].astype(np.float32), rim[0]['ct'].astype(np.float32)
   changed = a != b
   brain = a > -1000
-  inner = ndimage.binary_erosion(brain, iterations=2)
+  inner = ndimage.binary_erosion(brain)
   assert changed.any() and not (changed & inner).any() and not (changed & ~brain).any()
-  # about a third of the outer two voxels, at the rim's HU give or take the noise
+  # about a fifth of the outermost voxel layer, at the rim's HU give or take the noise
   shell = brain & ~inner
-  assert 0.2 < changed.sum() / shell.sum() < 0.45
+  assert 0.15 < changed.sum() / shell.sum() < 0.25
   assert abs(float(np.median(b[changed])) - 55.0) < 2.0
