@@ -251,3 +251,29 @@ class Store:
     if m is None or m.get('fingerprint') != self.fingerprint:
       return []
     return [c for c in m['cases'] if self.is_complete(c)]
+
+
+class CaseCache:
+  """A JSON file of per-case values, each kept with the key (e.g. the identities of the shards it
+  was computed from) it stands for: get() returns a value only while its key is unchanged."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self._data, self._changed = {}, False
+    if os.path.exists(path):
+      with open(path) as f:
+        self._data = json.load(f)
+
+  def get(self, case_id: str, key):
+    entry = self._data.get(case_id) or {}
+    return entry.get('value') if entry.get('key') == key else None
+
+  def put(self, case_id: str, key, value):
+    self._data[case_id] = {'key': key, 'value': value}
+    self._changed = True
+
+  def save(self, write: bool = True):
+    """Writes the file when anything was put (write: this process writes, e.g. JAX process 0)."""
+    if self._changed and write:
+      atomic_write_json(self.path, self._data)
+

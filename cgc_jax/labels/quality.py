@@ -18,7 +18,6 @@ train.quality_weight = s > 0 weighs each case's segmentation loss by 1 - s + s x
 the four signals known before training (P_SIGNALS), so the cases whose P looks worst teach the
 network least and are segmented from what the other cases taught it.
 """
-import json
 import os
 
 import numpy as np
@@ -100,16 +99,12 @@ def pseudo_label_signals(config, prep, out, cases: list) -> dict:
   """{case: case_signals()} of the cases' P (no network signal), cached in out's quality.json by P
   shard identity. P made before its report held member_agreement has it refitted (the same
   mixtures, ~8 s a case, once)."""
-  path = os.path.join(out.root, 'quality.json')
-  cache = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      cache = json.load(f)
-  res, changed = {}, False
+  cache = store_lib.CaseCache(os.path.join(out.root, 'quality.json'))
+  res = {}
   for c in cases:
     key = out.identity(c)
-    if (cache.get(c) or {}).get('key') == key:
-      res[c] = cache[c]['signals']
+    res[c] = cache.get(c, key)
+    if res[c] is not None:
       continue
     meta = prep.meta(c)
     geom = geometry.Geometry.from_json(meta['geometry'])
@@ -121,8 +116,7 @@ def pseudo_label_signals(config, prep, out, cases: list) -> dict:
           image, brain, list(meta['modalities']), config.gmm, c, geom.spacing,
           hu_scale=gmm.hu_scale(config))[2]['member_agreement']
     res[c] = case_signals(report, np.asarray(out.read(c, 'p')) > 0, geom.spacing)
-    cache[c], changed = {'key': key, 'signals': res[c]}, True
+    cache.put(c, key, res[c])
   from cgc_jax.runtime import distributed  # pylint: disable=g-import-not-at-top
-  if changed and distributed.is_main():
-    store_lib.atomic_write_json(path, cache)
+  cache.save(distributed.is_main())
   return res

@@ -14,7 +14,6 @@ Shard arrays:
   label_native: u8[Xc, Yc, Zc]   the cropped canonical grid at native spacing: geometry.to_original
                                  maps it back to the original label exactly (evaluation)
 """
-import json
 import os
 import shutil
 
@@ -106,26 +105,20 @@ def p_scores(config, prep: store_lib.Store, out: store_lib.Store, refs: store_li
   the original grid (P = the stored posterior above p_threshold; out: the pseudo-label store).
   Cached in out's scores.json by (P shard identity, reference identity): a label added or edited is
   scored without touching P."""
-  path = os.path.join(out.root, 'scores.json')
-  cache = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      cache = json.load(f)
-  res, changed = {}, False
+  cache = store_lib.CaseCache(os.path.join(out.root, 'scores.json'))
+  res = {}
   for c in cases:
     if not (refs.is_complete(c) and out.is_complete(c)):
       continue
     key = [out.identity(c), refs.identity(c)]
-    if (cache.get(c) or {}).get('key') == key:
-      res[c] = cache[c]['metrics']
-      continue
-    geom = geometry.Geometry.from_json(prep.meta(c)['geometry'])
-    mask = geometry.prob_to_original_mask(np.asarray(out.read(c, 'posterior'), np.float32), geom,
-                                          p_threshold(config))
-    ref = geometry.to_original(np.asarray(refs.read(c, 'label_native')), geom.native())
-    res[c] = metrics.all_metrics(mask, ref, geom.original_spacing)
-    cache[c], changed = {'key': key, 'metrics': res[c]}, True
+    res[c] = cache.get(c, key)
+    if res[c] is None:
+      geom = geometry.Geometry.from_json(prep.meta(c)['geometry'])
+      mask = geometry.prob_to_original_mask(np.asarray(out.read(c, 'posterior'), np.float32),
+                                            geom, p_threshold(config))
+      ref = geometry.to_original(np.asarray(refs.read(c, 'label_native')), geom.native())
+      res[c] = metrics.all_metrics(mask, ref, geom.original_spacing)
+      cache.put(c, key, res[c])
   from cgc_jax.runtime import distributed  # pylint: disable=g-import-not-at-top
-  if changed and distributed.is_main():
-    store_lib.atomic_write_json(path, cache)
+  cache.save(distributed.is_main())
   return res
