@@ -106,3 +106,19 @@ def test_legacy_identity_is_the_earlier_formula_and_accepted_downstream(tmp_path
       'c': labels.legacy_identity('c')}
   assert train.accept_legacy({'c': 'changed'}, now, labels) == now
   assert train.accept_legacy(None, now, labels) == now
+
+
+def test_case_cache_returns_a_value_only_for_its_key(tmp_path):
+  path = str(tmp_path / 'cache.json')
+  c = store_lib.CaseCache(path)
+  assert c.get('a', 'k1') is None
+  c.put('a', ['k1', 'r1'], {'dice': 0.5})
+  c.save(write=False)  # another process: nothing written
+  assert not os.path.exists(path)
+  c.save()
+  again = store_lib.CaseCache(path)
+  assert again.get('a', ['k1', 'r1']) == {'dice': 0.5}
+  assert again.get('a', ['k1', 'r2']) is None and again.get('b', ['k1', 'r1']) is None
+  mtime = os.stat(path).st_mtime_ns
+  again.save()  # nothing put: the file is left alone
+  assert os.stat(path).st_mtime_ns == mtime
