@@ -88,6 +88,11 @@ def base_config() -> ml_collections.ConfigDict:
   # > 0: the voted components lying mostly within this many mm of the brain's edge are dropped
   # (what brain extraction leaves of skull and dura on CT; an extra-axial bleed there goes too)
   g.edge_mm = 0.0
+  # MRI: before the mixtures are fitted, each channel's brain intensities are mapped so that the
+  # case's percentiles (1, 10, ..., 90, 99) land on the mean percentiles of the run's cases
+  # (Nyul-Udupa histogram standardisation; gmm.standardise). Training data only: new scans at
+  # prediction time are fitted as they are.
+  g.standardise = False
   g.fill_holes = False  # fill enclosed holes (3D and per slice): necrotic cores inside oedema
   # Case-level lesion evidence: P is emptied when the lesion channel inside raw P exceeds the ring
   # of tissue around it by less than this (z units for MRI, window units for CT); -inf = off.

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from cgc_jax.core import paths
+from cgc_jax.imaging import geometry
 from cgc_jax.imaging import morphology
 from cgc_jax.labels import gmm
 from cgc_jax.stages import pseudo_labels
@@ -365,3 +366,52 @@ def test_an_edge_component_leaves_p_and_a_deep_one_stays():
   _, p1, _ = gmm.consensus(img, brain, ['flair', 't1'], cfg, 'c', (2.0, 2.0, 2.0))
   np.testing.assert_array_equal(p1.astype(bool), p0.astype(bool) & ~rim)
   assert (p1.astype(bool) & gt).sum() > 0.95 * gt.sum()
+
+
+def test_histogram_standardisation_maps_the_landmarks_onto_the_standard():
+  rng = np.random.default_rng(5)
+  img = rng.gamma(2.0, 1.0, (12, 12, 12, 2)).astype(np.float32)
+  brain = np.zeros((12, 12, 12), bool)
+  brain[1:-1, 1:-1, 1:-1] = True
+  marks = gmm.landmarks(img, brain)
+  np.testing.assert_allclose(marks[1], np.percentile(img[brain][:, 1], gmm.LANDMARKS))
+  # onto its own landmarks: unchanged (0 outside the brain); onto 3 x + 2: every voxel 3 x + 2,
+  # beyond the outer landmarks too (the outer segments extended)
+  same = gmm.standardise(img, brain, marks, marks)
+  np.testing.assert_allclose(same[brain], img[brain], atol=1e-4)
+  assert not same[~brain].any()
+  np.testing.assert_allclose(gmm.standardise(img, brain, marks, 3 * marks + 2)[brain],
+                             3 * img[brain] + 2, atol=1e-3)
+  # piecewise: the case's median lands on the standard's median
+  std = np.stack([np.linspace(-2, 2, len(gmm.LANDMARKS))] * 2)
+  out = gmm.standardise(img, brain, marks, std)
+  np.testing.assert_allclose(np.median(out[brain], axis=0), std[:, 5], atol=0.05)
+
+
+def test_a_standardised_run_records_its_standard_and_redoes_p_when_it_changes(tiny_workdir,
+                                                                               tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  wd = tmp_path / 'w'
+  wd.mkdir()
+  for d in ('prepared', 'references', 'phantoms'):
+    shutil.copytree(f'{tiny_workdir}/{d}', wd / d)
+  c = tiny_config(**{'gmm.standardise': True})
+  cases = pseudo_labels.run(c, str(wd))
+  s = paths.pl_store(c, str(wd))
+  digests = {s.meta(k)['inputs']['standard'] for k in cases}
+  assert len(digests) == 1 and len(cases) == 3
+  prep = paths.prepared_store(c, str(wd))
+  standard = pseudo_labels.standard_landmarks(c, prep, s, cases)
+  want = np.mean([gmm.landmarks(np.asarray(prep.read(k, 'image'), np.float32),
+                                np.asarray(prep.read(k, 'brain')) > 0) for k in cases], axis=0)
+  np.testing.assert_allclose(standard, want)
+  # P of the first case from its standardised image, by hand
+  k = cases[0]
+  image = np.asarray(prep.read(k, 'image'), np.float32)
+  brain = np.asarray(prep.read(k, 'brain')) > 0
+  geom = geometry.Geometry.from_json(prep.meta(k)['geometry'])
+  _, p, _ = gmm.consensus(gmm.standardise(image, brain, gmm.landmarks(image, brain), standard),
+                          brain, list(prep.meta(k)['modalities']), c.gmm, k, geom.spacing)
+  np.testing.assert_array_equal(np.asarray(s.read(k, 'p')), p)
+  # two of the three cases: another standard, so every P is redone
+  assert pseudo_labels.standard_landmarks(c, prep, s, cases[:2]).tolist() != standard.tolist()

@@ -360,3 +360,32 @@ def hu_scale(config):
     return None
   lo, hi = config.data.ct_window
   return (lo, hi - lo)
+
+
+LANDMARKS = (1, 10, 20, 30, 40, 50, 60, 70, 80, 90, 99)  # brain-intensity percentiles (Nyul-Udupa)
+
+
+def landmarks(image: np.ndarray, brain: np.ndarray) -> np.ndarray:
+  """f64[C, len(LANDMARKS)]: each channel's brain-intensity percentiles. image: [X, Y, Z, C]."""
+  v = np.asarray(image[np.asarray(brain, bool)], np.float64)
+  return np.percentile(v, LANDMARKS, axis=0).T
+
+
+def standardise(image: np.ndarray, brain: np.ndarray, case_marks, standard) -> np.ndarray:
+  """Histogram standardisation (Nyul & Udupa 1999): each channel's intensities mapped piecewise
+  linearly so that the case's landmarks (case_marks, f[C, L]) land on the standard ones (f[C, L]:
+  the mean landmarks of the run's cases), extrapolated beyond the outer ones with the outer
+  segments' slopes; 0 outside the brain. Scans from other sites or scanners then share one
+  intensity scale before the mixture is fitted. Returns f32[X, Y, Z, C]."""
+  out = np.zeros(image.shape, np.float32)
+  inside = np.asarray(brain, bool)
+  for ch in range(image.shape[-1]):
+    src, dst = np.asarray(case_marks[ch], np.float64), np.asarray(standard[ch], np.float64)
+    src = np.maximum.accumulate(src + 1e-6 * np.arange(src.size))  # strictly increasing
+    x = np.asarray(image[..., ch], np.float64)[inside]
+    y = np.interp(x, src, dst)
+    lo, hi = x < src[0], x > src[-1]
+    y[lo] = dst[0] + (x[lo] - src[0]) * (dst[1] - dst[0]) / (src[1] - src[0])
+    y[hi] = dst[-1] + (x[hi] - src[-1]) * (dst[-1] - dst[-2]) / (src[-1] - src[-2])
+    out[..., ch][inside] = y
+  return out

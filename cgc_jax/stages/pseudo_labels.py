@@ -5,7 +5,7 @@ nifti (masks of another method, on each case's original grid), ground_truth (upp
 Shard arrays (prepared grid): p: u8[X, Y, Z]; posterior: f16[X, Y, Z]. Each shard's meta holds the
 per-case report (also written to pseudo_labels/reports/<case>.json).
 """
-import json
+import hashlib
 import os
 
 from absl import logging
@@ -43,9 +43,11 @@ def _from_nifti(path, geom: geometry.Geometry):
   return geometry.crop_and_resample(canon, geom, order=0).astype(np.float32)
 
 
-def case_pseudo_label(case_id, config, prep_root, prep_fp, out_root, out_fp, ref_root, inputs):
+def case_pseudo_label(case_id, config, prep_root, prep_fp, out_root, out_fp, ref_root, inputs,
+                      standard=None):
   """Computes and writes one case's P shard; returns its report. ref_root: the reference store
-  (read by source=ground_truth only)."""
+  (read by source=ground_truth only); standard: f[C, L] landmarks to standardise the image to
+  before the mixture (gmm.standardise; standard_landmarks), or None."""
   prep = store_lib.Store(prep_root, prep_fp)
   meta = prep.meta(case_id)
   geom = geometry.Geometry.from_json(meta['geometry'])
@@ -59,6 +61,8 @@ def case_pseudo_label(case_id, config, prep_root, prep_fp, out_root, out_fp, ref
       raise errors.DataError(
           f'{case_id}: pseudo_labels.source=ground_truth but the case has no usable label')
     label = np.asarray(refs.read(case_id, 'label'))
+  if standard is not None:
+    image = gmm.standardise(image, brain, gmm.landmarks(image, brain), standard)
   post, p, report = labels_from_source(config, case_id, image, brain, list(meta['modalities']),
                                        geom, label=label)
   report['source'] = src
@@ -71,6 +75,29 @@ def case_pseudo_label(case_id, config, prep_root, prep_fp, out_root, out_fp, ref
   out.write(case_id, {'p': p.astype(np.uint8), 'posterior': post.astype(np.float16)},
             {'report': report, 'inputs': inputs})
   return report
+
+
+def standard_landmarks(config, prep: store_lib.Store, out: store_lib.Store, cases: list):
+  """With gmm.standardise (MRI, source gmm): f64[C, L] the mean over `cases` of their channels'
+  brain-intensity landmarks (gmm.landmarks; cached per prepared shard in landmarks.json), else
+  None."""
+  if not (config.gmm.get('standardise', False) and config.pseudo_labels.source == 'gmm' and
+          config.data.kind != 'ct'):
+    return None
+  cache = store_lib.CaseCache(os.path.join(out.root, 'landmarks.json'))
+  marks = []
+  for c in cases:
+    key = prep.identity(c)
+    m = cache.get(c, key)
+    if m is None:
+      image = np.asarray(prep.read(c, 'image'), np.float32)
+      m = gmm.landmarks(image, np.asarray(prep.read(c, 'brain')) > 0).tolist()
+      cache.put(c, key, m)
+    marks.append(m)
+  from cgc_jax.runtime import distributed  # pylint: disable=g-import-not-at-top
+  os.makedirs(out.root, exist_ok=True)
+  cache.save(distributed.is_main())
+  return np.mean(np.asarray(marks, np.float64), axis=0)
 
 
 def labels_from_source(config, case_id: str, image: np.ndarray, brain: np.ndarray, mods: list,
@@ -171,9 +198,13 @@ def run(config, workdir) -> list:
   refs = paths.reference_store(config, workdir)  # made by the prepare stage
   logging.info('pseudo_labels: source %s', config.pseudo_labels.source)
   inputs = {c: expected_inputs(config, prep, out, c, refs) for c in cases}
+  standard = standard_landmarks(config, prep, out, cases)
+  if standard is not None:  # every case's P depends on the run's standard
+    digest = hashlib.sha256(np.round(standard, 4).tobytes()).hexdigest()[:16]
+    inputs = {c: dict(v, standard=digest) for c, v in inputs.items()}
   todo = bookkeeping.start_cases(config, out, cases, 'pseudo_labels', inputs)
   jobs = [(c, (c, config, prep.root, prep.fingerprint, out.root, out.fingerprint, refs.root,
-               inputs[c])) for c in todo]
+               inputs[c], standard)) for c in todo]
   results = workers.map_cases(case_pseudo_label, jobs, config.data.num_workers, 'pseudo_labels',
                                expected_types=(errors.DataError, gmm.GMMError))
   done = bookkeeping.finish_cases(config, out, cases, results, 'pseudo_labels', inputs)

@@ -186,6 +186,9 @@ def p_rows(config) -> list:
                                                                      'flair,t1,t1ce,t2:5'),
                                          'gmm.grow_mm': 2.0})))
   rows.append(('P as configured', {}))
+  if config.data.kind != 'ct':  # scans of several sites on one intensity scale before the mixture
+    rows.append(('P as configured, histogram-standardised first (gmm.standardise)',
+                 {'gmm.standardise': True}))
   return [Row(name, over, kind='p') for name, over in rows]
 
 
