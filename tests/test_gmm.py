@@ -388,6 +388,7 @@ def test_histogram_standardisation_maps_the_landmarks_onto_the_standard():
   np.testing.assert_allclose(np.median(out[brain], axis=0), std[:, 5], atol=0.05)
 
 
+@pytest.mark.slow  # the pseudo-label stage and a consensus on the tiny cases
 def test_a_standardised_run_records_its_standard_and_redoes_p_when_it_changes(tiny_workdir,
                                                                                tmp_path):
   import shutil  # pylint: disable=g-import-not-at-top
