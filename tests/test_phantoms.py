@@ -4,6 +4,7 @@ import os
 
 import nibabel as nib
 import numpy as np
+import pytest
 from ml_collections import ConfigDict
 from scipy import ndimage
 
@@ -95,6 +96,7 @@ def test_to_spacing_resamples_images_label_and_affine():
   assert same[0]['t1'] is img and same[1] is label and same[2] is affine
 
 
+@pytest.mark.slow  # two CT subjects generated
 def test_a_ct_rim_changes_only_the_brains_outer_voxels_and_no_label():
   cfg = ct_phantom_config(1, 0)
   anatomy = phantoms._anatomy()  # pylint: disable=protected-access

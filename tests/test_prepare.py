@@ -211,6 +211,7 @@ def test_mri_outside_filled_with_another_constant_is_the_outside():
   assert 'covers 100%' in geometry.raw_scan_problem(np.ones_like(want), [v], cfg.data)
 
 
+@pytest.mark.slow  # prepares the tiny cases twice
 def test_a_shard_prepared_with_its_label_stays_current_and_gains_a_reference(tiny_workdir,
                                                                             tmp_path):
   """Earlier versions kept the label in the prepared shard and its file among the shard's inputs:
