@@ -11,7 +11,6 @@ truth enters only here, to judge the signals; nothing a run does reads it. The n
 cached in WORKDIR/experiments/quality_network.json, the others in pseudo_labels/quality.json
 (member agreement is refitted for P made before it was reported: ~8 s a case, once).
 """
-import json
 import os
 
 from absl import app
@@ -21,6 +20,7 @@ import numpy as np
 
 from cgc_jax import pipeline
 from cgc_jax.core import paths
+from cgc_jax.core import store as store_lib
 from cgc_jax.imaging import geometry
 from cgc_jax.imaging import metrics
 from cgc_jax.labels import quality
@@ -42,11 +42,6 @@ def _network_masks_dir(base: str, config) -> str:
 
 def workdir_signals(base: str) -> dict:
   """{case: {signal: value, 'p_dice': P's Dice}} for the cases of `base` with ground truth."""
-  cache_path = os.path.join(base, 'experiments', 'quality_network.json')
-  cache = {}
-  if os.path.exists(cache_path):
-    with open(cache_path) as f:
-      cache = json.load(f)
   config = pipeline.workdir_config(base)
   prepare.update_references(config, base)  # the label files, read into references/ when missing
   prep, out = paths.prepared_store(config, base), paths.pl_store(config, base)
@@ -56,18 +51,20 @@ def workdir_signals(base: str) -> dict:
   masks_dir = _network_masks_dir(base, config)
   import nibabel as nib  # pylint: disable=g-import-not-at-top
   rows = quality.pseudo_label_signals(config, prep, out, cases)
+  os.makedirs(os.path.join(base, 'experiments'), exist_ok=True)
+  cache = store_lib.CaseCache(os.path.join(base, 'experiments', 'quality_network.json'))
   for c in cases if masks_dir else ():
     key = [out.identity(c), masks_dir]
-    if (cache.get(c) or {}).get('key') != key:
+    agree = cache.get(c, key)
+    if agree is None:
       geom = geometry.Geometry.from_json(prep.meta(c)['geometry'])
       net = np.asarray(nib.load(os.path.join(masks_dir, f'{c}.nii.gz')).dataobj) > 0
       post = np.asarray(out.read(c, 'posterior'), np.float32)
       p_orig = geometry.prob_to_original_mask(post, geom, references.p_threshold(config)) > 0
-      cache[c] = {'key': key, 'network_agreement': metrics.dice(net, p_orig)}
-    rows[c] = dict(rows[c], network_agreement=cache[c]['network_agreement'])
-  os.makedirs(os.path.dirname(cache_path), exist_ok=True)
-  with open(cache_path, 'w') as f:
-    json.dump(cache, f, indent=1, sort_keys=True)
+      agree = metrics.dice(net, p_orig)
+      cache.put(c, key, agree)
+    rows[c] = dict(rows[c], network_agreement=agree)
+  cache.save()
   combined, before = quality.score(rows), quality.score(rows, quality.P_SIGNALS)
   return {c: dict(rows[c], score=combined[c], p_score=before[c], p_dice=p_dice[c]) for c in cases}
 
