@@ -190,6 +190,11 @@ def base_config() -> ml_collections.ConfigDict:
   # way). Network 0 is the one-network run in WORKDIR; the others live in WORKDIR/ensemble/<m>.
   # Costs ensemble x the training and the inference.
   t.ensemble = 1
+  # With an ensemble: what network 0 (trained on every case's P) tells networks m >= 1, label-free
+  # (training/guide.py): 'none'; 'cases', each case's loss weighs the rank of network 0's agreement
+  # with its P; 'voxels', the voxels where network 0's mask and P disagree weigh 0. Costs one
+  # sliding-window pass of network 0 over the training cases.
+  t.ensemble_guide = 'none'
   t.lr = 3e-3  # peak learning rate (AdamW)
   t.warmup_steps = 10
   t.end_lr_fraction = 0.05  # cosine decays to lr * this

@@ -150,8 +150,9 @@ def test_elr_step_adds_the_teacher_term(tiny_workdir):
 
 
 def test_label_weight_multiplies_the_segmentation_weight(tiny_workdir):
-  """train.symmetry_margin: the segmentation terms weigh each voxel by brain x label_weight, as if
-  the brain mask were that product; off, label_weight is ignored."""
+  """A batch's label_weight (train.symmetry_margin, train.quality_weight, train.ensemble_guide put it
+  there: input_pipeline.batch_keys): the segmentation terms weigh each voxel by brain x
+  label_weight, as if the brain mask were that product, whatever the config that reads it."""
   cfg = tiny_config(**{'train.symmetry_margin': 0.3})
   batch = {k: jnp.asarray(v) for k, v in _batch(tiny_workdir, cfg).items()}
   lw = jnp.asarray(np.random.default_rng(0).random(batch['p'].shape) < 0.5, jnp.float32)
@@ -164,7 +165,12 @@ def test_label_weight_multiplies_the_segmentation_weight(tiny_workdir):
   seg_plain = jax.jit(lambda p, b: step_lib.loss_fn(p, b, plain)[1]['seg'])
   want = float(seg_plain(state.params, {**batch, 'brain': batch['brain'] * lw}))
   assert float(seg(state.params, batch)) == pytest.approx(want, rel=1e-5)
-  assert abs(float(seg_plain(state.params, batch)) - want) > 1e-3  # the weight matters here
+  # a case weight alone (no symmetry rule) weighs the same way
+  assert float(seg_plain(state.params, batch)) == pytest.approx(want, rel=1e-5)
+  assert 'label_weight' in input_pipeline.batch_keys(tiny_config(**{
+      'train.quality_weight': 0.5}).train)
+  no_weight = {k: v for k, v in batch.items() if k != 'label_weight'}
+  assert abs(float(seg_plain(state.params, no_weight)) - want) > 1e-3  # the weight matters here
 
 
 @pytest.mark.slow  # a program of its own to compile (~30 s): the whole suite runs it

@@ -25,6 +25,7 @@ CHOICES = {
     'train.loss_region': ('brain', 'all'),
     'eval.select': ('latest', 'flip_agreement', 'confident_ce', 'p_agreement'),
     'eval.fold_networks': ('all', 'unseen', 'agreement'),
+    'train.ensemble_guide': ('none', 'cases', 'voxels'),
     'eval.output_format': ('nifti', 'dicom_seg'),
 }
 
@@ -109,6 +110,10 @@ def problems(config) -> list:
       ensemble > 1):
     out.append(f'train.ensemble: {ensemble} (expected 1 with train.folds = {folds}: cross-fitting '
                f'and an ensemble are two ways to train several networks; choose one)')
+  guide = _get(config, 'train.ensemble_guide')
+  if guide not in (_MISSING, 'none') and not (isinstance(ensemble, (int, float)) and ensemble > 1):
+    out.append(f'train.ensemble_guide: {guide!r} (network 0 of an ensemble guides the others: '
+               f'expected train.ensemble >= 2, got {ensemble})')
   border, source = _get(config, 'eval.border_mm'), _get(config, 'pseudo_labels.source')
   if isinstance(border, (int, float)) and border > 0 and source not in (_MISSING, 'gmm'):
     out.append(f'eval.border_mm: {border} (the border refinement refits the mixture on new scans: '

@@ -54,12 +54,15 @@ def num_networks(config) -> int:
 def network_config(config, index: int):
   """The config network `index` trains with: `config` itself, except for an ensemble (train.ensemble
   >= 2), whose network m is the one-network run of seed train.seed + SEED_STRIDE * m (train.ensemble
-  set to 1, so network 0's checkpoints are exactly the one-network run's)."""
+  set to 1, so network 0's checkpoints are exactly the one-network run's; train.ensemble_guide
+  applies to networks m >= 1 only)."""
   if int(config.train.get('ensemble', 1)) <= 1:
     return config
   c = config.copy_and_resolve_references()
   c.train.seed = int(config.train.seed) + SEED_STRIDE * index
   c.train.ensemble = 1
+  if index == 0 and 'ensemble_guide' in c.train:  # network 0 is the unguided one-network run
+    c.train.ensemble_guide = 'none'
   return c
 
 

@@ -21,6 +21,7 @@ from cgc_jax.model import checkpoint
 from cgc_jax.model import train_state
 from cgc_jax.model import unet
 from cgc_jax.runtime import distributed
+from cgc_jax.training import guide as guide_lib
 from cgc_jax.training import input_pipeline
 from cgc_jax.training import run_log
 from cgc_jax.training import step as step_lib
@@ -32,10 +33,13 @@ Preempted = errors.Preempted  # defined in errors.py (every user-facing error in
 NonFiniteError = errors.NonFiniteError  # defined in errors.py, with every user-facing error
 
 
-def _record(config, step, sampler, inputs):
-  return {'fields': fingerprints.fields(config, 'train'), 'data_step': int(step),
-          'cases': sampler.case_ids, 'inputs': inputs,
-          'config': json.loads(config.to_json_best_effort()), 'convolution': convolution(config)}
+def _record(config, step, sampler, inputs, guide_id=None):
+  out = {'fields': fingerprints.fields(config, 'train'), 'data_step': int(step),
+         'cases': sampler.case_ids, 'inputs': inputs,
+         'config': json.loads(config.to_json_best_effort()), 'convolution': convolution(config)}
+  if guide_id is not None:  # train.ensemble_guide: the network-0 masks this network learned from
+    out['guide'] = guide_id
+  return out
 
 
 def convolution(config) -> str:
@@ -63,10 +67,14 @@ def accept_legacy(recorded: Optional[dict], inputs: dict, labels) -> dict:
   return compat.checkpoint_inputs(recorded, inputs, labels.legacy_identity)
 
 
-def stale_reasons(record: dict, config, inputs: dict) -> list:
-  """Why checkpoints with `record` cannot be continued by this run: the differing train fields, and
-  the cases whose pseudo-labels (`inputs`: case -> P shard identity) changed since. [] = current."""
+def stale_reasons(record: dict, config, inputs: dict, guide_id=None) -> list:
+  """Why checkpoints with `record` cannot be continued by this run: the differing train fields,
+  the cases whose pseudo-labels (`inputs`: case -> P shard identity) changed since, and (an
+  ensemble's guided network) another network 0 than the one it learned from. [] = current."""
   out = fingerprints.diff(record.get('fields', {}), fingerprints.fields(config, 'train'))
+  if record.get('guide') != guide_id:
+    out.append(f'the ensemble\'s guide (network 0\'s masks) changed since: {record.get("guide")} '
+               f'-> {guide_id}')
   old = record.get('inputs')
   if old is not None and old != inputs:
     changed = sorted(c for c in set(old) | set(inputs) if old.get(c) != inputs.get(c))
@@ -131,7 +139,7 @@ def train_and_evaluate(config, workdir: str, periodic_eval=None) -> train_state.
   if n > 1 and len(cases) < n:
     raise errors.StageError(f'{labels.root}: train.folds={n} needs at least {n} cases with '
                             f'pseudo-labels, found {len(cases)}')
-  state = None
+  state, guide_of = None, None
   dirs = folds_lib.network_dirs(config, workdir)
   for f, run_dir in enumerate(dirs):
     net_config = folds_lib.network_config(config, f)
@@ -139,26 +147,53 @@ def train_and_evaluate(config, workdir: str, periodic_eval=None) -> train_state.
       logging.info('train: network %d of %d (cross-fitting: fold %d left out), in %s', f + 1, n,
                    f, run_dir)
     elif len(dirs) > 1:
-      logging.info('train: network %d of %d (ensemble: seed %d), in %s', f + 1, len(dirs),
-                   net_config.train.seed, run_dir)
+      if f == 1 and tcfg.get('ensemble_guide', 'none') != 'none':
+        guide_of = _guide(config, workdir, cases, prep, labels, state)
+      logging.info('train: network %d of %d (ensemble: seed %d%s), in %s', f + 1, len(dirs),
+                   net_config.train.seed, f', guided by network 0\'s {tcfg.ensemble_guide}'
+                   if f and guide_of else '', run_dir)
     state = _train_network(net_config, run_dir, folds_lib.training_cases(cases, f, n), prep,
-                           labels, periodic_eval)
+                           labels, periodic_eval, guide_of if f else None)
   return state
 
 
-def _train_network(config, run_dir, cases, prep, labels, periodic_eval):
+def _guide(config, workdir, cases, prep, labels, state0):
+  """(guide identity, {case: (network 0's mask, its agreement with P)}) for the ensemble's networks
+  m >= 1 (train.ensemble_guide; training/guide.py), from network 0's final params (state0)."""
+  net0 = folds_lib.network_config(config, 0)
+  step = int(jax.device_get(state0.step))
+  masks = guide_lib.first_network_masks(net0, guide_lib.guide_root(workdir), step,
+                                        state0.params['unet'], cases, prep, labels,
+                                        distributed.mesh())
+  logging.info('train: network 0 agrees with P at %s', ', '.join(
+      f'{c} {a:.3f}' for c, (_, a) in sorted(masks.items())))
+  return guide_lib.identity(net0, step), masks
+
+
+def _train_network(config, run_dir, cases, prep, labels, periodic_eval, guide=None):
   """Trains one network on `cases`, its checkpoints and logs in `run_dir` (WORKDIR, or a fold's
-  folder), resuming from its newest checkpoint."""
+  folder), resuming from its newest checkpoint. guide: _guide's (identity, masks) for an ensemble's
+  network m >= 1 under train.ensemble_guide, else None."""
   mesh = distributed.mesh()
   tcfg = config.train
-  weights = None
+  weights, guide_id, guide_masks = None, None, None
   if tcfg.get('quality_weight', 0.0) > 0:
     weights = quality.case_weights(quality.pseudo_label_signals(config, prep, labels, cases),
                                    tcfg.quality_weight)
     logging.info('train: case weights from the quality of P (train.quality_weight %.2f): %s',
                  tcfg.quality_weight, ', '.join(f'{c} {w:.2f}' for c, w in sorted(weights.items())))
+  if guide is not None:
+    guide_id, masks = guide
+    if tcfg.ensemble_guide == 'cases':
+      ranked = guide_lib.case_weights({c: a for c, (_, a) in masks.items() if c in cases})
+      weights = {c: ranked[c] * (weights or {}).get(c, 1.0) for c in ranked}
+      logging.info('train: case weights from network 0\'s agreement with P: %s',
+                   ', '.join(f'{c} {w:.2f}' for c, w in sorted(weights.items())))
+    else:
+      guide_masks = {c: m for c, (m, _) in masks.items()}
   sampler = input_pipeline.CropSampler(prep, labels, cases, tcfg, config.data.verify_checksums,
-                                       jax.process_index(), jax.process_count(), weights)
+                                       jax.process_index(), jax.process_count(), weights,
+                                       guide_masks)
   num_channels = sampler.num_channels
   tx, sched = train_state.make_optimizer(tcfg)
   inputs = {c: labels.identity(c) for c in cases}
@@ -166,7 +201,8 @@ def _train_network(config, run_dir, cases, prep, labels, periodic_eval):
   start = 0
   if ckpt.latest_step() is not None and tcfg.restart_when_stale:
     record = ckpt.record(ckpt.latest_step())
-    reasons = stale_reasons(record, config, accept_legacy(record.get('inputs'), inputs, labels))
+    reasons = stale_reasons(record, config, accept_legacy(record.get('inputs'), inputs, labels),
+                            guide_id)
     if reasons:
       ckpt.close()
       _set_aside(run_dir, reasons, config.dist.barrier_timeout_s)
@@ -220,7 +256,7 @@ def _train_network(config, run_dir, cases, prep, labels, periodic_eval):
                        '', rate, rate * voxels,
                        (tcfg.steps - done) / max(rate, 1e-9))
         if done % tcfg.checkpoint_every == 0 or done == tcfg.steps or term.hit:
-          ckpt.save(done, state, _record(config, done, sampler, inputs))
+          ckpt.save(done, state, _record(config, done, sampler, inputs, guide_id))
         every = config.eval.every_steps
         if periodic_eval is not None and every and done % every == 0:
           means = periodic_eval(state.params, done)

@@ -146,6 +146,11 @@ TABLES = {
             {'train.quality_weight': 1.0}),
         Row('quality-weighted training (train.quality_weight = 0.5)',
             {'train.quality_weight': 0.5}),
+        # the ensemble's second network guided by the first one (trained on every case's P)
+        Row('second network: cases weighed by the first one\'s agreement with P',
+            {'train.ensemble_guide': 'cases'}),
+        Row('second network: voxels where the first one and P disagree left out',
+            {'train.ensemble_guide': 'voxels'}),
     ],
     # not a paper table: how much the CGC terms' weight (both lambdas) matters
     'weights': [Row(f'full CGC, lambda = {w}',

@@ -13,7 +13,9 @@ threads build the next `prefetch` batches ahead.
 Example contract (one slot): image f32[X, Y, Z, C], p f32[X, Y, Z] (P in {0, 1}),
 brain f32[X, Y, Z], posterior f32[X, Y, Z] (P's soft posterior) when train.confidence_gamma > 0,
 and label_weight f32[X, Y, Z] (0 on P's left-right symmetric voxels) when train.symmetry_margin > 0,
-times the case's weight (labels.quality.case_weights) when train.quality_weight > 0;
+times the case's weight (labels.quality.case_weights) when train.quality_weight > 0 or
+train.ensemble_guide = 'cases', and 0 where network 0's mask and P disagree (training/guide.py)
+when train.ensemble_guide = 'voxels';
 (X, Y, Z) = train.crop. Cases smaller than the crop are zero-padded (brain 0).
 """
 import collections
@@ -24,6 +26,7 @@ import numpy as np
 
 from cgc_jax.core import store as store_lib
 from cgc_jax.imaging import morphology
+from cgc_jax.training import guide as guide_lib
 
 _MAX_FG_COORDS = 50000  # lesion voxel coordinates cached per case for foreground sampling
 
@@ -34,7 +37,8 @@ def batch_keys(train_cfg) -> tuple:
   these."""
   return ('image', 'p', 'brain') + (('posterior',) if train_cfg.confidence_gamma else ()) + (
       ('label_weight',) if train_cfg.get('symmetry_margin', 0.0) > 0 or
-      train_cfg.get('quality_weight', 0.0) > 0 else ())
+      train_cfg.get('quality_weight', 0.0) > 0 or
+      train_cfg.get('ensemble_guide', 'none') != 'none' else ())
 
 
 def batch_shapes(train_cfg, num_channels: int) -> dict:
@@ -103,7 +107,7 @@ class CropSampler:
 
   def __init__(self, prep: store_lib.Store, labels: store_lib.Store, case_ids: list, train_cfg,
                verify: bool = True, process_index: int = 0, process_count: int = 1,
-               case_weights=None):
+               case_weights=None, guide_masks=None):
     if not case_ids:
       raise ValueError('no training cases')
     if train_cfg.batch_size % process_count:
@@ -115,7 +119,9 @@ class CropSampler:
     self.local_batch_size = train_cfg.batch_size // process_count
     self.first_slot = process_index * self.local_batch_size
     self._prep, self._labels, self._verify = prep, labels, verify
-    self._case_weights = case_weights or {}  # case -> its loss weight (train.quality_weight)
+    # case -> its loss weight (train.quality_weight, train.ensemble_guide = 'cases')
+    self._case_weights = case_weights or {}
+    self._guide = guide_masks or {}  # case -> network 0's mask (train.ensemble_guide = 'voxels')
     self._cases = {}  # case index -> (image, p, brain, fg coords), opened on first use
     self._lock = threading.Lock()
     self._perm_cache = {}
@@ -135,6 +141,9 @@ class CropSampler:
         weight = None
         if self.cfg.get('symmetry_margin', 0.0) > 0:
           weight = self._label_weight(cid, image, p, brain)
+        if cid in self._guide:  # 0 where network 0 and P disagree
+          agree = guide_lib.voxel_weight(self._guide[cid], p)
+          weight = agree if weight is None else weight * agree
         coords = np.argwhere(np.asarray(p) > 0)
         if len(coords) > _MAX_FG_COORDS:
           rng = np.random.default_rng([self.cfg.seed, len(coords)])
@@ -216,7 +225,7 @@ class CropSampler:
         out_p = np.flip(out_p, axes)
         out_b = np.flip(out_b, axes)
         extra = {k: np.flip(v, axes) for k, v in extra.items()}
-    if cfg.get('quality_weight', 0.0) > 0:  # the case's weight over the whole crop
+    if self._case_weights or 'label_weight' in batch_keys(cfg):  # the case's weight, whole crop
       w = np.float32(self._case_weights.get(self.case_ids[ci], 1.0))
       extra['label_weight'] = extra.get('label_weight', np.ones(self.crop, np.float32)) * w
     out = {'image': out_img, 'p': out_p, 'brain': out_b, **extra}

@@ -21,7 +21,8 @@ def loss_fn(params, batch, config, teacher=None, step=0):
 
   batch: image f32[B, X, Y, Z, C], p f32[B, X, Y, Z], brain f32[B, X, Y, Z] (and posterior
   f32[B, X, Y, Z], P's soft posterior, when train.confidence_gamma > 0; label_weight
-  f32[B, X, Y, Z], 0 on P's left-right symmetric voxels, when train.symmetry_margin > 0).
+  f32[B, X, Y, Z], the per-voxel weight of the segmentation loss, when
+  input_pipeline.batch_keys has it: 0 on P's left-right symmetric voxels, the case's weight).
   teacher: (parameters of the same form as params, target scale f32[]) when train.elr_lambda > 0,
   the early-learning regulariser's teacher (train_state.teacher_params). step: i32[] the optimiser
   step (the target correction, train.correct_threshold, acts from train.correct_start x
@@ -33,7 +34,7 @@ def loss_fn(params, batch, config, teacher=None, step=0):
   weight = batch['brain'] if t.loss_region == 'brain' else jnp.ones_like(batch['p'])
   if t.confidence_gamma:
     weight = weight * cgc.confidence_weight(batch['posterior'], t.confidence_gamma)
-  if t.get('symmetry_margin', 0.0):  # P's left-right symmetric voxels do not count
+  if 'label_weight' in batch:  # symmetric voxels, case weights, the ensemble's guide (static key)
     weight = weight * batch['label_weight']
   target = cgc.bootstrap_target(logits, batch['p'], t.bootstrap) if t.bootstrap else batch['p']
   if t.get('correct_threshold', 0.0):
