@@ -250,3 +250,33 @@ def test_term_gaps_average_the_last_quarter_of_the_log(tmp_path):
       seeds=[0], dice_std_across_seeds=float('nan'), seconds=1.0, fine_above_floor=0.05,
       **{k: {'mean': 0.5, 'std': 0.1} for k in ('dice', 'sensitivity', 'assd')})}, tiny_config())
   assert '| 0.0500, - |' in md
+
+
+def test_a_guided_ensemble_row_reuses_the_unguided_runs_network_zero(tmp_path):
+  """Network 0 of a guided ensemble is the unguided ensemble's network 0: a row copies its
+  checkpoints and logs where that run exists and the row has none, and nothing otherwise."""
+  base = str(tmp_path)
+  guided = tiny_config(**{'train.ensemble': 2, 'train.ensemble_guide': 'voxels'})
+  plain = tiny_config(**{'train.ensemble': 2})
+  src, wd = experiments.run_dir(base, plain), experiments.run_dir(base, guided)
+  assert src != wd
+  for d, name in (('checkpoints', '240'), ('train', 'metrics.jsonl')):
+    os.makedirs(os.path.join(src, d))
+    with open(os.path.join(src, d, name), 'w') as f:
+      f.write(d)
+  os.makedirs(wd)
+  experiments._share_network0(guided, base, wd)
+  with open(os.path.join(wd, 'checkpoints', '240')) as f:
+    assert f.read() == 'checkpoints'
+  with open(os.path.join(wd, 'train', 'metrics.jsonl')) as f:
+    assert f.read() == 'train'
+  # the row's own checkpoints are never replaced; an unguided row copies nothing
+  with open(os.path.join(wd, 'checkpoints', '240'), 'w') as f:
+    f.write('own')
+  experiments._share_network0(guided, base, wd)
+  with open(os.path.join(wd, 'checkpoints', '240')) as f:
+    assert f.read() == 'own'
+  other = os.path.join(base, 'other')
+  os.makedirs(other)
+  experiments._share_network0(plain, base, other)
+  assert os.listdir(other) == []

@@ -20,6 +20,7 @@ every tracked run.
 """
 import json
 import os
+import shutil
 import time
 
 from absl import app
@@ -157,6 +158,7 @@ def _train_run(c, base: str, pwd: str) -> str:
   for d in ('prepared', paths.REFERENCES, 'phantoms', 'pseudo_labels'):
     if os.path.exists(os.path.join(pwd, d)):
       _link(os.path.join(pwd, d), os.path.join(wd, d))
+  _share_network0(c, base, wd)
   logging.info('experiments: training %s (P from %s, seed %s)', wd, c.pseudo_labels.source,
                c.train.seed)
   pipeline.run(c, wd, 'all')
@@ -164,6 +166,23 @@ def _train_run(c, base: str, pwd: str) -> str:
     raise errors.Preempted(f'experiments: SIGTERM while training {wd}: its state is saved; re-run '
                            'the same command to continue the table')
   return wd
+
+
+def _share_network0(c, base: str, wd: str):
+  """A guided ensemble (train.ensemble_guide) trains its network 0 exactly as the unguided
+  ensemble does (folds.network_config): where that run exists and `wd` has no checkpoints yet,
+  its network 0 (checkpoints/ and train/) is copied in, so the row trains only the guided networks
+  (the train stage checks the copy against this config and P, as any resume)."""
+  if int(c.train.get('ensemble', 1)) < 2 or c.train.get('ensemble_guide', 'none') == 'none':
+    return
+  plain = c.copy_and_resolve_references()
+  plain.train.ensemble_guide = 'none'
+  src = run_dir(base, plain)
+  if os.path.isdir(paths.checkpoints(src)) and not os.path.exists(paths.checkpoints(wd)):
+    for d in (paths.CHECKPOINTS, paths.TRAIN):
+      if os.path.isdir(os.path.join(src, d)):
+        shutil.copytree(os.path.join(src, d), os.path.join(wd, d))
+    logging.info('experiments: network 0 of %s copied from the unguided ensemble %s', wd, src)
 
 
 def score_rules(tracks: list) -> dict:
