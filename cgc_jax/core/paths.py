@@ -7,6 +7,7 @@
     WORKDIR/train/           train: metrics.jsonl, track.jsonl, tensorboard/, curves.png
     WORKDIR/folds/<f>/       train.folds >= 2: network f's checkpoints/ and train/ (folds.py)
     WORKDIR/ensemble/<m>/    train.ensemble >= 2: network m's (m >= 1; network 0 is WORKDIR's own)
+    WORKDIR/ensemble/guide/  train.ensemble_guide: network 0's masks on the training cases
     WORKDIR/eval/            evaluate: predictions/, cases.csv, summary.{json,md}, pictures/
     WORKDIR/predict/         predict: prepared/ (new scans), masks/ (unless eval.output_dir)
     WORKDIR/config.json, log.txt, .lock
