@@ -14,6 +14,10 @@ def base_config() -> ml_collections.ConfigDict:
   # brats | folder | cq500 | phantoms (generated into WORKDIR/phantoms, brats layout)
   d.layout = 'brats'
   d.root = ''  # dataset root (not used by layout=phantoms)
+  # More folders of scans in the same layout (or nnU-Net raw folders) that join the training pool:
+  # prepared, pseudo-labelled, trained on and segmented like the root's cases; their label files are
+  # never read, so they are never scored. Case ids must differ from the root's.
+  d.extra_roots = ()
   d.modalities = ('flair', 't1', 't1ce', 't2')  # channel order; any subset the layout provides
   # Filenames per modality for the folder and cq500 layouts ('{case}' is the case id).
   d.filenames = ml_collections.ConfigDict(

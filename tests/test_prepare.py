@@ -256,3 +256,57 @@ def test_a_shard_prepared_with_its_label_stays_current_and_gains_a_reference(tin
   back = geometry.to_original(np.asarray(refs.read(sorted(before)[0], 'label_native')),
                               geom.native())
   np.testing.assert_array_equal(back, data)
+
+
+def test_extra_roots_join_the_pool_unlabelled_and_prepare_only_their_cases(tiny_workdir,
+                                                                             tmp_path):
+  """data.extra_roots: a folder of more scans in the same layout. Its case is prepared and
+  pseudo-labelled beside the root's (the same scan under another id gets the same shard and the
+  same P), its label file is never read (no reference), the root's shards are not prepared again
+  (the prepare fingerprint ignores the field), and a repeated case id is an error naming both."""
+  from cgc_jax.stages import pseudo_labels  # pylint: disable=g-import-not-at-top
+  from conftest import copy_inputs  # pylint: disable=g-import-not-at-top
+  wd = str(tmp_path / 'wd')
+  copy_inputs(tiny_workdir, wd)
+  src = os.path.join(wd, 'phantoms', 'phantom_mri_001')
+  extra = tmp_path / 'extra'
+  os.makedirs(extra / 'more_001')
+  for name in os.listdir(src):  # the same scan (and its label file) under another case id
+    shutil.copy(os.path.join(src, name),
+                extra / 'more_001' / name.replace('phantom_mri_001', 'more_001'))
+  assert any(n.endswith('_seg.nii.gz') for n in os.listdir(extra / 'more_001'))
+  base = tiny_config()
+  cfg = tiny_config(**{'data.extra_roots': (str(extra),)})
+  from cgc_jax.core import fingerprints  # pylint: disable=g-import-not-at-top
+  assert fingerprints.of(cfg, 'prepare') == fingerprints.of(base, 'prepare')
+  files = prepare.case_files(cfg, wd)
+  assert [f.case_id for f in files] == ['phantom_mri_000', 'phantom_mri_001', 'phantom_mri_002',
+                                        'more_001']
+  assert files[-1].label is None and files[1].label is not None
+  prep = paths.prepared_store(cfg, wd)
+  prepare.run(base, wd)  # the root's shards current for this workdir's copy of the phantoms
+  stamps = {c: os.path.getmtime(os.path.join(prep.case_dir(c), 'meta.json'))
+            for c in prep.complete_cases()}
+  assert len(stamps) == 3
+  assert prepare.run(cfg, wd) == [f.case_id for f in files]
+  for c, t in stamps.items():
+    assert os.path.getmtime(os.path.join(prep.case_dir(c), 'meta.json')) == t
+  for name in ('image', 'brain'):
+    np.testing.assert_array_equal(prep.read('more_001', name), prep.read('phantom_mri_001', name))
+  refs = paths.reference_store(cfg, wd)
+  assert refs.meta('more_001', missing_ok=True) is None
+  assert refs.meta('phantom_mri_001', missing_ok=True) is not None
+  pseudo_labels.run(cfg, wd)
+  pl = paths.pl_store(cfg, wd)
+  assert 'more_001' in pl.complete_cases()
+  np.testing.assert_array_equal(pl.read('more_001', 'p'), pl.read('phantom_mri_001', 'p'))
+  # a case id that the root already has
+  os.makedirs(tmp_path / 'clash' / 'phantom_mri_000')
+  for name in os.listdir(os.path.join(wd, 'phantoms', 'phantom_mri_000')):
+    shutil.copy(os.path.join(wd, 'phantoms', 'phantom_mri_000', name),
+                tmp_path / 'clash' / 'phantom_mri_000' / name)
+  clash = tiny_config(**{'data.extra_roots': (str(extra), str(tmp_path / 'clash'))})
+  with pytest.raises(prepare.readers.DataError,
+                     match=r"clash/phantom_mri_000: case id 'phantom_mri_000' .* is also at .*"
+                           r"phantoms/phantom_mri_000"):
+    prepare.case_files(clash, wd)

@@ -21,6 +21,9 @@ _IGNORED = {'num_workers', 'verify_checksums', 'log_every', 'prefetch', 'export_
             'save_probabilities', 'progress_every_s', 'restart_when_stale',
             'conv_impl',  # same arithmetic, only speed differs
             'package',  # a path: predict reads the networks from it
+            # more scans in the pool: each case's shard records its own inputs, each checkpoint
+            # its cases, so adding a folder prepares and pseudo-labels only its cases
+            'extra_roots',
             'output_format',  # a second file beside the NIfTI mask
             # checks that warn or stop, never change an output
             'strict_brain_mask', 'raw_scan_coverage', 'raw_scan_faces', 'ct_bone_hu',

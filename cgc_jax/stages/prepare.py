@@ -9,6 +9,7 @@ Prepared shard arrays (prepared grid = RAS, brain box, target spacing):
 Label files are not read here: references.py keeps them in a store of their own (scoring only), so
 a label added, edited or removed never re-prepares a case.
 """
+import dataclasses
 import os
 
 from absl import logging
@@ -33,10 +34,14 @@ StageError = errors.StageError  # defined in errors.py (every user-facing error 
 
 
 def case_files(config, workdir, root=None) -> list:
-  """The dataset's cases; layout=phantoms generates them first (once) into WORKDIR/phantoms."""
+  """The dataset's cases; layout=phantoms generates them first (once) into WORKDIR/phantoms.
+  Without `root` (the workdir's own data), the cases of data.extra_roots follow, with no label
+  file (extra_cases); `root` (new scans, --mode=predict) lists that folder only."""
   data = config.data
   if data.layout == 'phantoms' and root:
     return readers.discover(reader_config(config), root)
+  if root:
+    return readers.discover(data, root)
   if data.layout == 'phantoms':
     from cgc_jax.imaging import phantoms  # pylint: disable=g-import-not-at-top
     from cgc_jax.runtime import distributed  # pylint: disable=g-import-not-at-top
@@ -44,8 +49,33 @@ def case_files(config, workdir, root=None) -> list:
     if distributed.is_main():  # one process generates them, the others wait at the barrier
       phantoms.ensure(config, root)
     distributed.sync('phantoms', '', config.dist.barrier_timeout_s)
-    return readers.discover(phantoms.reader_config(config), root)
-  return readers.discover(data, root)
+    files = readers.discover(phantoms.reader_config(config), root)
+  else:
+    files = readers.discover(data, root)
+  return files + extra_cases(config, files)
+
+
+def extra_cases(config, files: list) -> list:
+  """The cases of config.data.extra_roots (each read as the root is: its layout, or the nnU-Net raw
+  layout where it has one), label files left out: they join the training pool unlabelled. DataError
+  when a case id repeats one already listed (`files` or an earlier extra root), naming both."""
+  seen = {f.case_id: _where(f) for f in files}
+  out = []
+  for extra in config.data.get('extra_roots', ()) or ():
+    for f in readers.discover(reader_config(config), extra):
+      if f.case_id in seen:
+        raise readers.DataError(f'{_where(f)}: case id {f.case_id!r} of data.extra_roots entry '
+                                f'{extra} is also at {seen[f.case_id]}: case ids must be unique '
+                                'across data.root and data.extra_roots')
+      seen[f.case_id] = _where(f)
+      out.append(dataclasses.replace(f, label=None))
+  return out
+
+
+def _where(f) -> str:
+  """The folder of a case's first image (for messages)."""
+  first = next(iter(f.images.values()), '')
+  return os.path.dirname(first) if os.path.isfile(first) else first
 
 
 def reader_config(config):
