@@ -150,9 +150,9 @@ def test_elr_step_adds_the_teacher_term(tiny_workdir):
 
 
 def test_label_weight_multiplies_the_segmentation_weight(tiny_workdir):
-  """A batch's label_weight (train.symmetry_margin, train.quality_weight, train.ensemble_guide put it
-  there: input_pipeline.batch_keys): the segmentation terms weigh each voxel by brain x
-  label_weight, as if the brain mask were that product, whatever the config that reads it."""
+  """A batch's label_weight (put there by train.symmetry_margin, train.quality_weight or
+  train.ensemble_guide: input_pipeline.batch_keys): the segmentation terms weigh each voxel by
+  brain x label_weight, as if the brain mask were that product, whatever the config reading it."""
   cfg = tiny_config(**{'train.symmetry_margin': 0.3})
   batch = {k: jnp.asarray(v) for k, v in _batch(tiny_workdir, cfg).items()}
   lw = jnp.asarray(np.random.default_rng(0).random(batch['p'].shape) < 0.5, jnp.float32)

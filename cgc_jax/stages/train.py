@@ -16,6 +16,7 @@ from cgc_jax.core import compat
 from cgc_jax.core import fingerprints
 from cgc_jax.core import folds as folds_lib
 from cgc_jax.core import paths
+from cgc_jax.inference import sliding_window
 from cgc_jax.labels import quality
 from cgc_jax.model import checkpoint
 from cgc_jax.model import train_state
@@ -162,9 +163,14 @@ def _guide(config, workdir, cases, prep, labels, state0):
   m >= 1 (train.ensemble_guide; training/guide.py), from network 0's final params (state0)."""
   net0 = folds_lib.network_config(config, 0)
   step = int(jax.device_get(state0.step))
-  masks = guide_lib.first_network_masks(net0, guide_lib.guide_root(workdir), step,
-                                        state0.params['unet'], cases, prep, labels,
-                                        distributed.mesh())
+  params = state0.params['unet']
+
+  def make_predict():
+    predictor = sliding_window.Predictor(net0, distributed.mesh())
+    return lambda image: predictor.predict_volume(params, image)
+
+  masks = guide_lib.first_network_masks(net0, guide_lib.guide_root(workdir), step, make_predict,
+                                        cases, prep, labels)
   logging.info('train: network 0 agrees with P at %s', ', '.join(
       f'{c} {a:.3f}' for c, (_, a) in sorted(masks.items())))
   return guide_lib.identity(net0, step), masks

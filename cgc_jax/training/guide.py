@@ -38,13 +38,14 @@ def identity(net0_config, step: int) -> str:
                         ).hexdigest()[:16]
 
 
-def first_network_masks(net0_config, guide_root: str, step: int, params, cases: list, prep,
-                        labels, mesh) -> dict:
+def first_network_masks(net0_config, guide_root: str, step: int, make_predict, cases: list,
+                        prep, labels) -> dict:
   """{case: (mask bool[X', Y', Z'] of network 0 on the prepared grid (prob > 0.5 inside the
   brain, before any mask rule), agreement: Dice of that mask with the case's P)}, from the cache
-  in guide_root where current, else predicted with `params` (network 0's U-Net params at `step`)
-  and cached. Every process predicts (the sliding window is collective); process 0 writes."""
-  from cgc_jax.inference import sliding_window  # pylint: disable=g-import-not-at-top
+  in guide_root where current, else predicted and cached. make_predict() -> predict(image
+  f32[X', Y', Z', C]) -> lesion probability f32[X', Y', Z'] of network 0 at `step` (the train
+  stage passes a sliding window; called only when a case needs predicting). Every process
+  predicts (the sliding window is collective); process 0 writes."""
   verify = net0_config.data.verify_checksums
   store = store_lib.Store(guide_root, identity(net0_config, step))
   out, todo = {}, []
@@ -54,13 +55,13 @@ def first_network_masks(net0_config, guide_root: str, step: int, params, cases: 
                 float(store.meta(c)['agreement']))
     else:
       todo.append(c)
-  predictor = sliding_window.Predictor(net0_config, mesh) if todo else None
+  predict = make_predict() if todo else None
   t0 = time.time()
   for i, c in enumerate(todo):
     image = np.asarray(prep.read(c, 'image', verify), np.float32)
     brain = np.asarray(prep.read(c, 'brain', verify)) > 0
     p = np.asarray(labels.read(c, 'p', verify)) > 0
-    mask = (predictor.predict_volume(params, image) > 0.5) & brain
+    mask = (predict(image) > 0.5) & brain
     a = float(metrics.dice(mask, p & brain))
     if distributed.is_main():
       store.write(c, {'mask': mask.astype(np.uint8)},
