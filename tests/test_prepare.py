@@ -310,3 +310,7 @@ def test_extra_roots_join_the_pool_unlabelled_and_prepare_only_their_cases(tiny_
                      match=r"clash/phantom_mri_000: case id 'phantom_mri_000' .* is also at .*"
                            r"phantoms/phantom_mri_000"):
     prepare.case_files(clash, wd)
+  missing = tiny_config(**{'data.extra_roots': (str(tmp_path / 'nowhere'),)})
+  with pytest.raises(prepare.readers.DataError,
+                     match=r"nowhere: data.extra_roots entry does not exist or is not a folder"):
+    prepare.case_files(missing, wd)

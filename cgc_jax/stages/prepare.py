@@ -62,6 +62,8 @@ def extra_cases(config, files: list) -> list:
   seen = {f.case_id: _where(f) for f in files}
   out = []
   for extra in config.data.get('extra_roots', ()) or ():
+    if not os.path.isdir(extra):
+      raise readers.DataError(f'{extra}: data.extra_roots entry does not exist or is not a folder')
     for f in readers.discover(reader_config(config), extra):
       if f.case_id in seen:
         raise readers.DataError(f'{_where(f)}: case id {f.case_id!r} of data.extra_roots entry '

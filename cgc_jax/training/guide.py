@@ -28,7 +28,6 @@ from cgc_jax.core import store as store_lib
 from cgc_jax.imaging import metrics
 from cgc_jax.runtime import distributed
 
-MODES = ('none', 'cases', 'voxels')
 GUIDE_DIR = 'guide'
 
 
@@ -40,19 +39,19 @@ def identity(net0_config, step: int) -> str:
 
 def first_network_masks(net0_config, guide_root: str, step: int, make_predict, cases: list,
                         prep, labels) -> dict:
-  """{case: (mask bool[X', Y', Z'] of network 0 on the prepared grid (prob > 0.5 inside the
-  brain, before any mask rule), agreement: Dice of that mask with the case's P)}, from the cache
-  in guide_root where current, else predicted and cached. make_predict() -> predict(image
-  f32[X', Y', Z', C]) -> lesion probability f32[X', Y', Z'] of network 0 at `step` (the train
-  stage passes a sliding window; called only when a case needs predicting). Every process
-  predicts (the sliding window is collective); process 0 writes."""
+  """{case: (mask u8[X', Y', Z'] of network 0 on the prepared grid, memory-mapped from the cache
+  (1 where its probability > 0.5 inside the brain, before any mask rule), agreement: Dice of that
+  mask with the case's P)}, from the cache in guide_root where current, else predicted and cached.
+  make_predict() -> predict(image f32[X', Y', Z', C]) -> lesion probability f32[X', Y', Z'] of
+  network 0 at `step` (the train stage passes a sliding window; called only when a case needs
+  predicting). Every process predicts (the sliding window is collective); process 0 writes, and
+  every process reads the cache back (the workdir is shared, as for checkpoints)."""
   verify = net0_config.data.verify_checksums
   store = store_lib.Store(guide_root, identity(net0_config, step))
-  out, todo = {}, []
+  agreement, todo = {}, []
   for c in cases:
     if store.is_complete(c, {'p': labels.identity(c)}):
-      out[c] = (np.asarray(store.read(c, 'mask', verify)) > 0,
-                float(store.meta(c)['agreement']))
+      agreement[c] = float(store.meta(c)['agreement'])
     else:
       todo.append(c)
   predict = make_predict() if todo else None
@@ -66,14 +65,14 @@ def first_network_masks(net0_config, guide_root: str, step: int, make_predict, c
     if distributed.is_main():
       store.write(c, {'mask': mask.astype(np.uint8)},
                   {'agreement': a, 'inputs': {'p': labels.identity(c)}})
-    out[c] = (mask, a)
+    agreement[c] = a
     el = time.time() - t0
     logging.info('guide: network 0 on %d/%d training cases (%.2f case/s, ETA %.0fs) %s: '
                  'agreement with P %.3f', i + 1, len(todo), (i + 1) / el,
                  (len(todo) - i - 1) * el / (i + 1), c, a)
   if todo:
     distributed.sync('guide-written', '', net0_config.dist.barrier_timeout_s)
-  return out
+  return {c: (store.read(c, 'mask', verify), agreement[c]) for c in cases}
 
 
 def case_weights(agreements: dict) -> dict:

@@ -122,6 +122,7 @@ class CropSampler:
     # case -> its loss weight (train.quality_weight, train.ensemble_guide = 'cases')
     self._case_weights = case_weights or {}
     self._guide = guide_masks or {}  # case -> network 0's mask (train.ensemble_guide = 'voxels')
+    self._weighted = 'label_weight' in batch_keys(train_cfg)  # every crop carries a weight
     self._cases = {}  # case index -> (image, p, brain, fg coords), opened on first use
     self._lock = threading.Lock()
     self._perm_cache = {}
@@ -225,7 +226,7 @@ class CropSampler:
         out_p = np.flip(out_p, axes)
         out_b = np.flip(out_b, axes)
         extra = {k: np.flip(v, axes) for k, v in extra.items()}
-    if self._case_weights or 'label_weight' in batch_keys(cfg):  # the case's weight, whole crop
+    if self._case_weights or self._weighted:  # the case's weight over the whole crop
       w = np.float32(self._case_weights.get(self.case_ids[ci], 1.0))
       extra['label_weight'] = extra.get('label_weight', np.ones(self.crop, np.float32)) * w
     out = {'image': out_img, 'p': out_p, 'brain': out_b, **extra}
