@@ -28,6 +28,9 @@ def base_config() -> ml_collections.ConfigDict:
   d.kind = 'mri'  # mri | ct: decides brain mask and normalisation
   d.target_spacing = (2.0, 2.0, 2.0)  # mm, or () to keep the native spacing
   d.crop_margin_mm = 6.0  # margin around the brain bounding box
+  # Low-pass filter images (within the brain) before down-sampling them to target_spacing, so a
+  # 2 mm voxel averages its 1 mm voxels instead of keeping every second one and its full noise.
+  d.antialias = False
   d.store_dtype = 'float16'  # dtype of prepared images on disk
   d.strict_geometry = False  # affine mismatch between channels: warning (False) or error (True)
   d.affine_tolerance = 1e-3  # max abs difference between affines counted as "equal"
