@@ -31,6 +31,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Low-pass filter images (within the brain) before down-sampling them to target_spacing, so a
   # 2 mm voxel averages its 1 mm voxels instead of keeping every second one and its full noise.
   d.antialias = False
+  # MRI bias-field correction before anything else: 'none' | 'n4' (N4 through SimpleITK, fitted on
+  # the brain at 1/n4_shrink resolution with n4_iterations per fitting level; pip install SimpleITK).
+  d.bias_field = 'none'
+  d.n4_shrink = 4
+  d.n4_iterations = (50, 50, 30)
   d.store_dtype = 'float16'  # dtype of prepared images on disk
   d.strict_geometry = False  # affine mismatch between channels: warning (False) or error (True)
   d.affine_tolerance = 1e-3  # max abs difference between affines counted as "equal"

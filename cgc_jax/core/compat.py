@@ -41,7 +41,9 @@ OMIT_AT = {('train', 'elr_lambda'): 0.0, ('train', 'elr_decay'): 0.97,
            ('data.phantoms', 'lesion_radius'): (4.0, 7.0), ('train', 'quality_weight'): 0.0,
            ('data.phantoms', 'ct_rim_hu'): 0.0, ('eval', 'edge_mm'): 0.0,
            ('gmm', 'edge_mm'): 0.0, ('gmm', 'standardise'): False,
-           ('train', 'ensemble_guide'): 'none', ('data', 'antialias'): False}
+           ('train', 'ensemble_guide'): 'none', ('data', 'antialias'): False,
+           ('data', 'bias_field'): 'none', ('data', 'n4_shrink'): 4,
+           ('data', 'n4_iterations'): (50, 50, 30)}
 
 
 def prepared_inputs(current: dict, meta: Optional[dict]) -> dict:

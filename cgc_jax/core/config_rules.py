@@ -14,6 +14,7 @@ from cgc_jax import errors
 CHOICES = {
     'data.layout': ('brats', 'folder', 'cq500', 'phantoms'),
     'data.kind': ('mri', 'ct'),
+    'data.bias_field': ('none', 'n4'),
     'data.store_dtype': ('float16', 'float32'),
     'data.phantoms.kind': ('mri', 'ct'),
     'gmm.rule': ('max_mean', 'hu_range'),
@@ -60,6 +61,7 @@ RANGES = {
     'eval.border_mm': (0.0, float('inf'), True, False),
     'train.folds': (1, float('inf'), True, False),
     'train.ensemble': (1, float('inf'), True, False),
+    'data.n4_shrink': (1, float('inf'), True, False),
 }
 
 
@@ -132,6 +134,9 @@ def problems(config) -> list:
                                                             sym > 0):
     out.append(f'eval.border_symmetry: True (P\'s symmetric voxels are train.symmetry_margin\'s: '
                f'expected train.symmetry_margin > 0, got {sym})')
+  if _get(config, 'data.bias_field') == 'n4' and _get(config, 'data.kind') == 'ct':
+    out.append("data.bias_field: 'n4' (N4 removes an MRI coil's field: expected 'none' with "
+               "data.kind = ct)")
   zoom = _get(config, 'train.zoom')
   if zoom is not _MISSING and not (
       isinstance(zoom, (list, tuple)) and len(zoom) == 2 and

@@ -19,6 +19,7 @@ from cgc_jax import errors
 from cgc_jax.core import compat
 from cgc_jax.core import paths
 from cgc_jax.core import store as store_lib
+from cgc_jax.imaging import bias_field
 from cgc_jax.imaging import dicom
 from cgc_jax.imaging import geometry
 from cgc_jax.imaging import nifti
@@ -114,8 +115,9 @@ def preprocess(channels: list, affine: np.ndarray, data_cfg, brain=None):
   box = geometry.original_box(geom)
   canon = np.stack([geometry.to_canonical(ch[box], affine)[0] for ch in channels], -1)
   brain_p = geometry.crop_and_resample(brain_c, geom, order=0)
+  inside = brain_c[tuple(slice(a, b) for a, b in zip(geom.crop_start, geom.crop_stop))] > 0
+  canon = bias_field.correct(canon, inside, geom.native_spacing, data_cfg)
   if data_cfg.get('antialias', False):
-    inside = brain_c[tuple(slice(a, b) for a, b in zip(geom.crop_start, geom.crop_stop))] > 0
     canon = geometry.antialias(canon, inside, geom)
   image = geometry.resample_cropped(canon, geom, order=1)
   image = geometry.normalise(image, brain_p > 0, data_cfg).astype(data_cfg.store_dtype)
