@@ -1,5 +1,6 @@
 """The experiment driver: z as bottleneck fractions, pooled and across-seed statistics, shared
 stages."""
+import glob
 import json
 import os
 
@@ -42,6 +43,7 @@ def test_a_table_shares_the_offline_stages(tiny_workdir, tmp_path, monkeypatch):
   copy_inputs(tiny_workdir, base)
   monkeypatch.setitem(tables.TABLES, 'mini', [
       tables.Row('GMM (P)', kind='p'), tables.Row('threshold (P)', source='threshold', kind='p'),
+      tables.Row('P of scans prepared otherwise', {'data.crop_margin_mm': 2.0}, kind='p'),
       tables.Row('backbone + P', {'cgc.coarse': False, 'cgc.fine': False})])
   cfg = tiny_config(**{'train.steps': 2, 'train.checkpoint_every': 1})
   res = experiments.run_table(cfg, base, 'mini', [0])
@@ -49,6 +51,16 @@ def test_a_table_shares_the_offline_stages(tiny_workdir, tmp_path, monkeypatch):
     gmm_p = json.load(f)['summary']['dice']['mean']
   assert abs(res['GMM (P)']['dice']['mean'] - gmm_p) < 1e-12  # the base's own P, not redone
   assert os.path.exists(os.path.join(base, 'experiments', 'p_threshold', 'pseudo_labels'))
+  assert os.path.islink(os.path.join(base, 'experiments', 'p_threshold', 'prepared'))
+  # a data field's row prepares the scans again in its own workdir (not the base's shards)
+  own = [d for d in glob.glob(os.path.join(base, 'experiments', 'p_gmm_*'))
+         if os.path.isdir(os.path.join(d, 'pseudo_labels'))]
+  assert len(own) == 1 and not os.path.islink(os.path.join(own[0], 'prepared'))
+  with open(os.path.join(own[0], 'prepared', 'cases', 'phantom_mri_000', 'meta.json')) as f:
+    assert json.load(f)['geometry']['crop_start'] != json.load(
+        open(os.path.join(base, 'prepared', 'cases', 'phantom_mri_000', 'meta.json')))['geometry'][
+            'crop_start']
+  assert 0 < res['P of scans prepared otherwise']['dice']['mean'] <= 1
   run = os.path.join(base, 'experiments', 'mini', 'backbone_p', 'seed0')
   assert os.path.islink(os.path.join(run, 'prepared'))
   with open(os.path.join(run, 'eval', 'summary.json')) as f:

@@ -70,10 +70,12 @@ def _link(src, dst):
 
 def p_workdir(config, base: str, source: str, p_overrides=None) -> str:
   """The workdir whose pseudo_labels/ holds P from `source` (with `p_overrides` of the gmm fields),
-  sharing the base's prepared data."""
+  sharing the base's prepared data; overrides of data fields (how the scans are prepared) prepare
+  the cases again in the row's own workdir."""
   from cgc_jax.core import fingerprints  # pylint: disable=g-import-not-at-top
   config = _apply(config, p_overrides or {})
   config.pseudo_labels.source = source
+  own_data = any(k.startswith('data.') for k in (p_overrides or {}))
   if source == 'gmm' and not p_overrides:
     wd = base
   else:
@@ -81,9 +83,12 @@ def p_workdir(config, base: str, source: str, p_overrides=None) -> str:
         f'p_{source}_{fingerprints.of(config, "pseudo_labels")}'
     wd = os.path.join(base, 'experiments', name)
     os.makedirs(wd, exist_ok=True)
-    for d in ('prepared', paths.REFERENCES, 'phantoms'):
+    shared = ('phantoms',) if own_data else ('prepared', paths.REFERENCES, 'phantoms')
+    for d in shared:
       if os.path.exists(os.path.join(base, d)):
         _link(os.path.join(base, d), os.path.join(wd, d))
+  if own_data:
+    pipeline.run(config, wd, 'prepare')
   pipeline.run(config, wd, 'pseudo_labels')
   return wd
 

@@ -194,6 +194,12 @@ def p_rows(config) -> list:
   if config.data.kind != 'ct':  # scans of several sites on one intensity scale before the mixture
     rows.append(('P as configured, histogram-standardised first (gmm.standardise)',
                  {'gmm.standardise': True}))
+  # how the scans are prepared (each row prepares the cases again in its own workdir)
+  rows.append(('P as configured, images low-pass filtered before down-sampling (data.antialias)',
+               {'data.antialias': True}))
+  if config.data.kind != 'ct':
+    rows.append(('P as configured, N4 bias-field correction first (data.bias_field)',
+                 {'data.bias_field': 'n4'}))
   return [Row(name, over, kind='p') for name, over in rows]
 
 
