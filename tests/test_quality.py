@@ -73,3 +73,28 @@ def test_case_weights_from_the_signals_known_before_training():
   assert quality.case_weights(signals, 1.0) == {'a': 1.0, 'b': 0.0, 'c': 0.5}
   assert quality.case_weights(signals, 0.5) == {'a': 1.0, 'b': 0.5, 'c': 0.75}
   assert quality.case_weights({'a': {}}, 1.0) == {'a': 1.0}  # nothing to rank: weight 1
+
+
+def test_by_label_counts_what_p_holds_of_each_label_value(tiny_workdir):
+  """P's voxels on each phantom's original grid (the pseudo-label stage's own NIfTI) against the
+  phantom's label file, counted here by hand for every label value."""
+  import glob
+  import os
+  import nibabel as nib
+  from cgc_jax.studies import quality as quality_study
+  from conftest import tiny_config
+  rows = quality_study.by_label(tiny_workdir, tiny_config())
+  assert rows
+  for case, r in rows.items():
+    p = np.asarray(nib.load(os.path.join(tiny_workdir, 'pseudo_labels', 'nifti',
+                                         f'{case}.nii.gz')).dataobj) > 0
+    label = np.asarray(nib.load(glob.glob(os.path.join(
+        tiny_workdir, 'phantoms', case, '*_seg.nii.gz'))[0]).dataobj)
+    lesion = label > 0
+    if not lesion.any():
+      continue
+    assert abs(r['precision'] - (p & lesion).sum() / max(1, p.sum())) < 1e-12
+    assert abs(r['dice'] - 2 * (p & lesion).sum() / (p.sum() + lesion.sum())) < 1e-9
+    assert set(r['share']) == {int(v) for v in np.unique(label) if v > 0}
+    for v, share in r['share'].items():
+      assert abs(share - (p & (label == v)).sum() / (label == v).sum()) < 1e-12
