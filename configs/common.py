@@ -32,7 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
   # 2 mm voxel averages its 1 mm voxels instead of keeping every second one and its full noise.
   d.antialias = False
   # MRI bias-field correction before anything else: 'none' | 'n4' (N4 through SimpleITK, fitted on
-  # the brain at 1/n4_shrink resolution with n4_iterations per fitting level; pip install SimpleITK).
+  # the brain at 1/n4_shrink resolution, n4_iterations per fitting level; pip install SimpleITK).
   # One level: a field smooth over the whole head. ITK's usual three levels refine it to ~2 cm and
   # take large tumours for field (P 0.785 -> 0.642 on the 20 development cases, docs/results.md).
   d.bias_field = 'none'

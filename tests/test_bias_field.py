@@ -23,7 +23,7 @@ def _scan(shape=(64, 64, 48), seed=0):
 
 
 def _spread(scan, tissue, brain):
-  """Coefficient of variation of one tissue (the outer one) over the brain: the field's footprint."""
+  """Coefficient of variation of the outer tissue over the brain: the field's footprint."""
   v = scan[brain & (tissue == np.float32(0.6))]
   return v.std() / v.mean()
 
