@@ -34,13 +34,6 @@ def pytest_sessionstart(session):
                   f'{onednn.reason()}', returncode=1)
 
 
-def pytest_collection_modifyitems(items):
-  """The slow tests (end-to-end, multi-process) first, each file's order kept: on two workers that
-  steal work (--dist worksteal) the long ones start at once and the short ones fill in around
-  them, instead of one long test running alone at the end."""
-  items.sort(key=lambda item: 0 if item.get_closest_marker('slow') else 1)
-
-
 def tiny_config(**overrides):
   """tests/tiny.py's config (the demo shrunk for tests) with `section.field` overrides."""
   import tiny  # pylint: disable=g-import-not-at-top
