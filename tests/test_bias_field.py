@@ -68,3 +68,11 @@ def test_missing_simpleitk_names_the_switch_and_the_install(monkeypatch):
   scan, _, brain = _scan((24, 24, 20))
   with pytest.raises(errors.DataError, match="pip install SimpleITK"):
     bias_field.n4(scan, brain, (1.0, 1.0, 1.0), 2, (10,))
+
+
+def test_a_fit_itk_refuses_is_a_data_error_not_a_traceback():
+  """ITK's own exception (here: a shrink factor larger than the scan) comes back as a DataError,
+  which prepare prefixes with the scan's file name."""
+  scan, _, brain = _scan((24, 24, 20))
+  with pytest.raises(errors.DataError, match="N4 bias-field correction failed"):
+    bias_field.n4(scan, brain, (1.0, 1.0, 1.0), shrink=1000, iterations=(10,))

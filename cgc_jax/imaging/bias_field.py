@@ -42,8 +42,16 @@ def n4(channel: np.ndarray, brain: np.ndarray, spacing, shrink: int, iterations)
   small_mask = sitk.Shrink(mask, [int(shrink)] * 3)
   corrector = sitk.N4BiasFieldCorrectionImageFilter()
   corrector.SetMaximumNumberOfIterations([int(i) for i in iterations])
-  corrector.Execute(small, small_mask)
-  log_field = sitk.GetArrayFromImage(corrector.GetLogBiasFieldAsImage(image)).transpose(2, 1, 0)
+  try:
+    corrector.Execute(small, small_mask)
+    log_field = sitk.GetArrayFromImage(corrector.GetLogBiasFieldAsImage(image))
+  except RuntimeError as e:  # ITK's exceptions: a case it cannot fit, named by prepare
+    raise errors.DataError(f'N4 bias-field correction failed (data.bias_field=\'n4\', shrink '
+                           f'{shrink}): {str(e).strip().splitlines()[-1][:200]}') from e
+  log_field = log_field.transpose(2, 1, 0)
+  if not np.all(np.isfinite(log_field[brain])):
+    raise errors.DataError("N4 bias-field correction gave a non-finite field "
+                           "(data.bias_field='n4')")
   out = x.copy()
   out[brain] = x[brain] / np.exp(log_field[brain])
   return out
