@@ -115,10 +115,11 @@ def preprocess(channels: list, affine: np.ndarray, data_cfg, brain=None):
   box = geometry.original_box(geom)
   canon = np.stack([geometry.to_canonical(ch[box], affine)[0] for ch in channels], -1)
   brain_p = geometry.crop_and_resample(brain_c, geom, order=0)
-  inside = brain_c[tuple(slice(a, b) for a, b in zip(geom.crop_start, geom.crop_stop))] > 0
-  canon = bias_field.correct(canon, inside, geom.native_spacing, data_cfg)
-  if data_cfg.get('antialias', False):
-    canon = geometry.antialias(canon, inside, geom)
+  if data_cfg.get('bias_field', 'none') != 'none' or data_cfg.get('antialias', False):
+    inside = brain_c[tuple(slice(a, b) for a, b in zip(geom.crop_start, geom.crop_stop))] > 0
+    canon = bias_field.correct(canon, inside, geom.native_spacing, data_cfg)
+    if data_cfg.get('antialias', False):
+      canon = geometry.antialias(canon, inside, geom)
   image = geometry.resample_cropped(canon, geom, order=1)
   image = geometry.normalise(image, brain_p > 0, data_cfg).astype(data_cfg.store_dtype)
   return {'image': image, 'brain': brain_p}, geom, approximate

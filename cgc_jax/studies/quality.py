@@ -4,14 +4,15 @@
 
 Each workdir is one the experiments ran in (its own config.json, P, references); the network
 signal comes from the run of that config (experiments.run_dir), or the workdir's own evaluation.
-    python -m cgc_jax.studies.quality --dev=runs/dev --by_label   # what P misses, per label
-
 Prints, per signal and for the combined scores (p_score: the four known before training, which
 train.quality_weight uses; score: all five), Spearman's rank correlation with P's Dice on each
 half of the development cases (protocol.halves), on all of them and on the sample cases. Ground
 truth enters only here, to judge the signals; nothing a run does reads it. The network signal is
 cached in WORKDIR/experiments/quality_network.json, the others in pseudo_labels/quality.json
 (member agreement is refitted for P made before it was reported: ~8 s a case, once).
+
+    python -m cgc_jax.studies.quality --dev=runs/dev --by_label   # what P misses, per label
+
 With --by_label it prints instead, per case, P's Dice, its precision and the share of each
 ground-truth label value (BraTS: 1 necrotic core, 2 oedema, 4 enhancing tumour) that P holds.
 """
