@@ -65,11 +65,14 @@ _CONFIGS = ('demo', 'brats_sample', 'brats_dev', 'brats', 'brats_paper_geometry'
 @pytest.mark.slow
 def test_cpu_convs_equal_native_at_every_conv_shape_of_the_configs():
   """Every distinct 3x3x3 convolution of the configs' U-Nets (batch 1), values and gradients, for
-  sum2d and (where it is built) oneDNN against one native reference per shape. Each spatial axis is
-  capped at 24 voxels (25 where it is odd): what differs between the configs' shapes is their
-  channel counts (oneDNN's blocking) and their edges (padding, odd sizes), not the length of the
-  interior, and the cap keeps the test within a CPU suite's time."""
-  impls = ['sum2d'] + (['onednn'] if onednn.available() else [])
+  the convolution the configs run on this CPU ('auto': oneDNN where it is built, else sum2d)
+  against one native reference per shape. Each spatial axis is capped at 24 voxels (25 where it is
+  odd): what differs between the configs' shapes is their channel counts (oneDNN's blocking) and
+  their edges (padding, odd sizes), not the length of the interior, and the cap keeps the test
+  within a CPU suite's time. Where oneDNN runs, sum2d (XLA's own 2D convolutions, no blocking of
+  its own) is checked at odd and even sizes by test_sum2d_conv_equals_native_conv_and_gradients
+  and through a whole train step by test_train."""
+  impls = [unet.resolve_conv_impl('auto')]
   shapes = set()
   for name in _CONFIGS:
     for s, cin, cout in benchmark._conv_shapes(importlib.import_module(name).get_config(), 1):
@@ -126,7 +129,8 @@ def test_instance_and_group_norm_are_batch_independent():
   for norm in ('instance', 'group'):
     net = unet.UNet3D(base=4, levels=2, norm=norm, conv_impl='sum2d')
     x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 8, 8, 8, 1)), jnp.float32)
-    v = net.init(jax.random.key(0), x)
+    # one init program, its parameters from XLA's RngBitGenerator: threefry's init compiles ~10 s
+    v = jax.jit(net.init)(jax.random.key(0, impl='rbg'), x)
     apply = jax.jit(net.apply)
     both, _ = apply(v, x)
     one, _ = apply(v, x[1:])
