@@ -113,3 +113,42 @@ def test_a_ct_rim_changes_only_the_brains_outer_voxels_and_no_label():
   shell = brain & ~inner
   assert 0.15 < changed.sum() / shell.sum() < 0.25
   assert abs(float(np.median(b[changed])) - 55.0) < 2.0
+
+
+def test_a_second_workdir_copies_the_phantoms_from_the_cache(tmp_path, monkeypatch):
+  cache = tmp_path / 'cache'
+  monkeypatch.setenv('CGC_JAX_PHANTOM_CACHE', str(cache))
+  cfg = tiny_config()
+  cfg.data.phantoms.num_subjects, cfg.data.phantoms.lesion_free = 1, 0
+  a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
+  phantoms.ensure(cfg, a)
+  (entry,) = os.listdir(cache)  # one entry, published whole (no temporary folder left)
+  assert sorted(os.listdir(cache / entry)) == ['phantom_mri_000', 'phantoms.json']
+
+  def no_generation(*args):
+    raise AssertionError(f'generated again: {args[2:]}')
+  monkeypatch.setattr(phantoms, 'subject', no_generation)
+  phantoms.ensure(cfg, b)
+  for name in sorted(os.listdir(os.path.join(a, 'phantom_mri_000'))):
+    with open(os.path.join(a, 'phantom_mri_000', name), 'rb') as fa, \
+        open(os.path.join(b, 'phantom_mri_000', name), 'rb') as fb:
+      assert fa.read() == fb.read(), name  # byte for byte
+  # other settings are another entry: generated, not copied
+  cfg.data.phantoms.seed += 1
+  with pytest.raises(AssertionError, match='generated again'):
+    phantoms.ensure(cfg, str(tmp_path / 'c'))
+  # the cache off: nothing read or written there
+  monkeypatch.setenv('CGC_JAX_PHANTOM_CACHE', 'off')
+  with pytest.raises(AssertionError, match='generated again'):
+    phantoms.ensure(tiny_config(), str(tmp_path / 'd'))
+
+
+def test_a_cache_that_cannot_be_written_only_costs_the_generation(tmp_path, monkeypatch):
+  blocked = tmp_path / 'file'
+  blocked.write_text('a file where the cache folder would be')
+  monkeypatch.setenv('CGC_JAX_PHANTOM_CACHE', str(blocked / 'phantoms'))
+  cfg = tiny_config()
+  cfg.data.phantoms.num_subjects, cfg.data.phantoms.lesion_free = 1, 0
+  root = phantoms.ensure(cfg, str(tmp_path / 'a'))
+  assert os.path.exists(os.path.join(root, 'phantoms.json'))
+  assert sorted(os.listdir(os.path.join(root, 'phantom_mri_000')))

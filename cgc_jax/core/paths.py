@@ -26,6 +26,13 @@ EVAL = 'eval'
 PREDICT = 'predict'
 
 
+def cache_dir() -> str:
+  """Where built artefacts shared by every run of this user live (oneDNN's build, the phantoms):
+  $CGC_JAX_CACHE, default ~/.cache/cgc_jax."""
+  return os.environ.get('CGC_JAX_CACHE') or os.path.join(os.path.expanduser('~'), '.cache',
+                                                         'cgc_jax')
+
+
 def prepared_store(config, workdir: str) -> store_lib.Store:
   return store_lib.Store(os.path.join(workdir, PREPARED), fingerprints.of(config, 'prepare'))
 

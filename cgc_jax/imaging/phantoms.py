@@ -7,14 +7,19 @@ per subject; a bias field, partial-volume blur and noise are added, so a Gaussia
 realistic errors (non-bright necrosis, grey matter / oedema overlap at the bias field's bright end).
 Written as NIfTI in the brats layout (MRI) or cq500 layout (CT) and read back by readers.py.
 """
+import hashlib
+import importlib.metadata
 import json
 import os
+import shutil
+import tempfile
 
 from absl import logging
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from cgc_jax.core import paths
 from cgc_jax.core import store as store_lib
 
 # Mean intensity per tissue (csf, gm, wm, oedema, enhancing, necrosis), relative units.
@@ -43,15 +48,27 @@ def reader_config(config):
 
 
 def ensure(config, root: str) -> str:
-  """Generates the phantoms into `root` unless already there for the same settings."""
+  """Generates the phantoms into `root` unless already there for the same settings.
+
+  Generated phantoms are also kept in a cache shared by every workdir of this user
+  ($CGC_JAX_PHANTOM_CACHE, default <cache_dir>/phantoms; 'off' turns it off), under a key of
+  the settings, this module's source and the numpy, scipy and nilearn versions: a second workdir
+  with the same settings copies them (a second or less) instead of generating them again (2-4
+  s a subject on 2 cores). The copies are the generator's files byte for byte; a cache that
+  cannot be read or written only costs the generation."""
   p = config.data.phantoms
   settings = json.dumps(p.to_dict(), sort_keys=True)
-  marker = os.path.join(root, 'phantoms.json')
+  marker = os.path.join(root, MARKER)
   if os.path.exists(marker):
     with open(marker) as f:
       if f.read() == settings:
         return root
   os.makedirs(root, exist_ok=True)
+  cached = _cache_entry(settings)
+  if cached and _copy_from_cache(cached, root, settings):
+    logging.info('phantoms: %d %s subjects copied from the cache %s', p.num_subjects, p.kind,
+                 cached)
+    return root
   logging.info('phantoms: generating %d %s subjects into %s', p.num_subjects, p.kind, root)
   anatomy = _anatomy()
   for i in range(p.num_subjects):
@@ -66,7 +83,71 @@ def ensure(config, root: str) -> str:
     _save(label, affine, os.path.join(d,
                                       f'{case_id}_{"label" if p.kind == "ct" else "seg"}.nii.gz'))
   store_lib.atomic_write_text(marker, settings)
+  if cached:
+    _copy_to_cache(root, cached, p)
   return root
+
+
+MARKER = 'phantoms.json'  # the settings the phantoms beside it were generated with
+
+
+def _cache_entry(settings: str):
+  """The cache folder for phantoms of these settings, or None when the cache is off."""
+  root = os.environ.get('CGC_JAX_PHANTOM_CACHE') or os.path.join(paths.cache_dir(), 'phantoms')
+  if root == 'off':
+    return None
+  key = hashlib.sha256(settings.encode())
+  with open(os.path.abspath(__file__), 'rb') as f:
+    key.update(f.read())
+  for dist in ('numpy', 'scipy', 'nilearn'):
+    try:
+      key.update(f'{dist} {importlib.metadata.version(dist)}'.encode())
+    except importlib.metadata.PackageNotFoundError:
+      key.update(f'{dist} none'.encode())
+  return os.path.join(root, key.hexdigest()[:16])
+
+
+def _case_dirs(root: str):
+  return sorted(d for d in os.listdir(root) if d.startswith('phantom_') and
+                os.path.isdir(os.path.join(root, d)))
+
+
+def _copy_from_cache(cached: str, root: str, settings: str) -> bool:
+  """Copies a complete cache entry's subjects into `root`, then its marker; False (nothing
+  claimed) when the entry is missing, incomplete or unreadable."""
+  if not os.path.exists(os.path.join(cached, MARKER)):
+    return False
+  try:
+    with open(os.path.join(cached, MARKER)) as f:
+      if f.read() != settings:
+        return False
+    for d in _case_dirs(cached):
+      shutil.copytree(os.path.join(cached, d), os.path.join(root, d), dirs_exist_ok=True)
+  except OSError as e:
+    logging.warning('phantoms: the cache %s could not be read (%s); generating them', cached, e)
+    return False
+  store_lib.atomic_write_text(os.path.join(root, MARKER), settings)
+  return True
+
+
+def _copy_to_cache(root: str, cached: str, p):
+  """Publishes `root`'s subjects as the cache entry `cached`: copied into a temporary folder
+  beside it, which is then renamed (another process publishing the same entry first wins)."""
+  parent = os.path.dirname(cached)
+  try:
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix='.tmp-', dir=parent)
+    try:
+      for d in _case_dirs(root):
+        if d in {f'phantom_{p.kind}_{i:03d}' for i in range(p.num_subjects)}:
+          shutil.copytree(os.path.join(root, d), os.path.join(tmp, d))
+      shutil.copyfile(os.path.join(root, MARKER), os.path.join(tmp, MARKER))
+      os.rename(tmp, cached)
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)
+  except OSError as e:
+    if not os.path.isdir(cached):
+      logging.warning('phantoms: not kept in the cache %s (%s)', cached, e)
 
 
 def _save(v, affine, path):

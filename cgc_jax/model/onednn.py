@@ -37,6 +37,9 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import jaxlib
+import numpy as np
+
+from cgc_jax.core import paths
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'native', 'onednn_conv.cc')
 TARGETS = ('fwd', 'bwd_data', 'bwd_weights')
@@ -74,11 +77,6 @@ def _compiler():
   return None
 
 
-def _cache_dir():
-  return os.environ.get('CGC_JAX_CACHE') or os.path.join(os.path.expanduser('~'), '.cache',
-                                                         'cgc_jax')
-
-
 def library_identity(root: str) -> str:
   """oneDNN's shared libraries under `root`: real path, size and mtime of each (a reinstalled or
   upgraded oneDNN gives another identity, and with it another build)."""
@@ -98,20 +96,28 @@ def self_test():
 
 
 def _self_test():
-  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 4, 3, 3), jnp.float32)
-  k = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 3, 3, 2), jnp.float32)
-  dy = jax.random.normal(jax.random.PRNGKey(2), (2, 5, 4, 3, 2), jnp.float32)
+  """oneDNN's forward and both gradients against XLA's convolution on a small odd-sized case, as
+  one jitted program on NumPy inputs (eager ops and threefry would each compile on their own: the
+  check would cost every process ~5 s at start instead of ~0.5 s)."""
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 5, 4, 3, 3)).astype(np.float32)
+  k = rng.standard_normal((3, 3, 3, 3, 2)).astype(np.float32)
+  dy = rng.standard_normal((2, 5, 4, 3, 2)).astype(np.float32)
 
   def ref(x, k):
     return jax.lax.conv_general_dilated(x, k, (1, 1, 1), 'SAME',
                                         dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'),
                                         precision=jax.lax.Precision.HIGHEST)
 
-  got_y, got_vjp = jax.vjp(conv3d, x, k)
-  want_y, want_vjp = jax.vjp(ref, x, k)
-  for name, a, b in zip(('forward', 'input gradient', 'kernel gradient'),
-                        (got_y,) + got_vjp(dy), (want_y,) + want_vjp(dy)):
-    err = float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-12))
+  @jax.jit
+  def errors(x, k, dy):
+    got_y, got_vjp = jax.vjp(conv3d, x, k)
+    want_y, want_vjp = jax.vjp(ref, x, k)
+    return [jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-12)
+            for a, b in zip((got_y,) + got_vjp(dy), (want_y,) + want_vjp(dy))]
+
+  for name, err in zip(('forward', 'input gradient', 'kernel gradient'), errors(x, k, dy)):
+    err = float(err)
     if not err < 1e-4:
       raise RuntimeError(f'self-test: the {name} differs from XLA\'s by {err:.2e} (relative)')
 
@@ -131,7 +137,7 @@ def build() -> str:
     raise RuntimeError('no C++ compiler found (set CXX, or install g++)')
   with open(SOURCE, 'rb') as f:
     src = f.read()
-  out_dir = _cache_dir()
+  out_dir = paths.cache_dir()
   cmd = [cxx, '-O2', '-std=c++17', '-shared', '-fPIC', '-w', f'-I{jax.ffi.include_dir()}',
          f'-I{os.path.join(root, "include")}', SOURCE, f'-L{os.path.join(root, "lib")}', '-ldnnl',
          f'-Wl,-rpath,{os.path.join(root, "lib")}', '-o']
