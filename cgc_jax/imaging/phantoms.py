@@ -65,14 +65,13 @@ def ensure(config, root: str) -> str:
         return root
   os.makedirs(root, exist_ok=True)
   cached = _cache_entry(settings)
-  if cached and _copy_from_cache(cached, root, settings):
+  if cached and _copy_from_cache(cached, root, settings, p):
     logging.info('phantoms: %d %s subjects copied from the cache %s', p.num_subjects, p.kind,
                  cached)
     return root
   logging.info('phantoms: generating %d %s subjects into %s', p.num_subjects, p.kind, root)
   anatomy = _anatomy()
-  for i in range(p.num_subjects):
-    case_id = f'phantom_{p.kind}_{i:03d}'
+  for i, case_id in enumerate(_case_ids(p)):
     lesion_free = i >= p.num_subjects - p.lesion_free
     rng = np.random.default_rng([p.seed, i])
     vols, label, affine = subject(anatomy, rng, p, lesion_free)
@@ -107,12 +106,11 @@ def _cache_entry(settings: str):
   return os.path.join(root, key.hexdigest()[:16])
 
 
-def _case_dirs(root: str):
-  return sorted(d for d in os.listdir(root) if d.startswith('phantom_') and
-                os.path.isdir(os.path.join(root, d)))
+def _case_ids(p):
+  return [f'phantom_{p.kind}_{i:03d}' for i in range(p.num_subjects)]
 
 
-def _copy_from_cache(cached: str, root: str, settings: str) -> bool:
+def _copy_from_cache(cached: str, root: str, settings: str, p) -> bool:
   """Copies a complete cache entry's subjects into `root`, then its marker; False (nothing
   claimed) when the entry is missing, incomplete or unreadable."""
   if not os.path.exists(os.path.join(cached, MARKER)):
@@ -121,7 +119,7 @@ def _copy_from_cache(cached: str, root: str, settings: str) -> bool:
     with open(os.path.join(cached, MARKER)) as f:
       if f.read() != settings:
         return False
-    for d in _case_dirs(cached):
+    for d in _case_ids(p):
       shutil.copytree(os.path.join(cached, d), os.path.join(root, d), dirs_exist_ok=True)
   except OSError as e:
     logging.warning('phantoms: the cache %s could not be read (%s); generating them', cached, e)
@@ -138,9 +136,8 @@ def _copy_to_cache(root: str, cached: str, p):
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix='.tmp-', dir=parent)
     try:
-      for d in _case_dirs(root):
-        if d in {f'phantom_{p.kind}_{i:03d}' for i in range(p.num_subjects)}:
-          shutil.copytree(os.path.join(root, d), os.path.join(tmp, d))
+      for d in _case_ids(p):
+        shutil.copytree(os.path.join(root, d), os.path.join(tmp, d))
       shutil.copyfile(os.path.join(root, MARKER), os.path.join(tmp, MARKER))
       os.rename(tmp, cached)
     finally:
