@@ -205,3 +205,75 @@ def test_a_synthetic_batch_has_the_samplers_keys_and_shapes(tiny_workdir):
     assert sorted(fake) == sorted(real) == sorted(input_pipeline.batch_keys(cfg)), over
     for k in real:
       assert fake[k].shape == real[k].shape and fake[k].dtype == real[k].dtype, (over, k)
+
+
+def _reference_example(s, step, slot):
+  """The crop of (step, slot) computed the plain way: cut, jitter, zero outside the brain, flip."""
+  cfg = s.cfg
+  ci = s._case_of(step * cfg.batch_size + slot)
+  rng = np.random.default_rng([cfg.seed, 2, step, slot])
+  image, p, brain, fg, post, weight = s._case(ci)
+  shape = image.shape[:3]
+  lo = [min(0, n - c) for n, c in zip(shape, s.crop)]
+  hi = [max(0, n - c) for n, c in zip(shape, s.crop)]
+  if rng.random() < cfg.fg_fraction and len(fg) > 0:
+    centre = fg[rng.integers(len(fg))]
+    start = [int(np.clip(c - k // 2, a, b)) for c, k, a, b in zip(centre, s.crop, lo, hi)]
+  else:
+    start = [int(rng.integers(a, b + 1)) for a, b in zip(lo, hi)]
+  vols = {'image': (image, 1, 0.0), 'p': (p, 0, 0.0), 'brain': (brain, 0, 0.0)}
+  if post is not None:
+    vols['posterior'] = (post, 1, 0.0)
+  if weight is not None:
+    vols['label_weight'] = (weight, 0, 1.0)
+  padded = {}
+  for k, (v, _, outside) in vols.items():
+    big = np.full(tuple(n + 2 * c for n, c in zip(shape, s.crop)) + v.shape[3:], outside,
+                  np.float32)
+    big[tuple(slice(c, c + n) for c, n in zip(s.crop, shape))] = v
+    padded[k] = big[tuple(slice(a + c, a + c + c) for a, c in zip(start, s.crop))]
+  flips = rng.random(3) < 0.5
+  c = image.shape[-1]
+  scale = 1.0 + rng.uniform(-cfg.intensity_scale, cfg.intensity_scale, c).astype(np.float32)
+  shift = rng.uniform(-cfg.intensity_shift, cfg.intensity_shift, c).astype(np.float32)
+  if cfg.spatial_p > 0 and rng.random() < cfg.spatial_p:
+    coords = input_pipeline.spatial_coords(s.crop, start, s._spacing(ci), rng, cfg.rotate_deg,
+                                           cfg.zoom)
+    padded = {k: (np.stack([input_pipeline.resample(v, coords, o, channel=j)
+                            for j in range(v.shape[-1])], -1) if k == 'image' else
+                  input_pipeline.resample(v, coords, o)) for k, (v, o, _) in vols.items()}
+  padded['image'] = np.where(padded['brain'][..., None] > 0, padded['image'] * scale + shift, 0)
+  if cfg.flip:
+    padded = {k: np.flip(v, tuple(np.nonzero(flips)[0])) for k, v in padded.items()}
+  if 'label_weight' in input_pipeline.batch_keys(cfg):
+    w = np.float32(s._case_weights.get(s.case_ids[ci], 1.0))
+    padded['label_weight'] = padded.get('label_weight', np.ones(s.crop, np.float32)) * w
+  return padded
+
+
+@pytest.mark.parametrize('over', [
+    {},
+    {'train.crop': (64, 40, 24), 'train.fg_fraction': 0.0},  # larger than the cases: padded
+    {'train.confidence_gamma': 1.0, 'train.symmetry_margin': 0.3, 'train.quality_weight': 1.0},
+    {'train.spatial_p': 0.5, 'train.rotate_deg': 20.0, 'train.confidence_gamma': 1.0,
+     'train.symmetry_margin': 0.3},
+    {'train.flip': False, 'train.crop': (8, 24, 16)},
+])
+def test_crops_equal_the_plain_cut_jitter_mask_flip_reference(tiny_workdir, over):
+  """The sampler writes each crop through flipped views of the batch's rows and jitters in place:
+  the batch equals, bit for bit, cutting from the zero-padded scan, jittering, zeroing outside the
+  brain and flipping, for every switch that adds an array or moves voxels."""
+  cfg = tiny_config(**over)
+  plain = _sampler(tiny_workdir, tiny_config())
+  weights = {c: 0.25 * (i + 1) for i, c in enumerate(plain.case_ids)}
+  s = _sampler(tiny_workdir, cfg, weights=weights if cfg.train.quality_weight else None)
+  for step in (0, 3):
+    batch = s.local_batch(step)
+    assert set(batch) == set(input_pipeline.batch_keys(cfg.train))
+    for j in range(cfg.train.batch_size):
+      want = _reference_example(s, step, j)
+      assert set(want) == set(batch)
+      for k in want:
+        np.testing.assert_array_equal(batch[k][j], want[k], err_msg=f'{over} {step} {j} {k}')
+  # the reference is not vacuous: jitter, flips and padding all happened somewhere
+  assert np.any(batch['brain'] == 0) and np.any(batch['image'] != 0)

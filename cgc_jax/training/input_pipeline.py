@@ -129,6 +129,11 @@ class CropSampler:
     self._spacings = {}  # case index -> voxel size in mm (rotation and zoom only)
     self.num_channels = prep.meta(self.case_ids[0])['arrays']['image']['shape'][-1]
 
+  def open_cases(self):
+    """Opens every case now (what the first draw of each would do): for timing crops alone."""
+    for ci in range(len(self.case_ids)):
+      self._case(ci)
+
   def _case(self, ci: int):
     """Opens case `ci` (memory-mapped, checksums verified once) the first time a slot draws it."""
     with self._lock:
@@ -174,28 +179,48 @@ class CropSampler:
       self._perm_cache = {epoch: perm}
     return int(perm[g % n])
 
-  def example(self, step: int, slot: int) -> dict:
+  def _draw(self, step: int, slot: int):
+    """Slot `slot` of step `step`'s random choices, in their fixed order: (case index, crop start,
+    flipped axes, per-channel scale and shift, source coords f32[3, X, Y, Z] or None)."""
     cfg = self.cfg
     ci = self._case_of(step * cfg.batch_size + slot)
     rng = np.random.default_rng([cfg.seed, 2, step, slot])
-    image, p, brain, fg, post, weight = self._case(ci)
+    case = self._case(ci)
+    image, fg = case[0], case[3]
     shape = image.shape[:3]
     lo = [min(0, s - c) for s, c in zip(shape, self.crop)]
     hi = [max(0, s - c) for s, c in zip(shape, self.crop)]
-    use_fg = rng.random() < cfg.fg_fraction and len(fg) > 0
-    if use_fg:
+    if rng.random() < cfg.fg_fraction and len(fg) > 0:
       centre = fg[rng.integers(len(fg))]
       start = [int(np.clip(c - k // 2, a, b)) for c, k, a, b in zip(centre, self.crop, lo, hi)]
     else:
       start = [int(rng.integers(a, b + 1)) for a, b in zip(lo, hi)]
-    src = tuple(slice(max(s, 0), min(s + k, n)) for s, k, n in zip(start, self.crop, shape))
-    dst = tuple(slice(sl.start - s, sl.stop - s) for sl, s in zip(src, start))
-    out_img = np.zeros(self.crop + (image.shape[-1],), np.float32)
-    out_p = np.zeros(self.crop, np.float32)
-    out_b = np.zeros(self.crop, np.float32)
-    out_img[dst] = image[src]
-    out_p[dst] = p[src]
-    out_b[dst] = brain[src]
+    flips = rng.random(3) < 0.5
+    c = image.shape[-1]
+    scale = 1.0 + rng.uniform(-cfg.intensity_scale, cfg.intensity_scale, c).astype(np.float32)
+    shift = rng.uniform(-cfg.intensity_shift, cfg.intensity_shift, c).astype(np.float32)
+    coords = None
+    spatial_p = cfg.get('spatial_p', 0.0)
+    if spatial_p > 0 and rng.random() < spatial_p:  # drawn last: the stream above is unchanged
+      coords = spatial_coords(self.crop, start, self._spacing(ci), rng, cfg.rotate_deg, cfg.zoom)
+    axes = tuple(int(a) for a in np.nonzero(flips)[0]) if cfg.flip else ()
+    return ci, start, axes, scale, shift, coords
+
+  def example(self, step: int, slot: int, out: dict = None) -> dict:
+    """One slot's crop (the contract above), written into `out` ({key: f32 array of the crop's
+    shape}, e.g. rows of the batch; zero-filled where given) or into new arrays.
+
+    Each array is written once, through a flipped view of its destination, after the intensity
+    jitter on a channel-major buffer: about 3.5x fewer host cycles a crop than cutting, jittering
+    and flipping whole arrays."""
+    ci, start, axes, scale, shift, coords = self._draw(step, slot)
+    image, p, brain, _, post, weight = self._case(ci)
+    c = image.shape[-1]
+    keys = batch_keys(self.cfg)
+    if out is None:
+      out = {k: np.zeros(self.crop + ((c,) if k == 'image' else ()), np.float32) for k in keys}
+    flip = tuple(slice(None, None, -1) if a in axes else slice(None) for a in range(3))
+    view = {k: v[flip] for k, v in out.items()}  # writing here is writing the flipped crop
     # name -> (volume, interpolation order, value outside the scan, where the brain weight is 0
     # anyway)
     sources = {}
@@ -203,39 +228,47 @@ class CropSampler:
       sources['posterior'] = (post, 1, 0.0)
     if weight is not None:
       sources['label_weight'] = (weight, 0, 1.0)
-    extra = {}
-    for k, (vol, _, outside) in sources.items():
-      extra[k] = np.full(self.crop, outside, np.float32)
-      extra[k][dst] = vol[src]
-    flips = rng.random(3) < 0.5
-    c = out_img.shape[-1]
-    scale = 1.0 + rng.uniform(-cfg.intensity_scale, cfg.intensity_scale, c).astype(np.float32)
-    shift = rng.uniform(-cfg.intensity_shift, cfg.intensity_shift, c).astype(np.float32)
-    spatial_p = cfg.get('spatial_p', 0.0)
-    if spatial_p > 0 and rng.random() < spatial_p:  # drawn last: the stream above is unchanged
-      coords = spatial_coords(self.crop, start, self._spacing(ci), rng, cfg.rotate_deg, cfg.zoom)
-      out_img = np.stack([resample(image, coords, 1, channel=k) for k in range(c)], -1)
-      out_p = resample(p, coords, 0)
-      out_b = resample(brain, coords, 0)
-      extra = {k: resample(vol, coords, order) for k, (vol, order, _) in sources.items()}
-    out_img = np.where(out_b[..., None] > 0, out_img * scale + shift, 0.0).astype(np.float32)
-    if cfg.flip:
-      axes = tuple(int(a) for a in np.nonzero(flips)[0])
-      if axes:
-        out_img = np.flip(out_img, axes)
-        out_p = np.flip(out_p, axes)
-        out_b = np.flip(out_b, axes)
-        extra = {k: np.flip(v, axes) for k, v in extra.items()}
-    if self._case_weights or self._weighted:  # the case's weight over the whole crop
-      w = np.float32(self._case_weights.get(self.case_ids[ci], 1.0))
-      extra['label_weight'] = extra.get('label_weight', np.ones(self.crop, np.float32)) * w
-    out = {'image': out_img, 'p': out_p, 'brain': out_b, **extra}
-    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+    if coords is None:
+      shape = image.shape[:3]
+      src = tuple(slice(max(s, 0), min(s + k, n)) for s, k, n in zip(start, self.crop, shape))
+      dst = tuple(slice(sl.start - s, sl.stop - s) for sl, s in zip(src, start))
+      view['p'][dst] = p[src]
+      view['brain'][dst] = brain[src]
+      for k, (vol, _, outside) in sources.items():
+        view[k][...] = outside
+        view[k][dst] = vol[src]
+      channels = [image[src + (k,)] for k in range(c)]  # the padding stays 0: outside the brain
+    else:
+      dst = (slice(None),) * 3
+      view['p'][...] = resample(p, coords, 0)
+      view['brain'][...] = resample(brain, coords, 0)
+      for k, (vol, order, _) in sources.items():
+        view[k][...] = resample(vol, coords, order)
+      channels = [resample(image, coords, 1, channel=k) for k in range(c)]
+    # the jitter inside the brain, 0 outside; channel by channel on a contiguous buffer (numpy's
+    # loops over a last axis of c values are several times slower)
+    off_brain = view['brain'][dst] <= 0
+    jittered = np.empty((c,) + off_brain.shape, np.float32)
+    for k in range(c):
+      np.multiply(channels[k], scale[k], out=jittered[k])
+      np.add(jittered[k], shift[k], out=jittered[k])
+      np.copyto(jittered[k], 0.0, where=off_brain)
+    view['image'][dst] = np.moveaxis(jittered, 0, -1)
+    if 'label_weight' in keys and 'label_weight' not in sources:
+      out['label_weight'][...] = 1.0
+    if 'label_weight' in out:  # the case's weight over the whole crop
+      out['label_weight'] *= np.float32(self._case_weights.get(self.case_ids[ci], 1.0))
+    return out
 
   def local_batch(self, step: int) -> dict:
-    """This process's slots of the global batch of `step`, stacked: image f32[B_local, ...]."""
-    exs = [self.example(step, self.first_slot + j) for j in range(self.local_batch_size)]
-    return {k: np.stack([e[k] for e in exs]) for k in exs[0]}
+    """This process's slots of the global batch of `step`: image f32[B_local, ...], each slot's
+    crop written straight into its row."""
+    b, c = self.local_batch_size, self.num_channels
+    out = {k: np.zeros((b,) + self.crop + ((c,) if k == 'image' else ()), np.float32)
+           for k in batch_keys(self.cfg)}
+    for j in range(b):
+      self.example(step, self.first_slot + j, {k: v[j] for k, v in out.items()})
+    return out
 
   def case_ids_of(self, step: int) -> list:
     """Case ids in the global batch of `step` (for error messages)."""
