@@ -88,6 +88,9 @@ def base_config() -> ml_collections.ConfigDict:
   g.threshold = 0.5  # P = lesion posterior > threshold
   g.lesion_channel = 'flair'  # lesion-bright channel
   g.rule = 'max_mean'  # max_mean: highest mean in lesion_channel | hu_range: mean inside g.hu_range
+  # rule 'signature': among the components brighter than the brain's average in lesion_channel,
+  # the one of highest sum of weight x mean over these channels (z-scores; MRI)
+  g.signature = ('flair:1', 't2:1', 't1:-1')
   g.hu_range = (50.0, 90.0)  # hu_range rule: lesion components have their HU mean in this range
   # Consensus of mixtures: 'channels:K' members (e.g. 'flair,t1:4'); () = the one mixture above.
   # Members naming a channel the data lack are skipped. P = voxels >= `vote` of the members mark.

@@ -416,3 +416,57 @@ def test_a_standardised_run_records_its_standard_and_redoes_p_when_it_changes(ti
   np.testing.assert_array_equal(np.asarray(s.read(k, 'p')), p)
   # two of the three cases: another standard, so every P is redone
   assert pseudo_labels.standard_landmarks(c, prep, s, cases[:2]).tolist() != standard.tolist()
+
+
+def test_signature_rule_picks_among_the_lesion_bright_components_by_weighted_means():
+  """rule 'signature': the components of lesion-channel mean above 0 (the brain's average in
+  z-scores) compete on sum(weight x mean); CSF (dark FLAIR, bright T2) never wins however bright
+  its T2; no bright component falls back to max_mean."""
+  # components x (flair, t1, t2): oedema, enhancing core, CSF, white matter
+  means = np.array([[0.9, -0.2, 0.8], [0.6, -1.4, 1.0], [-1.8, -3.0, 3.5], [-0.2, 0.8, -0.6]])
+  names = ['flair', 't1', 't2']
+  g = _gcfg(rule='signature', signature=('flair:1', 't2:1', 't1:-1'))
+  # scores of the FLAIR-bright ones: 0.9 + 0.2 + 0.8 = 1.9 and 0.6 + 1.4 + 1.0 = 3.0
+  assert gmm.lesion_components(means, g, 0, None, names) == [1]
+  assert gmm.lesion_components(means, _gcfg(rule='max_mean'), 0) == [0]
+  # FLAIR alone: the brightest one, as max_mean; a channel the signature does not name weighs 0
+  assert gmm.lesion_components(means, _gcfg(rule='signature', signature=('flair:1',)), 0, None,
+                               names) == [0]
+  assert gmm.lesion_components(means[:, :2], _gcfg(rule='signature', signature=(
+      'flair:1', 't2:5', 't1:-1')), 0, None, names[:2]) == [1]  # 0.6 + 1.4 > 0.9 + 0.2
+  # no component brighter than average in FLAIR: the brightest (-1.1), though the signature
+  # would take component 2 (-3.8 + 3.0 + 3.5)
+  dark = means - [2.0, 0, 0]
+  assert gmm.lesion_components(dark, g, 0, None, names) == [0]
+  with pytest.raises(ValueError, match='channel:weight'):
+    gmm.parse_signature(('flair=1',))
+  with pytest.raises(ValueError, match='for MRI'):
+    gmm.lesion_components(means, g, 0, (0.0, 100.0), names)
+
+
+def test_signature_rule_through_the_consensus_names_each_members_channels():
+  """Each member of the consensus scores its components with its own channels' weights: on a
+  volume whose FLAIR-brightest tissue is also T1-bright (a rim) and whose lesion is T1-dark, FLAIR
+  - T1 marks the lesion where max_mean marks the rim."""
+  rng = np.random.default_rng(3)
+  shape = (30, 30, 30)
+  brain = np.zeros(shape, bool)
+  brain[2:-2, 2:-2, 2:-2] = True
+  tissue = rng.integers(0, 2, shape)
+  img = np.asarray([[-1.0, 0.0], [0.0, 1.0]], np.float32)[tissue]
+  lesion = np.zeros(shape, bool)
+  lesion[8:14, 8:14, 8:14] = True
+  rim = np.zeros(shape, bool)
+  rim[18:26, 18:26, 18:26] = True
+  img[lesion] = [1.5, -2.0]
+  img[rim] = [2.0, 2.0]
+  img = img + rng.normal(0, 0.1, img.shape).astype(np.float32)
+  img[~brain] = 0
+  kw = dict(k=4, channels=('flair', 't1'), ensemble=('flair,t1:4',))
+  _, p_max, _ = gmm.consensus(img, brain, ['flair', 't1'], _gcfg(**kw), 'c', (1, 1, 1))
+  _, p_sig, rep = gmm.consensus(
+      img, brain, ['flair', 't1'],
+      _gcfg(rule='signature', signature=('flair:1', 't1:-1'), **kw), 'c', (1, 1, 1))
+  assert (p_max.astype(bool) & rim).sum() > 0.9 * (rim & brain).sum() and not p_max[lesion].any()
+  assert (p_sig.astype(bool) & lesion).sum() > 0.9 * lesion.sum() and not p_sig[rim].any()
+  assert rep['members'][0]['channels'] == ['flair', 't1']

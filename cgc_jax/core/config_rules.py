@@ -17,7 +17,7 @@ CHOICES = {
     'data.bias_field': ('none', 'n4'),
     'data.store_dtype': ('float16', 'float32'),
     'data.phantoms.kind': ('mri', 'ct'),
-    'gmm.rule': ('max_mean', 'hu_range'),
+    'gmm.rule': ('max_mean', 'hu_range', 'signature'),
     'pseudo_labels.source': ('gmm', 'threshold', 'nifti', 'ground_truth'),
     'model.norm': ('instance', 'group'),
     'model.conv_impl': ('auto', 'sum2d', 'native', 'onednn'),

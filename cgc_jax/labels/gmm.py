@@ -185,8 +185,33 @@ def fit(x: np.ndarray, k: int, seed: int, gcfg, init=None, init_x=None, exact: b
                  f'({info["attempts"]}); try a larger gmm.max_iter, gmm.tol or gmm.reg_covar')
 
 
-def lesion_components(means: np.ndarray, gcfg, lesion_col: int, hu_scale=None) -> list:
-  """Indices of the lesion component(s) under the configured rule."""
+def parse_signature(spec) -> dict:
+  """('flair:1', 't1:-1') -> {'flair': 1.0, 't1': -1.0}: gmm.signature's weight per channel."""
+  out = {}
+  for item in spec:
+    name, sep, w = str(item).partition(':')
+    try:
+      weight = float(w)
+    except ValueError:
+      weight = None
+    if not sep or not name.strip() or weight is None:
+      raise ValueError(f'gmm.signature item {item!r}: expected "channel:weight" (e.g. "t1:-1")')
+    out[name.strip()] = weight
+  return out
+
+
+def lesion_components(means: np.ndarray, gcfg, lesion_col: int, hu_scale=None,
+                      channel_names=None) -> list:
+  """Indices of the lesion component(s) under the configured rule.
+
+  means: f[K, C] component means (MRI: z-scores inside the brain); channel_names: the C channels'
+  names (rule 'signature' only).
+  - max_mean: the component of highest mean in the lesion channel;
+  - hu_range: the components whose lesion-channel mean (in HU) lies in gmm.hu_range;
+  - signature: among the components brighter than the brain's average in the lesion channel
+    (z > 0), the one of highest sum over channels of gmm.signature's weight x mean (max_mean when
+    none is brighter).
+  """
   if gcfg.rule == 'max_mean':
     return [int(np.argmax(means[:, lesion_col]))]
   if gcfg.rule == 'hu_range':
@@ -194,16 +219,28 @@ def lesion_components(means: np.ndarray, gcfg, lesion_col: int, hu_scale=None) -
     hu = means[:,
                lesion_col] if hu_scale is None else hu_scale[0] + means[:, lesion_col] * hu_scale[1]
     return [int(j) for j in np.nonzero((hu >= lo) & (hu <= hi))[0]]
-  raise ValueError(f'unknown gmm.rule {gcfg.rule!r} (max_mean | hu_range)')
+  if gcfg.rule == 'signature':
+    if hu_scale is not None:
+      raise ValueError("gmm.rule 'signature' reads z-scores: it is for MRI (CT: 'hu_range')")
+    if channel_names is None:
+      raise ValueError("gmm.rule 'signature' needs the mixture's channel names")
+    weights = parse_signature(gcfg.signature)
+    w = np.asarray([weights.get(c, 0.0) for c in channel_names], np.float64)
+    bright = means[:, lesion_col] > 0
+    if not bright.any():
+      return [int(np.argmax(means[:, lesion_col]))]
+    return [int(np.argmax(np.where(bright, means @ w, -np.inf)))]
+  raise ValueError(f'unknown gmm.rule {gcfg.rule!r} (max_mean | hu_range | signature)')
 
 
 def pseudo_label(image: np.ndarray, brain: np.ndarray, channels: list, lesion_channel: int, gcfg,
-                 case_id: str, hu_scale=None, full_fit: bool = False):
+                 case_id: str, hu_scale=None, full_fit: bool = False, channel_names=None):
   """Per-case GMM -> (posterior f32[X, Y, Z], P u8[X, Y, Z], report dict).
 
   image: f32[X, Y, Z, C] normalised; brain: bool[X, Y, Z]; channels: indices used as features;
   lesion_channel: index into `channels`. full_fit=True: scikit-learn on every brain voxel from the
-  same start (the benchmark's reference), instead of the compressed fit.
+  same start (the benchmark's reference), instead of the compressed fit. channel_names: the names
+  of `channels` (gmm.rule 'signature').
   """
   t0 = time.time()
   brain = brain.astype(bool)
@@ -232,7 +269,7 @@ def pseudo_label(image: np.ndarray, brain: np.ndarray, channels: list, lesion_ch
     centres = seeded_centres(sub, k, lesion_channel, mid)
   init = initial_params(sub, k, seed, gcfg.reg_covar, gcfg.kmeans_inits, centres)
   gm, info = fit(x_all, k, seed, gcfg, init=init, init_x=sub, exact=full_fit)
-  comps = lesion_components(gm.means_, gcfg, lesion_channel, hu_scale)
+  comps = lesion_components(gm.means_, gcfg, lesion_channel, hu_scale, channel_names)
   resp = gm.predict_proba(x_all)
   post[brain] = resp[:, comps].sum(1) if comps else 0.0
   raw = post > gcfg.threshold
@@ -297,7 +334,8 @@ def consensus(image: np.ndarray, brain: np.ndarray, modalities: list, gcfg, case
   for ch, k in usable:
     member_cfg.k = k
     post, p, rep = pseudo_label(image, brain, [modalities.index(c) for c in ch],
-                                list(ch).index(gcfg.lesion_channel), member_cfg, case_id, hu_scale)
+                                list(ch).index(gcfg.lesion_channel), member_cfg, case_id, hu_scale,
+                                channel_names=list(ch))
     posts.append(post)
     masks.append(p > 0)
     members.append({'channels': list(ch), **{key: rep.get(key) for key in (

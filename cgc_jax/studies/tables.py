@@ -200,6 +200,11 @@ def p_rows(config) -> list:
   if config.data.kind != 'ct':
     rows.append(('P as configured, N4 bias-field correction first (data.bias_field)',
                  {'data.bias_field': 'n4'}))
+    # the lesion component chosen by several channels (among the FLAIR-bright ones)
+    rows.append(('P as configured, lesion component by FLAIR + T2 - T1 (gmm.rule = signature)',
+                 {'gmm.rule': 'signature'}))
+    rows.append(('P as configured, lesion component by FLAIR - T1 (gmm.rule = signature)',
+                 {'gmm.rule': 'signature', 'gmm.signature': ('flair:1', 't1:-1')}))
   return [Row(name, over, kind='p') for name, over in rows]
 
 
