@@ -97,6 +97,15 @@ def test_every_bad_field_is_named_with_what_it_accepts():
       "train.symmetry_margin > 0, got 0.0)"]
   assert config_rules.problems(tiny_config(**{'eval.border_symmetry': True,
                                               'train.symmetry_margin': 0.3})) == []
+  # the signature rule: MRI only, and items 'channel:weight'
+  assert config_rules.problems(tiny_config(**{'gmm.rule': 'signature'})) == []
+  assert config_rules.problems(tiny_config(**{'gmm.rule': 'signature',
+                                              'gmm.signature': ('flair:1', 't1=-1')})) == [
+      "gmm.signature: 't1=-1' (expected items \"channel:weight\", e.g. \"t1:-1\")"]
+  assert config_rules.problems(tiny_config(**{'gmm.signature': ('t1=-1',)})) == []  # rule off
+  assert config_rules.problems(tiny_config(**{'gmm.rule': 'signature', 'data.kind': 'ct'})) == [
+      "gmm.rule: 'signature' (it reads z-scores of MRI channels: expected 'hu_range' or "
+      "'max_mean' with data.kind = ct)"]
   # a field an older workdir's config lacks is not checked
   del ok.cgc['fine_anchors']
   assert config_rules.problems(ok) == []

@@ -137,6 +137,16 @@ def problems(config) -> list:
   if _get(config, 'data.bias_field') == 'n4' and _get(config, 'data.kind') == 'ct':
     out.append("data.bias_field: 'n4' (N4 removes an MRI coil's field: expected 'none' with "
                "data.kind = ct)")
+  if _get(config, 'gmm.rule') == 'signature':
+    if _get(config, 'data.kind') == 'ct':
+      out.append("gmm.rule: 'signature' (it reads z-scores of MRI channels: expected 'hu_range' or "
+                 "'max_mean' with data.kind = ct)")
+    sig = _get(config, 'gmm.signature')
+    bad = [] if sig is _MISSING else [
+        item for item in (sig if isinstance(sig, (list, tuple)) else [sig])
+        if not _weighted_channel(item)]
+    if bad:
+      out.append(f'gmm.signature: {bad[0]!r} (expected items "channel:weight", e.g. "t1:-1")')
   zoom = _get(config, 'train.zoom')
   if zoom is not _MISSING and not (
       isinstance(zoom, (list, tuple)) and len(zoom) == 2 and
@@ -144,6 +154,16 @@ def problems(config) -> list:
       zoom[0] <= zoom[1]):
     out.append(f'train.zoom: {zoom!r} (expected (low, high) with 0 < low <= high)')
   return out
+
+
+def _weighted_channel(item) -> bool:
+  """'t1:-1' and the like (labels.gmm.parse_signature reads them)."""
+  name, sep, weight = str(item).partition(':')
+  try:
+    float(weight)
+  except ValueError:
+    return False
+  return bool(sep and name.strip())
 
 
 def check(config) -> None:
