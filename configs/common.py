@@ -224,7 +224,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.restart_when_stale = True
   t.keep_checkpoints = 3  # checkpoints kept
   t.prefetch = 2  # batches prepared ahead by host threads
-  t.num_workers = 2  # host threads making crops
+  t.num_workers = 2  # host threads making crops (an accelerator host: about one per core)
 
   # ---------------------------------------------------------------- evaluation / prediction
   c.eval = e = ml_collections.ConfigDict()

@@ -46,6 +46,37 @@ def test_iterator_resumes_exactly(tiny_workdir):
     np.testing.assert_array_equal(x['image'], y['image'])
 
 
+@pytest.mark.parametrize('workers,prefetch', [(1, 1), (3, 2), (8, 4)])
+def test_iterate_with_a_crop_per_task_gives_local_batch(tiny_workdir, workers, prefetch):
+  """The iterator's threads make one crop a task, several batches ahead: every batch is
+  local_batch's, bit for bit, in step order, however many threads and batches are in flight."""
+  cfg = tiny_config(**{'train.num_workers': workers, 'train.prefetch': prefetch,
+                       'train.symmetry_margin': 0.3})
+  got = list(_sampler(tiny_workdir, cfg).iterate(2, 7))
+  assert [step for step, _ in got] == [2, 3, 4, 5, 6]
+  ref = _sampler(tiny_workdir, cfg)
+  for step, batch in got:
+    want = ref.local_batch(step)
+    assert set(batch) == set(want)
+    for k in want:
+      np.testing.assert_array_equal(batch[k], want[k], err_msg=f'{step} {k}')
+
+
+def test_a_crops_error_surfaces_from_the_iterator(tiny_workdir, monkeypatch):
+  s = _sampler(tiny_workdir, tiny_config(**{'train.num_workers': 3}))
+
+  def broken(step, slot, out=None):
+    if step == 1 and slot == 5:
+      raise OSError('shard unreadable')
+    return input_pipeline.CropSampler.example(s, step, slot, out)
+
+  monkeypatch.setattr(s, 'example', broken)
+  it = s.iterate(0, 3)
+  assert next(it)[0] == 0
+  with pytest.raises(OSError, match='shard unreadable'):
+    next(it)
+
+
 def test_padding_and_foreground_sampling(tiny_workdir):
   cfg = tiny_config(**{'train.crop': (64, 64, 64), 'train.fg_fraction': 1.0, 'train.batch_size': 4,
                        'train.flip': False, 'train.intensity_scale': 0.0,

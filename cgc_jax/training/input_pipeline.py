@@ -7,8 +7,9 @@ foreground choice, flips, intensity jitter and (train.spatial_p) rotation and zo
 checkpoint), resume is exact, and the batch does not depend on how many processes or threads build
 it. Each process builds only its own slots
 [process_index * B_local, (process_index + 1) * B_local) and opens only the cases those slots draw
-(on first use); crops read the memory-mapped shards, so a crop reads about the crop only. Host
-threads build the next `prefetch` batches ahead.
+(on first use); crops read the memory-mapped shards, so a crop reads about the crop only.
+`train.num_workers` host threads make the crops of the next `train.prefetch` batches, a crop per
+task.
 
 Example contract (one slot): image f32[X, Y, Z, C], p f32[X, Y, Z] (P in {0, 1}),
 brain f32[X, Y, Z], posterior f32[X, Y, Z] (P's soft posterior) when train.confidence_gamma > 0,
@@ -266,13 +267,16 @@ class CropSampler:
       out['label_weight'] *= np.float32(self._case_weights.get(self.case_ids[ci], 1.0))
     return out
 
+  def _empty_batch(self) -> dict:
+    b, c = self.local_batch_size, self.num_channels
+    return {k: np.zeros((b,) + self.crop + ((c,) if k == 'image' else ()), np.float32)
+            for k in batch_keys(self.cfg)}
+
   def local_batch(self, step: int) -> dict:
     """This process's slots of the global batch of `step`: image f32[B_local, ...], each slot's
     crop written straight into its row."""
-    b, c = self.local_batch_size, self.num_channels
-    out = {k: np.zeros((b,) + self.crop + ((c,) if k == 'image' else ()), np.float32)
-           for k in batch_keys(self.cfg)}
-    for j in range(b):
+    out = self._empty_batch()
+    for j in range(self.local_batch_size):
       self.example(step, self.first_slot + j, {k: v[j] for k, v in out.items()})
     return out
 
@@ -282,18 +286,30 @@ class CropSampler:
             for j in range(self.cfg.batch_size)]
 
   def iterate(self, start_step: int, end_step: int):
-    """Yields (step, local_batch) for start_step <= step < end_step, prefetching with threads."""
+    """Yields (step, local_batch) for start_step <= step < end_step. `train.num_workers` threads
+    make the crops of the next `train.prefetch` batches, one crop a task (so every thread helps
+    with one batch, and an accelerator host can give the crops as many threads as it has cores);
+    each crop is a function of (seed, step, slot) alone, so the batches are local_batch's."""
     workers = max(1, self.cfg.num_workers)
     depth = max(1, self.cfg.prefetch)
+
+    def submit(step):
+      out = self._empty_batch()
+      return out, [ex.submit(self.example, step, self.first_slot + j,
+                             {k: v[j] for k, v in out.items()})
+                   for j in range(self.local_batch_size)]
+
     with cf.ThreadPoolExecutor(workers) as ex:
       queue = collections.deque()
       nxt = start_step
       while nxt < end_step and len(queue) < depth:
-        queue.append((nxt, ex.submit(self.local_batch, nxt)))
+        queue.append((nxt, submit(nxt)))
         nxt += 1
       while queue:
-        step, fut = queue.popleft()
+        step, (out, futs) = queue.popleft()
         if nxt < end_step:
-          queue.append((nxt, ex.submit(self.local_batch, nxt)))
+          queue.append((nxt, submit(nxt)))
           nxt += 1
-        yield step, fut.result()
+        for f in futs:
+          f.result()  # raises the crop's error, if any
+        yield step, out
