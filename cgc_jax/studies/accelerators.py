@@ -32,7 +32,7 @@ def abstract_train_step(config, mesh, num_channels: int):
   tx, _ = train_state.make_optimizer(config.train)
   state = train_state.abstract_state(config, mesh, num_channels, tx)
   sharding = distributed.data_sharding(mesh)
-  batch = {k: jax.ShapeDtypeStruct(s, np.float32, sharding=sharding)
+  batch = {k: jax.ShapeDtypeStruct(s, input_pipeline.batch_dtype(k), sharding=sharding)
            for k, s in input_pipeline.batch_shapes(config.train, num_channels).items()}
   return step_lib.make_train_step(config, mesh, tx), state, batch
 

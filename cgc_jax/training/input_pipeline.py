@@ -11,8 +11,9 @@ it. Each process builds only its own slots
 `train.num_workers` host threads make the crops of the next `train.prefetch` batches, a crop per
 task.
 
-Example contract (one slot): image f32[X, Y, Z, C], p f32[X, Y, Z] (P in {0, 1}),
-brain f32[X, Y, Z], posterior f32[X, Y, Z] (P's soft posterior) when train.confidence_gamma > 0,
+Example contract (one slot): image f32[X, Y, Z, C], p u8[X, Y, Z] (P in {0, 1}),
+brain u8[X, Y, Z] (the train step reads both as float32; a quarter of the bytes to write and to
+send to the devices), posterior f32[X, Y, Z] (P's soft posterior) when train.confidence_gamma > 0,
 and label_weight f32[X, Y, Z] (0 on P's left-right symmetric voxels) when train.symmetry_margin > 0,
 times the case's weight (labels.quality.case_weights) when train.quality_weight > 0 or
 train.ensemble_guide = 'cases', and 0 where network 0's mask and P disagree (training/guide.py)
@@ -42,8 +43,13 @@ def batch_keys(train_cfg) -> tuple:
       train_cfg.get('ensemble_guide', 'none') != 'none' else ())
 
 
+def batch_dtype(key: str):
+  """The host dtype of a batch array: P and the brain mask (0 or 1) as uint8, the rest float32."""
+  return np.uint8 if key in ('p', 'brain') else np.float32
+
+
 def batch_shapes(train_cfg, num_channels: int) -> dict:
-  """{key: shape} of a global batch (train.batch_size crops; every array float32)."""
+  """{key: shape} of a global batch (train.batch_size crops; dtypes: batch_dtype)."""
   lead = (int(train_cfg.batch_size),) + tuple(int(c) for c in train_cfg.crop)
   return {k: lead + (num_channels,) if k == 'image' else lead for k in batch_keys(train_cfg)}
 
@@ -53,11 +59,11 @@ def synthetic_batch(train_cfg, num_channels: int, rng: np.random.Generator) -> d
   data: image N(0, 1); P a box over the first quarter of the crop's first two axes (so the CGC
   terms see lesion and normal cells); brain and label_weight 1, posterior = P."""
   shapes = batch_shapes(train_cfg, num_channels)
-  p = np.zeros(shapes['p'], np.float32)
+  p = np.zeros(shapes['p'], np.uint8)
   x, y = p.shape[1], p.shape[2]
   p[:, x // 4: x // 2, y // 4: y // 2] = 1
   make = {'image': lambda s: rng.normal(size=s).astype(np.float32), 'p': lambda s: p,
-          'posterior': lambda s: p.copy(), 'brain': lambda s: np.ones(s, np.float32),
+          'posterior': lambda s: p.astype(np.float32), 'brain': lambda s: np.ones(s, np.uint8),
           'label_weight': lambda s: np.ones(s, np.float32)}
   return {k: make[k](s) for k, s in shapes.items()}
 
@@ -208,8 +214,8 @@ class CropSampler:
     return ci, start, axes, scale, shift, coords
 
   def example(self, step: int, slot: int, out: dict = None) -> dict:
-    """One slot's crop (the contract above), written into `out` ({key: f32 array of the crop's
-    shape}, e.g. rows of the batch; zero-filled where given) or into new arrays.
+    """One slot's crop (the contract above), written into `out` ({key: array of the crop's shape
+    and batch_dtype(key)}, e.g. rows of the batch; zero-filled where given) or into new arrays.
 
     Each array is written once, through a flipped view of its destination, after the intensity
     jitter on a buffer laid out for numpy's loops: about 4x fewer host cycles a crop than cutting,
@@ -219,7 +225,7 @@ class CropSampler:
     c = image.shape[-1]
     keys = batch_keys(self.cfg)
     if out is None:
-      out = {k: np.zeros(self.crop + ((c,) if k == 'image' else ()), np.float32) for k in keys}
+      out = {k: np.zeros(self.crop + ((c,) if k == 'image' else ()), batch_dtype(k)) for k in keys}
     flip = tuple(slice(None, None, -1) if a in axes else slice(None) for a in range(3))
     view = {k: v[flip] for k, v in out.items()}  # writing here is writing the flipped crop
     # name -> (volume, interpolation order, value outside the scan, where the brain weight is 0
@@ -269,7 +275,7 @@ class CropSampler:
 
   def _empty_batch(self) -> dict:
     b, c = self.local_batch_size, self.num_channels
-    return {k: np.zeros((b,) + self.crop + ((c,) if k == 'image' else ()), np.float32)
+    return {k: np.zeros((b,) + self.crop + ((c,) if k == 'image' else ()), batch_dtype(k))
             for k in batch_keys(self.cfg)}
 
   def local_batch(self, step: int) -> dict:

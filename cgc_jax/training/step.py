@@ -19,7 +19,7 @@ from cgc_jax.runtime import distributed
 def loss_fn(params, batch, config, teacher=None, step=0):
   """Total CGC loss and its components for one global batch.
 
-  batch: image f32[B, X, Y, Z, C], p f32[B, X, Y, Z], brain f32[B, X, Y, Z] (and posterior
+  batch: image f32[B, X, Y, Z, C], p and brain u8 or f32[B, X, Y, Z] (and posterior
   f32[B, X, Y, Z], P's soft posterior, when train.confidence_gamma > 0; label_weight
   f32[B, X, Y, Z], the per-voxel weight of the segmentation loss, when
   input_pipeline.batch_keys has it: 0 on P's left-right symmetric voxels, the case's weight).
@@ -29,6 +29,7 @@ def loss_fn(params, batch, config, teacher=None, step=0):
   train.steps on).
   """
   net, coarse_head, proj_head = unet.build(config.model)
+  batch = {k: v.astype(jnp.float32) if v.dtype == jnp.uint8 else v for k, v in batch.items()}
   logits, feats = net.apply({'params': params['unet']}, batch['image'])
   t = config.train
   weight = batch['brain'] if t.loss_region == 'brain' else jnp.ones_like(batch['p'])
