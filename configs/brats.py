@@ -29,6 +29,10 @@ def get_config():
   c.model.dtype = 'bfloat16'
   c.train.crop = (192, 192, 64)
   c.train.batch_size = 16  # 2 crops per device on 8 devices
+  # Crops on every host core: an 8-GPU step at 40% MFU consumes about 1,000 crops/s and a core
+  # makes about 14 (docs/benchmarks.md); 4 batches in flight, 52 MB a crop.
+  c.train.num_workers = max(2, os.cpu_count() or 2)
+  c.train.prefetch = 4
   c.train.steps = 20000
   c.train.gce_q = 0.7  # as brats_dev.py
   c.train.lr = 3e-4
