@@ -39,14 +39,6 @@ def pytest_sessionstart(session):
                   f'{onednn.reason()}', returncode=1)
 
 
-def pytest_collection_modifyitems(config, items):
-  """The slow tests (end-to-end, multi-process, kill) first, each group in file order: pytest-xdist
-  hands tests out in this order, so the last ones to start are short and no worker waits long on
-  the other at the end of the session."""
-  del config
-  items.sort(key=lambda item: item.get_closest_marker('slow') is None)
-
-
 def tiny_config(**overrides):
   """tests/tiny.py's config (the demo shrunk for tests) with `section.field` overrides."""
   import tiny  # pylint: disable=g-import-not-at-top
