@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from cgc_jax.core import config_rules
 from cgc_jax.core import paths
 from cgc_jax.imaging import geometry
 from cgc_jax.imaging import morphology
@@ -439,7 +440,7 @@ def test_signature_rule_picks_among_the_lesion_bright_components_by_weighted_mea
   dark = means - [2.0, 0, 0]
   assert gmm.lesion_components(dark, g, 0, None, names) == [0]
   with pytest.raises(ValueError, match='channel:weight'):
-    gmm.parse_signature(('flair=1',))
+    config_rules.parse_signature(('flair=1',))
   with pytest.raises(ValueError, match='for MRI'):
     gmm.lesion_components(means, g, 0, (0.0, 100.0), names)
 

@@ -142,11 +142,13 @@ def problems(config) -> list:
       out.append("gmm.rule: 'signature' (it reads z-scores of MRI channels: expected 'hu_range' or "
                  "'max_mean' with data.kind = ct)")
     sig = _get(config, 'gmm.signature')
-    bad = [] if sig is _MISSING else [
-        item for item in (sig if isinstance(sig, (list, tuple)) else [sig])
-        if not _weighted_channel(item)]
-    if bad:
-      out.append(f'gmm.signature: {bad[0]!r} (expected items "channel:weight", e.g. "t1:-1")')
+    if sig is not _MISSING:
+      for item in (sig if isinstance(sig, (list, tuple)) else [sig]):
+        try:
+          parse_signature([item])
+        except ValueError:
+          out.append(f'gmm.signature: {item!r} (expected items "channel:weight", e.g. "t1:-1")')
+          break
   zoom = _get(config, 'train.zoom')
   if zoom is not _MISSING and not (
       isinstance(zoom, (list, tuple)) and len(zoom) == 2 and
@@ -156,14 +158,21 @@ def problems(config) -> list:
   return out
 
 
-def _weighted_channel(item) -> bool:
-  """'t1:-1' and the like (labels.gmm.parse_signature reads them)."""
-  name, sep, weight = str(item).partition(':')
-  try:
-    float(weight)
-  except ValueError:
-    return False
-  return bool(sep and name.strip())
+def parse_signature(spec) -> dict:
+  """('flair:1', 't1:-1') -> {'flair': 1.0, 't1': -1.0}: gmm.signature's weight per channel
+  (labels.gmm reads it through here); ValueError naming the first item that is not
+  'channel:weight'."""
+  out = {}
+  for item in (spec if isinstance(spec, (list, tuple)) else [spec]):
+    name, sep, w = str(item).partition(':')
+    try:
+      weight = float(w)
+    except ValueError:
+      weight = None
+    if not sep or not name.strip() or weight is None:
+      raise ValueError(f'gmm.signature item {item!r}: expected "channel:weight" (e.g. "t1:-1")')
+    out[name.strip()] = weight
+  return out
 
 
 def check(config) -> None:

@@ -21,6 +21,7 @@ from sklearn import mixture
 from sklearn.exceptions import ConvergenceWarning
 
 from cgc_jax import errors
+from cgc_jax.core import config_rules
 from cgc_jax.imaging import morphology
 
 
@@ -185,21 +186,6 @@ def fit(x: np.ndarray, k: int, seed: int, gcfg, init=None, init_x=None, exact: b
                  f'({info["attempts"]}); try a larger gmm.max_iter, gmm.tol or gmm.reg_covar')
 
 
-def parse_signature(spec) -> dict:
-  """('flair:1', 't1:-1') -> {'flair': 1.0, 't1': -1.0}: gmm.signature's weight per channel."""
-  out = {}
-  for item in spec:
-    name, sep, w = str(item).partition(':')
-    try:
-      weight = float(w)
-    except ValueError:
-      weight = None
-    if not sep or not name.strip() or weight is None:
-      raise ValueError(f'gmm.signature item {item!r}: expected "channel:weight" (e.g. "t1:-1")')
-    out[name.strip()] = weight
-  return out
-
-
 def lesion_components(means: np.ndarray, gcfg, lesion_col: int, hu_scale=None,
                       channel_names=None) -> list:
   """Indices of the lesion component(s) under the configured rule.
@@ -224,7 +210,7 @@ def lesion_components(means: np.ndarray, gcfg, lesion_col: int, hu_scale=None,
       raise ValueError("gmm.rule 'signature' reads z-scores: it is for MRI (CT: 'hu_range')")
     if channel_names is None:
       raise ValueError("gmm.rule 'signature' needs the mixture's channel names")
-    weights = parse_signature(gcfg.signature)
+    weights = config_rules.parse_signature(gcfg.signature)
     w = np.asarray([weights.get(c, 0.0) for c in channel_names], np.float64)
     bright = means[:, lesion_col] > 0
     if not bright.any():
