@@ -57,6 +57,8 @@ def _define_flags():
   flags.DEFINE_bool('tta', True, 'inference: also time flip TTA')
   flags.DEFINE_integer('max_cases', 0, 'prepare/gmm: at most this many cases (0 = all)')
   flags.DEFINE_bool('profile', True, 'train: also the per-op profile of the step')
+  flags.DEFINE_bool('baselines', True,
+                    'train: also time the convolutions alone and a matmul (the step\'s yardsticks)')
   flags.DEFINE_enum('against', '', ['', 'torch'],
                     'train/inference: also time this peer in the same run')
 
@@ -72,6 +74,7 @@ class Options:
   max_cases: int = 0
   against: str = ''
   profile: bool = False
+  baselines: bool = True
 
 # Peak dense bf16 FLOP/s by device kind (vendor figures), for MFU.
 _PEAK_BF16 = {'H200': 989e12, 'H100': 989e12, 'A100': 312e12, 'TPU v4': 275e12, 'TPU v5': 459e12}
@@ -290,28 +293,32 @@ def bench_train(config, opts: Options):
     state, m = step(state, batch)
   jax.block_until_ready(m)
   dt = (time.time() - t0) / opts.steps
-  # convolutions alone, forward + backward, same shapes and dtype and implementation
-  dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[config.model.dtype]
-  conv_args = _conv_args(config, b, dtype, rng)
-  conv_fn = jax.jit(_convs_fn(lambda x, k: unet.conv3x3x3(x, k, impl)))
-  conv_flops = _cost_flops(conv_fn.lower(*conv_args).compile())
-  conv_flops += _conv_flops(config, b) if foreign else 0
-  conv_dt = _time(conv_fn, *conv_args, n=max(1, opts.steps))
-  n = 4096 if jax.default_backend() != 'cpu' else 2048
-  a = jnp.asarray(rng.normal(size=(n, n)), dtype)
-  mm = jax.jit(lambda a: a @ a)
-  mm_dt = _time(mm, a, n=5)
-  mm_rate = 2 * n**3 / mm_dt
-  rows = [('train step', dt, flops / 1e9, flops / dt / 1e9, b * np.prod(crop) / dt),
-          ('convolutions alone (fwd+bwd)', conv_dt, conv_flops / 1e9,
-           conv_flops / conv_dt / 1e9, ''),
-          (f'matmul {n}x{n} ({config.model.dtype})', mm_dt, 2 * n**3 / 1e9, mm_rate / 1e9, '')]
+  rows = [('train step', dt, flops / 1e9, flops / dt / 1e9, b * np.prod(crop) / dt)]
+  mm_rate = None  # FLOP/s of the matmul yardstick, with opts.baselines
+  if opts.baselines:
+    # convolutions alone, forward + backward, same shapes and dtype and implementation
+    dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[config.model.dtype]
+    conv_args = _conv_args(config, b, dtype, rng)
+    conv_fn = jax.jit(_convs_fn(lambda x, k: unet.conv3x3x3(x, k, impl)))
+    conv_flops = _cost_flops(conv_fn.lower(*conv_args).compile())
+    conv_flops += _conv_flops(config, b) if foreign else 0
+    conv_dt = _time(conv_fn, *conv_args, n=max(1, opts.steps))
+    n = 4096 if jax.default_backend() != 'cpu' else 2048
+    a = jnp.asarray(rng.normal(size=(n, n)), dtype)
+    mm = jax.jit(lambda a: a @ a)
+    mm_dt = _time(mm, a, n=5)
+    mm_rate = 2 * n**3 / mm_dt
+    rows += [('convolutions alone (fwd+bwd)', conv_dt, conv_flops / 1e9,
+              conv_flops / conv_dt / 1e9, ''),
+             (f'matmul {n}x{n} ({config.model.dtype})', mm_dt, 2 * n**3 / 1e9, mm_rate / 1e9,
+              '')]
   _table(
       f'train: {crop} x {nch} ch, base {config.model.base}, global batch {b}, '
       f'{jax.device_count()} x {jax.devices()[0].device_kind}, conv {impl}, {config.model.dtype}',
       ['what', 's', 'GFLOP', 'GFLOP/s', 'voxels/s'], rows)
-  print(f'\nstep / convolutions-alone time: {dt / conv_dt:.2f}x; peak host memory '
-        f'{_peak_rss_gb():.2f} GB')
+  if opts.baselines:
+    print(f'\nstep / convolutions-alone time: {dt / conv_dt:.2f}x', end='; ')
+  print(f'peak host memory {_peak_rss_gb():.2f} GB')
   if opts.profile:
     from cgc_jax.studies import profile  # pylint: disable=g-import-not-at-top
     state, groups = profile.profile_train(step, state, batch, max(1, opts.steps))
@@ -326,8 +333,10 @@ def bench_train(config, opts: Options):
     _table(f'train step side by side ({crop} x {nch} ch, base {config.model.base}, batch {b}; '
            f'torch {version}, {threads} threads, in its own process)',
            ['what', 's/step', 'GFLOP/s (XLA count)', 'x matmul peak', 'torch / cgc_jax'],
-           [('cgc_jax (JAX, conv ' + impl + ')', dt, flops / dt / 1e9, flops / dt / mm_rate, ''),
-            ('PyTorch (same U-Net)', t_dt, flops / t_dt / 1e9, flops / t_dt / mm_rate, t_dt / dt)])
+           [('cgc_jax (JAX, conv ' + impl + ')', dt, flops / dt / 1e9,
+             flops / dt / mm_rate if mm_rate else '', ''),
+            ('PyTorch (same U-Net)', t_dt, flops / t_dt / 1e9,
+             flops / t_dt / mm_rate if mm_rate else '', t_dt / dt)])
   kind = jax.devices()[0].device_kind
   peak = next((v for k, v in _PEAK_BF16.items() if k in kind), None)
   if peak and jax.default_backend() != 'cpu':
@@ -387,7 +396,8 @@ def main(argv):
   del argv
   opts = Options(workdir=FLAGS.workdir, steps=FLAGS.steps, batch=FLAGS.batch,
                  volume=tuple(int(v) for v in FLAGS.volume.split(',')), tta=FLAGS.tta,
-                 max_cases=FLAGS.max_cases, against=FLAGS.against, profile=FLAGS.profile)
+                 max_cases=FLAGS.max_cases, against=FLAGS.against, profile=FLAGS.profile,
+                 baselines=FLAGS.baselines)
   {'prepare': bench_prepare, 'gmm': bench_gmm, 'train': bench_train, 'conv': bench_conv,
    'inference': bench_inference, 'roofline': bench_roofline}[FLAGS.what](FLAGS.config, opts)
 
