@@ -7,6 +7,7 @@ per subject; a bias field, partial-volume blur and noise are added, so a Gaussia
 realistic errors (non-bright necrosis, grey matter / oedema overlap at the bias field's bright end).
 Written as NIfTI in the brats layout (MRI) or cq500 layout (CT) and read back by readers.py.
 """
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -153,7 +154,10 @@ def _save(v, affine, path):
   os.replace(tmp, path)
 
 
+@functools.lru_cache(maxsize=1)
 def _anatomy():
+  """The template's tissue fractions at 2 mm, read-only, loaded once a process (nilearn resamples
+  its 1 mm files on every load: about 5 s)."""
   from nilearn import datasets  # pylint: disable=g-import-not-at-top
   t1 = datasets.load_mni152_template(resolution=2)
   gm = np.asarray(datasets.load_mni152_gm_template(resolution=2).get_fdata(), np.float32)
@@ -161,8 +165,11 @@ def _anatomy():
   mask = np.asarray(datasets.load_mni152_brain_mask(resolution=2).get_fdata(), np.float32) > 0
   gm, wm = np.clip(gm, 0, 1), np.clip(wm, 0, 1)
   csf = np.where(mask, np.clip(1.0 - gm - wm, 0, 1), 0).astype(np.float32)
-  return {'gm': gm * mask, 'wm': wm * mask, 'csf': csf, 'mask': mask.astype(np.float32),
-          'affine': t1.affine}
+  out = {'gm': gm * mask, 'wm': wm * mask, 'csf': csf, 'mask': mask.astype(np.float32),
+         'affine': np.array(t1.affine)}
+  for v in out.values():
+    v.setflags(write=False)
+  return out
 
 
 def _smooth_noise(rng, shape, coarse=6):
