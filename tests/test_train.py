@@ -45,7 +45,7 @@ def _one_step(cfg, devices, batch):
 @pytest.mark.parametrize('overrides', [
     {},
     {'train.elr_lambda': 2.0},
-    # cells contrasted within their mini-patch; a low threshold makes the tiny crops' 2x2x2
+    # cells contrasted within their mini-patch; a low threshold makes the tiny crops' 4x4x4
     # bottlenecks hold both classes
     {'cgc.fine_anchors': 'cell', 'cgc.cell_threshold': 0.02},
     # oneDNN's convolution (a foreign call: each device convolves the gathered batch)
@@ -155,7 +155,9 @@ def test_label_weight_multiplies_the_segmentation_weight(tiny_workdir):
   brain x label_weight, as if the brain mask were that product, whatever the config reading it."""
   cfg = tiny_config(**{'train.symmetry_margin': 0.3})
   batch = {k: jnp.asarray(v) for k, v in _batch(tiny_workdir, cfg).items()}
-  lw = jnp.asarray(np.random.default_rng(0).random(batch['p'].shape) < 0.5, jnp.float32)
+  # every voxel of P and a fifth of the others: a weight that shifts the loss towards the lesion
+  lw = jnp.asarray((np.asarray(batch['p']) > 0) |
+                   (np.random.default_rng(0).random(batch['p'].shape) < 0.2), jnp.float32)
   batch['label_weight'] = lw
   mesh = Mesh(np.asarray(jax.devices()[:1]), ('data',))
   tx, _ = train_state.make_optimizer(cfg.train)
