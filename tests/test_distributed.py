@@ -23,6 +23,9 @@ from conftest import copy_inputs
 from conftest import tiny_config
 
 pytestmark = pytest.mark.slow  # real subprocesses: the whole file
+# Multi-process jobs wait on each other in their collectives: two of them at once on a small
+# machine (two pytest-xdist workers) each spin while the other computes. One worker runs them all.
+_PROCESSES = pytest.mark.xdist_group('processes')
 
 LAUNCH = os.path.join(ROOT, 'launch', 'local.sh')
 TINY = os.path.join(ROOT, 'tests', 'tiny.py')
@@ -53,6 +56,7 @@ def _masks(wd):
           if f.endswith('.nii.gz')}
 
 
+@_PROCESSES
 def test_two_processes_equal_one_and_checkpoints_cross_topologies(tiny_workdir, tmp_path):
   a, b = str(tmp_path / 'a_2x2'), str(tmp_path / 'b_1x4')
   # a: 2 processes x 2 devices, every stage from scratch (phantoms by process 0, cases split)
@@ -64,9 +68,9 @@ def test_two_processes_equal_one_and_checkpoints_cross_topologies(tiny_workdir, 
   assert got.complete_cases() == ref.complete_cases()
   for c in ref.complete_cases():  # the split offline stages wrote what one process writes
     np.testing.assert_array_equal(got.read(c, 'p'), ref.read(c, 'p'))
-  # b: 1 process x 4 devices on the same inputs
+  # b: 1 process x 4 devices on the same inputs, training only
   copy_inputs(tiny_workdir, b)
-  _launch(1, 4, b)
+  _launch(1, 4, b, '--mode=train')
   ma, mb = _metrics(a), _metrics(b)
   assert [r['step'] for r in ma] == [r['step'] for r in mb] == list(range(1, cfg.train.steps + 1))
   for ra, rb in zip(ma, mb):
@@ -76,17 +80,24 @@ def test_two_processes_equal_one_and_checkpoints_cross_topologies(tiny_workdir, 
                                  rtol=1e-5,
                                  atol=1e-5,
                                  err_msg=f'step {ra["step"]} {k}')
-  masks_a, masks_b = _masks(a), _masks(b)
+  masks_a = _masks(a)
   assert len(masks_a) == 3 and any(m.sum() for m in masks_a.values())
   # the 2-process checkpoint restored by one process (this one, 8 devices): the same masks
   os.rename(os.path.join(a, 'eval'), os.path.join(a, 'eval_2x2'))
   evaluate.evaluate(cfg, a)
-  for f, m in _masks(a).items():
+  got = _masks(a)
+  assert set(got) == set(masks_a)
+  for f, m in got.items():
     np.testing.assert_array_equal(m, masks_a[f], err_msg=f)
-  # and the reverse: the 1-process checkpoint evaluated by 2 processes
-  os.rename(os.path.join(b, 'eval'), os.path.join(b, 'eval_1x4'))
+  # and the reverse: the 1-process checkpoint evaluated by one process (this one) and by 2
+  evaluate.evaluate(cfg, b)
+  masks_b = _masks(b)
+  assert len(masks_b) == 3 and any(m.sum() for m in masks_b.values())
+  os.rename(os.path.join(b, 'eval'), os.path.join(b, 'eval_1'))
   _launch(2, 2, b, '--mode=evaluate')
-  for f, m in _masks(b).items():
+  got = _masks(b)
+  assert set(got) == set(masks_b)
+  for f, m in got.items():
     np.testing.assert_array_equal(m, masks_b[f], err_msg=f)
 
 
@@ -104,6 +115,7 @@ def _start(i, n, port, args, log_path):
     return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=log, stderr=log)
 
 
+@_PROCESSES
 def test_a_dead_process_stops_the_others_within_the_heartbeat_timeout(tiny_workdir, tmp_path):
   wd = str(tmp_path / 'dead')
   copy_inputs(tiny_workdir, wd)
@@ -146,6 +158,7 @@ except distributed.DistributedError as e:
 '''
 
 
+@_PROCESSES
 def test_barrier_carries_failures_and_names_missing_processes(tmp_path):
   port = _free_port()
   procs = [_start(i, 2, port, ['-c', _SYNC_SCRIPT], str(tmp_path / f's{i}.log')) for i in range(2)]
