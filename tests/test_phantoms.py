@@ -42,7 +42,8 @@ def test_smooth_noise_is_the_3d_cubic_zoom_one_axis_at_a_time(shape, coarse):
   small = rng.standard_normal([max(2, s // coarse) for s in shape]).astype(np.float32)
   want = ndimage.zoom(small, [s / c for s, c in zip(shape, small.shape)], order=3)
   want = want[:shape[0], :shape[1], :shape[2]]
-  got = phantoms._smooth_noise(np.random.default_rng(7), shape, coarse)  # pylint: disable=protected-access
+  smooth_noise = phantoms._smooth_noise  # pylint: disable=protected-access
+  got = smooth_noise(np.random.default_rng(7), shape, coarse)
   assert got.dtype == np.float32 and got.shape == want.shape == shape
   np.testing.assert_array_max_ulp(got, want, maxulp=1)
   assert np.mean(got != want) < 1e-4
