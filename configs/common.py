@@ -268,6 +268,13 @@ def base_config() -> ml_collections.ConfigDict:
   # With border_mm: P's left-right symmetric voxels (train.symmetry_margin's rule, which training
   # leaves out of the loss) have no say in the band either; the network's value stays there.
   e.border_symmetry = False
+  # With border_mm, the value a band voxel takes where P and the network disagree: 'clamp', just
+  # past the threshold on P's side (0.51 / 0.49); 'reflect', the network's own probability
+  # mirrored about the threshold (0.9 -> 0.1). Masks on a finer original grid are the probability
+  # interpolated, so 'clamp' moves the edge most of a prepared voxel out of P's lesion (a voxel
+  # at 0.49 beside one at 0.99 crosses 0.5 near itself); 'reflect' keeps it where the two voxels'
+  # confidences put it, as P's own posterior does.
+  e.border_side = 'clamp'
   # Components of the network's mask that P does not touch and that lie mostly within this many mm
   # of the brain's edge are dropped (0 = off): the bright rim brain extraction leaves on CT is
   # marked by a network where P marked nothing; a lesion P missed deep in the brain stays.

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from cgc_jax.imaging import morphology
 
@@ -149,6 +150,33 @@ def test_refine_border_by_hand():
   want3 = want.copy()
   want3[0, 0, 2], want3[0, 0, 11] = 0.1, 0.9
   np.testing.assert_array_equal(morphology.refine_border(prob, q, (2.0, 2.0, 2.0), 4.0), want3)
+
+
+def test_refine_border_reflect_keeps_the_networks_confidence_on_ps_side():
+  # test_refine_border_by_hand's line: the network 0.9 on x = 4..11 and 0.1 elsewhere; P adds x = 2,
+  # 3 and removes x = 11 in the band. 'reflect' mirrors the network's value about 0.5 there.
+  prob = np.full((1, 1, 20), 0.1, np.float32)
+  prob[0, 0, 4:12] = 0.9
+  prob[0, 0, 3] = 0.3  # the network less sure of this one
+  p = np.zeros((1, 1, 20), bool)
+  p[0, 0, 2:11] = True
+  out = morphology.refine_border(prob, p, (2.0, 2.0, 2.0), 4.0, side='reflect')
+  want = prob.copy()
+  want[0, 0, 2], want[0, 0, 3], want[0, 0, 11] = 0.9, 0.7, 0.1  # 1 - 0.1, 1 - 0.3, 1 - 0.9
+  np.testing.assert_allclose(out, want, atol=1e-6)
+  # where P and the network agree both sides are the network's own, as with 'clamp'
+  np.testing.assert_array_equal(
+      morphology.refine_border(prob, prob > 0.5, (2, 2, 2), 4.0, side='reflect'), prob)
+  # the edge on a grid twice as fine (linear interpolation, threshold 0.5) between x = 10 (0.9)
+  # and x = 11 (removed): 'clamp' leaves 0.49 there and the edge next to x = 11 (0.9 -> 0.49
+  # crosses 0.5 at 0.976 of the gap); 'reflect' leaves 0.1 and the edge half-way, where P's own
+  # 1 -> 0 would put it
+  clamp = morphology.refine_border(prob, p, (2.0, 2.0, 2.0), 4.0)
+  for arr, frac in ((clamp, (0.9 - 0.5) / (0.9 - 0.49)), (out, 0.5)):
+    a, b = float(arr[0, 0, 10]), float(arr[0, 0, 11])
+    assert (a - 0.5) / (a - b) == pytest.approx(frac, abs=1e-6)
+  with pytest.raises(ValueError, match='clamp'):
+    morphology.refine_border(prob, p, (2.0, 2.0, 2.0), 4.0, side='nearest')
 
 
 def test_mirror_about_a_shifted_plane_and_the_shift_of_an_off_centre_brain():

@@ -43,7 +43,8 @@ OMIT_AT = {('train', 'elr_lambda'): 0.0, ('train', 'elr_decay'): 0.97,
            ('gmm', 'edge_mm'): 0.0, ('gmm', 'standardise'): False,
            ('train', 'ensemble_guide'): 'none', ('data', 'antialias'): False,
            ('data', 'bias_field'): 'none', ('data', 'n4_shrink'): 4,
-           ('data', 'n4_iterations'): (100,), ('gmm', 'signature'): ('flair:1', 't2:1', 't1:-1')}
+           ('data', 'n4_iterations'): (100,), ('gmm', 'signature'): ('flair:1', 't2:1', 't1:-1'),
+           ('eval', 'border_side'): 'clamp'}
 
 
 def prepared_inputs(current: dict, meta: Optional[dict]) -> dict:

@@ -26,6 +26,7 @@ CHOICES = {
     'train.loss_region': ('brain', 'all'),
     'eval.select': ('latest', 'flip_agreement', 'confident_ce', 'p_agreement'),
     'eval.fold_networks': ('all', 'unseen', 'agreement'),
+    'eval.border_side': ('clamp', 'reflect'),
     'train.ensemble_guide': ('none', 'cases', 'voxels'),
     'eval.output_format': ('nifti', 'dicom_seg'),
 }

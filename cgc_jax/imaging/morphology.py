@@ -116,8 +116,11 @@ def drop_edge_components(prob: np.ndarray, p: np.ndarray, brain: np.ndarray, spa
   return np.where(drop, np.float32(0), prob)
 
 
+BORDER_SIDES = ('clamp', 'reflect')
+
+
 def refine_border(prob: np.ndarray, p: np.ndarray, spacing, mm: float,
-                  threshold: float = 0.5) -> np.ndarray:
+                  threshold: float = 0.5, side: str = 'clamp') -> np.ndarray:
   """The network's border drawn by the case's own pseudo-label mixture.
 
   prob: f32[X, Y, Z] the network's lesion probability; p: bool[X, Y, Z] P (the case's mixture
@@ -125,8 +128,12 @@ def refine_border(prob: np.ndarray, p: np.ndarray, spacing, mm: float,
   value (0.5: P has no say there); spacing: mm. Every voxel whose centre lies within `mm`
   (Euclidean, in mm) of the border of `prob > threshold`, on either side (a voxel of the mask within
   `mm` of a voxel outside it, or a voxel outside within `mm` of the mask), takes P's side of the
-  threshold: max(prob, threshold + 0.01) where P marks it, min(prob, threshold - 0.01) where P says
-  normal; every other voxel (and a voxel where P has no say) keeps `prob`. So the network says
+  threshold: with side 'clamp', max(prob, threshold + 0.01) where P marks it, min(prob,
+  threshold - 0.01) where P says normal; with side 'reflect', the network's probability mirrored
+  about the threshold (2 threshold - prob, within [0, 1]) where it is on the other side of P, so
+  the network's confidence is kept and only its side changes (interpolated to a finer grid, the
+  edge then runs where the two neighbours' confidences put it, not next to the clamped voxel);
+  every other voxel (and a voxel where P has no say) keeps `prob`. So the network says
   where the lesion is (P's false lesions away from it and its missed cores do not enter) and the
   mixture, fitted to this scan's own intensities, says where its edge runs. The network's own value
   is kept where the two agree, so a probability resampled to another grid stays smooth. Returns
@@ -137,9 +144,16 @@ def refine_border(prob: np.ndarray, p: np.ndarray, spacing, mm: float,
     return prob
   band = grow(mask, mm, spacing) & grow(~mask, mm, spacing)  # within mm of the other side
   p = np.asarray(p)
-  side = np.where(p == 1, np.maximum(prob, np.float32(threshold + 0.01)),
-                  np.where(p == 0, np.minimum(prob, np.float32(threshold - 0.01)), prob))
-  return np.where(band, side, prob).astype(np.float32)
+  if side == 'reflect':
+    flipped = np.clip(np.float32(2 * threshold) - prob, 0.0, 1.0)
+    lesion, normal = np.maximum(prob, flipped), np.minimum(prob, flipped)
+  elif side == 'clamp':
+    lesion = np.maximum(prob, np.float32(threshold + 0.01))
+    normal = np.minimum(prob, np.float32(threshold - 0.01))
+  else:
+    raise ValueError(f'side must be one of {BORDER_SIDES}, got {side!r}')
+  decided = np.where(p == 1, lesion, np.where(p == 0, normal, prob))
+  return np.where(band, decided, prob).astype(np.float32)
 
 
 def mirror_shift(brain: np.ndarray, max_shift: int = 10) -> int:

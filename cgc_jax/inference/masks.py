@@ -80,7 +80,8 @@ def segment_prepared(config, predictor, params, image, brain, geom, evidence: bo
                                                  e.min_component_probability, e.keep_fraction)
   prob = rules(prob)
   if p is not None and e.get('border_mm', 0.0) > 0:
-    prob = rules(morphology.refine_border(prob, p, geom.spacing, e.border_mm))
+    prob = rules(morphology.refine_border(prob, p, geom.spacing, e.border_mm,
+                                          side=e.get('border_side', 'clamp')))
   if p is not None and e.get('edge_mm', 0.0) > 0:
     prob = morphology.drop_edge_components(prob, p, brain, geom.spacing, e.edge_mm)
   return prob, geometry.prob_to_original_mask(prob, geom)

@@ -124,6 +124,10 @@ TABLES = {
         Row('only the defaults that held (one network, cross-entropy, no symmetry or edge rules)',
             {'train.ensemble': 1, 'train.gce_q': 0.0, 'train.symmetry_margin': 0.0,
              'eval.border_symmetry': False, 'eval.border_mm': 0.0}),
+        # evaluation only: the edge rule's band voxels keep the network's confidence, mirrored to
+        # P's side, instead of a value just past the threshold
+        Row('the mixture\'s edge at the network\'s confidence (eval.border_side = reflect)',
+            {'eval.border_side': 'reflect'}),
     ],
     # cases whose P never trained the network that segments them: cross-fitting at k folds
     'transfer': [
