@@ -128,6 +128,7 @@ TABLES = {
         # P's side, instead of a value just past the threshold
         Row('the mixture\'s edge at the network\'s confidence (eval.border_side = reflect)',
             {'eval.border_side': 'reflect'}),
+        Row('no soft-Dice term (train.dice_weight = 0)', {'train.dice_weight': 0.0}),
     ],
     # cases whose P never trained the network that segments them: cross-fitting at k folds
     'transfer': [
