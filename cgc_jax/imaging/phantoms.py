@@ -55,8 +55,9 @@ def ensure(config, root: str) -> str:
   ($CGC_JAX_PHANTOM_CACHE, default <cache_dir>/phantoms; 'off' turns it off), under a key of
   the settings, this module's source and the numpy, scipy and nilearn versions: a second workdir
   with the same settings copies them (a second or less) instead of generating them again (about
-  5 s for the template, once a process, then about a second a subject on 2 cores). The copies are the generator's files byte for byte; a cache that
-  cannot be read or written only costs the generation."""
+  5 s for the template, once a process, then about a second a subject on 2 cores). The copies
+  are the generator's files byte for byte; a cache that cannot be read or written only costs the
+  generation."""
   p = config.data.phantoms
   settings = json.dumps(p.to_dict(), sort_keys=True)
   marker = os.path.join(root, MARKER)
