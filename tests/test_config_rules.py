@@ -123,6 +123,8 @@ def test_the_choices_are_what_the_stages_accept():
     unet.resolve_conv_impl('winograd')
   for dtype in config_rules.CHOICES['model.dtype']:
     unet.build(tiny_config(**{'model.dtype': dtype}).model)  # a KeyError on an unknown one
+  from cgc_jax.imaging import morphology  # pylint: disable=g-import-not-at-top
+  assert config_rules.CHOICES['eval.border_side'] == morphology.BORDER_SIDES
 
 
 def test_a_bad_field_stops_run_before_the_workdir_exists(tmp_path):
