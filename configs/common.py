@@ -225,6 +225,13 @@ def base_config() -> ml_collections.ConfigDict:
   t.keep_checkpoints = 3  # checkpoints kept
   t.prefetch = 2  # batches prepared ahead by host threads
   t.num_workers = 2  # host threads making crops (an accelerator host: about one per core)
+  # Where the crops are cut: 'host' (train.num_workers threads, from the memory-mapped shards),
+  # 'device' (every training case held on every device, the host sending only each crop's random
+  # draws: accelerators' steps outrun host threads; the same batches, more device memory; not
+  # with train.spatial_p > 0) or 'auto': 'device' on GPUs and TPUs when the cases take at most
+  # train.crops_device_memory of a device's memory, else 'host'. docs/benchmarks.md has the rates.
+  t.crops_on = 'auto'
+  t.crops_device_memory = 0.25
 
   # ---------------------------------------------------------------- evaluation / prediction
   c.eval = e = ml_collections.ConfigDict()

@@ -1,5 +1,6 @@
-"""The GPU and TPU programs lower without an accelerator: configs/brats.py's bf16 train step and
-sliding-window step over the 8-device mesh export for cuda and tpu; the roofline's arithmetic."""
+"""The GPU and TPU programs lower without an accelerator: configs/brats.py's bf16 train step,
+sliding-window step and on-device crop cut over the 8-device mesh export for cuda and tpu; the
+roofline's arithmetic."""
 import jax
 from jax import export
 
@@ -26,6 +27,12 @@ def test_the_brats_train_and_window_steps_export_for_cuda_and_tpu_on_eight_devic
       assert exp.platforms == (platform,) and exp.nr_devices == 8, (make.__name__, platform)
       text = exp.mlir_module()
       assert 'bf16' in text and 'stablehlo.convolution' in text, (make.__name__, platform)
+  # the crops cut on the devices (train.crops_on = device) from 20 cases held on each
+  fn, *args = accelerators.abstract_crop_cut(c, mesh, 4, (244, 209, 150), 20)
+  for platform in ('cuda', 'tpu'):
+    exp = export.export(fn, platforms=[platform])(*args)
+    assert exp.platforms == (platform,) and exp.nr_devices == 8
+    assert exp.out_avals[0].shape[0] == c.train.batch_size  # every key's rows, sharded on data
   fn, state, batch = accelerators.abstract_train_step(c, mesh, 4)
   assert batch['image'].shape == (c.train.batch_size,) + tuple(c.train.crop) + (4,)
   assert 'label_weight' in batch  # brats.py leaves P's symmetric voxels out of the loss

@@ -106,6 +106,14 @@ def test_every_bad_field_is_named_with_what_it_accepts():
   assert config_rules.problems(tiny_config(**{'gmm.rule': 'signature', 'data.kind': 'ct'})) == [
       "gmm.rule: 'signature' (it reads z-scores of MRI channels: expected 'hu_range' or "
       "'max_mean' with data.kind = ct)"]
+  # the devices cut unrotated crops
+  assert config_rules.problems(tiny_config(**{'train.crops_on': 'device',
+                                              'train.spatial_p': 0.5})) == [
+      "train.crops_on: 'device' (the devices cut unrotated crops: expected train.spatial_p = 0, "
+      "got 0.5, or train.crops_on = 'host')"]
+  assert config_rules.problems(tiny_config(**{'train.crops_on': 'device'})) == []
+  assert config_rules.problems(tiny_config(**{'train.crops_on': 'gpu'})) == [
+      "train.crops_on: 'gpu' (expected one of auto | host | device)"]
   # a field an older workdir's config lacks is not checked
   del ok.cgc['fine_anchors']
   assert config_rules.problems(ok) == []

@@ -17,6 +17,7 @@ import pytest
 from cgc_jax.core import paths
 from cgc_jax.runtime import distributed
 from cgc_jax.stages import evaluate
+from cgc_jax.training import input_pipeline
 
 from conftest import ROOT
 from conftest import copy_inputs
@@ -138,6 +139,53 @@ def test_a_dead_process_stops_the_others_within_the_heartbeat_timeout(tiny_workd
       p.kill()
   assert rc != 0
   assert waited < timeout_s + 30, waited  # not hanging in a collective
+
+
+_CROPS_SCRIPT = '''
+import sys
+import numpy as np
+from cgc_jax.runtime import distributed
+distributed.initialize()
+import jax
+from cgc_jax.core import paths
+from cgc_jax.training import device_crops, input_pipeline
+sys.path.insert(0, sys.argv[2])
+import tiny
+c = tiny.get_config()
+prep, pl = paths.prepared_store(c, sys.argv[1]), paths.pl_store(c, sys.argv[1])
+sampler = lambda i, n: input_pipeline.CropSampler(prep, pl, pl.complete_cases(), c.train, True,
+                                                  i, n)
+dev = device_crops.DeviceCrops(sampler(jax.process_index(), 2), distributed.mesh())
+for step in (3, 4):
+  got, want = dev.batch(step), sampler(0, 1).local_batch(step)
+  for k, w in want.items():
+    g = distributed.gather(got[k])
+    tol = 1e-6 if k == 'image' else 0.0
+    ok = g.shape == w.shape and np.allclose(g, w, rtol=2 * tol, atol=tol)
+    print('CROPS', jax.process_index(), jax.device_count(), step, k, 'ok' if ok else 'MISMATCH',
+          flush=True)
+'''
+
+
+@_PROCESSES
+def test_two_processes_cut_the_one_process_batch_on_their_devices(tiny_workdir, tmp_path):
+  """train.crops_on = device in a 2-process job: each process holds every case on its 2
+  devices and draws only its slots; the global batch is the one-process host batch."""
+  port = _free_port()
+  args = ['-c', _CROPS_SCRIPT, tiny_workdir, os.path.join(ROOT, 'tests')]
+  procs = [_start(i, 2, port, args, str(tmp_path / f'c{i}.log')) for i in range(2)]
+  try:
+    rcs = [p.wait(timeout=300) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  logs = [open(tmp_path / f'c{i}.log').read() for i in range(2)]
+  assert rcs == [0, 0], logs
+  for i, log in enumerate(logs):
+    lines = [line.split() for line in log.splitlines() if line.startswith('CROPS')]
+    keys = input_pipeline.batch_keys(tiny_config().train)
+    assert sorted((x[3], x[4]) for x in lines) == sorted((s, k) for s in '34' for k in keys), log
+    assert all(x[1] == str(i) and x[2] == '4' and x[5] == 'ok' for x in lines), log
 
 
 _SYNC_SCRIPT = '''

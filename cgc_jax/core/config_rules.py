@@ -29,6 +29,7 @@ CHOICES = {
     'eval.border_side': ('clamp', 'reflect'),
     'train.ensemble_guide': ('none', 'cases', 'voxels'),
     'eval.output_format': ('nifti', 'dicom_seg'),
+    'train.crops_on': ('auto', 'host', 'device'),
 }
 
 # field -> (low, high, low included, high included)
@@ -63,6 +64,7 @@ RANGES = {
     'train.folds': (1, float('inf'), True, False),
     'train.ensemble': (1, float('inf'), True, False),
     'data.n4_shrink': (1, float('inf'), True, False),
+    'train.crops_device_memory': (0.0, 1.0, False, True),
 }
 
 
@@ -135,6 +137,11 @@ def problems(config) -> list:
                                                             sym > 0):
     out.append(f'eval.border_symmetry: True (P\'s symmetric voxels are train.symmetry_margin\'s: '
                f'expected train.symmetry_margin > 0, got {sym})')
+  spatial = _get(config, 'train.spatial_p')
+  if _get(config, 'train.crops_on') == 'device' and isinstance(spatial, (int, float)) and \
+      spatial > 0:
+    out.append(f"train.crops_on: 'device' (the devices cut unrotated crops: expected "
+               f"train.spatial_p = 0, got {spatial}, or train.crops_on = 'host')")
   if _get(config, 'data.bias_field') == 'n4' and _get(config, 'data.kind') == 'ct':
     out.append("data.bias_field: 'n4' (N4 removes an MRI coil's field: expected 'none' with "
                "data.kind = ct)")

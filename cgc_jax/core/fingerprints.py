@@ -20,6 +20,7 @@ _IGNORED = {'num_workers', 'verify_checksums', 'log_every', 'prefetch', 'export_
             'every_steps', 'confident', 'input_root', 'pictures', 'output_dir',
             'save_probabilities', 'progress_every_s', 'restart_when_stale',
             'conv_impl',  # same arithmetic, only speed differs
+            'crops_on', 'crops_device_memory',  # the same crops, cut on the host or the devices
             'package',  # a path: predict reads the networks from it
             # more scans in the pool: each case's shard records its own inputs, each checkpoint
             # its cases, so adding a folder prepares and pseudo-labels only its cases

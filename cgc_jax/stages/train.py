@@ -22,6 +22,7 @@ from cgc_jax.model import checkpoint
 from cgc_jax.model import train_state
 from cgc_jax.model import unet
 from cgc_jax.runtime import distributed
+from cgc_jax.training import device_crops
 from cgc_jax.training import guide as guide_lib
 from cgc_jax.training import input_pipeline
 from cgc_jax.training import run_log
@@ -235,10 +236,16 @@ def _train_network(config, run_dir, cases, prep, labels, periodic_eval, guide=No
   t0, t_last, s_last = time.time(), time.time(), start
   logging.info('train: %d cases, steps %d -> %d, global batch %d of %s on %d devices', len(cases),
                start, tcfg.steps, tcfg.batch_size, tuple(tcfg.crop), jax.device_count())
+  on_device, why = device_crops.choose(sampler)
+  logging.info('train: crops cut on the %s (%s)', 'devices' if on_device else 'host', why)
+  if on_device:
+    batches = device_crops.DeviceCrops(sampler, mesh).iterate(start, tcfg.steps)
+  else:
+    batches = ((step, distributed.global_batch(local, data))
+               for step, local in sampler.iterate(start, tcfg.steps))
   try:
     with _Sigterm() as term:
-      for step, local in sampler.iterate(start, tcfg.steps):
-        batch = distributed.global_batch(local, data)
+      for step, batch in batches:
         state, metrics = step_fn(state, batch)
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         done = step + 1

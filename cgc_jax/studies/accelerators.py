@@ -49,6 +49,27 @@ def abstract_window_step(config, mesh, num_channels: int):
   return predictor._fn, params, windows  # pylint: disable=protected-access
 
 
+def abstract_crop_cut(config, mesh, num_channels: int, canvas_shape, num_cases: int,
+                      image_dtype=np.float16):
+  """(jitted device crop cut, abstract canvases, abstract draws) for train.crops_on = 'device':
+  `num_cases` cases in canvases of `canvas_shape` replicated on every device of `mesh`, and one
+  global batch's draws sharded along `data` (training.device_crops)."""
+  from cgc_jax.training import device_crops  # pylint: disable=g-import-not-at-top
+  keys = input_pipeline.batch_keys(config.train)
+  lead = (num_cases,) + tuple(canvas_shape)
+  rep, data = distributed.replicated(mesh), distributed.data_sharding(mesh)
+  arrays = {'image': jax.ShapeDtypeStruct(lead + (num_channels,), image_dtype, sharding=rep),
+            'p': jax.ShapeDtypeStruct(lead, np.uint8, sharding=rep),
+            'brain': jax.ShapeDtypeStruct(lead, np.uint8, sharding=rep)}
+  for k in ('posterior', 'label_weight'):
+    if k in keys:
+      arrays[k] = jax.ShapeDtypeStruct(lead, np.float32, sharding=rep)
+  b = config.train.batch_size
+  draws = {k: jax.ShapeDtypeStruct((b,) + tail(num_channels), dt, sharding=data)
+           for k, (dt, tail) in device_crops.DRAW_FIELDS.items()}
+  return device_crops.cut_fn(mesh, tuple(config.train.crop), keys), arrays, draws
+
+
 def export_for(fn, args, platforms=('cuda', 'tpu')) -> dict:
   """{platform: the serialized StableHLO of fn(*args) exported for it}; raises where a platform's
   lowering fails."""
@@ -128,3 +149,25 @@ def roofline(config, opts, table, nch: int):
          ['crops/s per core'] + [f'crops/s a {k} step consumes (n = {n})' for k in need] +
          [f'host cores to feed {k}' for k in need],
          [(per_core, *need.values(), *[f'{v / per_core:.2g}' for v in need.values()])])
+  # train.crops_on = 'device': the host draws, the devices cut from the cases they hold
+  from cgc_jax.training import device_crops  # pylint: disable=g-import-not-at-top
+  dev = device_crops.DeviceCrops(sampler, mesh, place=False)
+  dev.draws(0)
+  t0 = time.time()
+  for s in range(1, steps + 1):
+    dev.draws(s)
+  draws_per_core = steps * config.train.batch_size / (time.time() - t0)
+  records = sampler.image_records()
+  dtype = np.dtype(records[0]['dtype'])
+  fn, *args = abstract_crop_cut(config, mesh, nch, dev.shape, len(cases), dtype)
+  cut = predicted_seconds(0.0, cost(fn, args)['bytes'], n)
+  gb = device_crops.canvas_bytes([r['shape'][:3] for r in records], sampler.crop, nch,
+                                 dtype.itemsize, input_pipeline.batch_keys(config.train)) / 1e9
+  table(f'crops cut on the devices (train.crops_on = device): the same {len(cases)} cases held on '
+         f'each device in canvases of {dev.shape}',
+         ['draws/s per host core', 'GB a device for the cases'] +
+         [f'{k} ms to cut a batch (memory-bound, unfused bytes) / its predicted step'
+          for k in CHIPS] + [f'host cores to feed {k}' for k in need],
+         [(draws_per_core, gb,
+           *[f'{cut[k][1] * 1e3:.3g} / {step_s["train step"][k][0] * 1e3:.3g}' for k in CHIPS],
+           *[f'{v / draws_per_core:.2g}' for v in need.values()])])

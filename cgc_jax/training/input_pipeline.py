@@ -164,6 +164,20 @@ class CropSampler:
         self._cases[ci] = (image, p, brain, coords.astype(np.int32), post, weight)
       return self._cases[ci]
 
+  def case(self, ci: int):
+    """Case `ci`'s (image, p, brain, foreground coords, posterior or None, voxel weight or None),
+    opened on first use."""
+    return self._case(ci)
+
+  def image_records(self) -> list:
+    """Every case's image record from its shard's meta ({'shape': [X, Y, Z, C], 'dtype': ...}),
+    in case order; nothing opened."""
+    return [self._prep.meta(c)['arrays']['image'] for c in self.case_ids]
+
+  def case_weight(self, ci: int) -> float:
+    """Case `ci`'s loss weight (train.quality_weight, train.ensemble_guide = 'cases'; else 1)."""
+    return float(self._case_weights.get(self.case_ids[ci], 1.0))
+
   def _label_weight(self, cid, image, p, brain) -> np.ndarray:
     """f32[X, Y, Z]: 0 on P's left-right symmetric voxels (morphology.case_symmetric_lesion), 1
     elsewhere."""
@@ -186,7 +200,7 @@ class CropSampler:
       self._perm_cache = {epoch: perm}
     return int(perm[g % n])
 
-  def _draw(self, step: int, slot: int):
+  def draw(self, step: int, slot: int):
     """Slot `slot` of step `step`'s random choices, in their fixed order: (case index, crop start,
     flipped axes, per-channel scale and shift, source coords f32[3, X, Y, Z] or None)."""
     cfg = self.cfg
@@ -220,7 +234,7 @@ class CropSampler:
     Each array is written once, through a flipped view of its destination, after the intensity
     jitter on a buffer laid out for numpy's loops: about 4x fewer host cycles a crop than cutting,
     jittering and flipping whole arrays."""
-    ci, start, axes, scale, shift, coords = self._draw(step, slot)
+    ci, start, axes, scale, shift, coords = self.draw(step, slot)
     image, p, brain, _, post, weight = self._case(ci)
     c = image.shape[-1]
     keys = batch_keys(self.cfg)
@@ -270,7 +284,7 @@ class CropSampler:
     if 'label_weight' in keys and 'label_weight' not in sources:
       out['label_weight'][...] = 1.0
     if 'label_weight' in out:  # the case's weight over the whole crop
-      out['label_weight'] *= np.float32(self._case_weights.get(self.case_ids[ci], 1.0))
+      out['label_weight'] *= np.float32(self.case_weight(ci))
     return out
 
   def _empty_batch(self) -> dict:
