@@ -155,7 +155,14 @@ c = tiny.get_config()
 prep, pl = paths.prepared_store(c, sys.argv[1]), paths.pl_store(c, sys.argv[1])
 sampler = lambda i, n: input_pipeline.CropSampler(prep, pl, pl.complete_cases(), c.train, True,
                                                   i, n)
-dev = device_crops.DeviceCrops(sampler(jax.process_index(), 2), distributed.mesh())
+mine = sampler(jax.process_index(), 2)
+class Gpu:  # process 1's GPUs too small for the cases: 'auto' must cut on the host in both
+  platform = 'gpu'
+  def memory_stats(self):
+    return {'bytes_limit': 10 ** 12 if jax.process_index() == 0 else 1}
+assert c.train.crops_on == 'auto'
+print('CHOICE', jax.process_index(), device_crops.choose(mine, [Gpu()]), flush=True)
+dev = device_crops.DeviceCrops(mine, distributed.mesh())
 for step in (3, 4):
   got, want = dev.batch(step), sampler(0, 1).local_batch(step)
   for k, w in want.items():
@@ -170,7 +177,8 @@ for step in (3, 4):
 @_PROCESSES
 def test_two_processes_cut_the_one_process_batch_on_their_devices(tiny_workdir, tmp_path):
   """train.crops_on = device in a 2-process job: each process holds every case on its 2
-  devices and draws only its slots; the global batch is the one-process host batch."""
+  devices and draws only its slots; the global batch is the one-process host batch. Under 'auto'
+  the processes agree: one that must cut on the host makes the other cut there too."""
   port = _free_port()
   args = ['-c', _CROPS_SCRIPT, tiny_workdir, os.path.join(ROOT, 'tests')]
   procs = [_start(i, 2, port, args, str(tmp_path / f'c{i}.log')) for i in range(2)]
@@ -186,6 +194,10 @@ def test_two_processes_cut_the_one_process_batch_on_their_devices(tiny_workdir, 
     keys = input_pipeline.batch_keys(tiny_config().train)
     assert sorted((x[3], x[4]) for x in lines) == sorted((s, k) for s in '34' for k in keys), log
     assert all(x[1] == str(i) and x[2] == '4' and x[5] == 'ok' for x in lines), log
+    # the processes agree on where to cut: process 1's 'auto' says host, so process 0's does too
+    want = ("CHOICE 0 (False, 'auto: processes [1] cut on the host')" if i == 0 else
+            "CHOICE 1 (False, 'auto: the cases need")
+    assert want in log, log
 
 
 _SYNC_SCRIPT = '''

@@ -66,12 +66,22 @@ def choose(sampler: input_pipeline.CropSampler, devices=None) -> tuple:
   """(cut on the devices?, why) for train.crops_on: 'host' and 'device' as set; 'auto' on the
   devices when they are GPUs or TPUs, train.spatial_p is 0 and the canvases take at most
   train.crops_device_memory of the smallest device memory (the cases' shapes read from their
-  shards' records, nothing opened)."""
+  shards' records, nothing opened), in every process (they must run the same programs)."""
   cfg = sampler.cfg
   setting = cfg.get('crops_on', 'host')
   if setting != 'auto':
     return setting == 'device', f'train.crops_on = {setting}'
-  devices = devices if devices is not None else jax.local_devices()
+  on, why = _auto(sampler, devices if devices is not None else jax.local_devices())
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    votes = np.asarray(multihost_utils.process_allgather(np.int32(on)))
+    if on and not votes.all():
+      return False, f'auto: processes {np.flatnonzero(votes == 0).tolist()} cut on the host'
+  return on, why
+
+
+def _auto(sampler, devices) -> tuple:
+  cfg = sampler.cfg
   platform = devices[0].platform
   if platform == 'cpu':
     return False, 'auto: CPU devices share the host\'s cores'
