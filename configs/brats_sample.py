@@ -13,7 +13,8 @@ replaces gave P 0.763. With brats_dev.py's edge rule (eval.border_mm = 4; 2026-1
 0.8409 and 0.8415 on seeds 0 and 1, against 0.8437 and 0.8443 without it (-0.3: here the network is
 not short of the tumour's edge, and P misses half of case_2). With brats_dev.py's symmetry rules and
 two networks (2026-12-02, Intel Xeon; every stage 9-10 min from an empty workdir, each network's
-training 4.3 min): 0.8438 and 0.8431 on seeds 0 and 1.
+training 4.3 min): 0.8438 and 0.8431 on seeds 0 and 1. Without the soft-Dice term (brats_dev.py
+since 2026-12-08; AMD EPYC): 0.8536 and 0.8605 (P 0.8337).
 """
 import os
 import sys

@@ -92,6 +92,20 @@ def test_a_table_shares_the_offline_stages(tiny_workdir, tmp_path, monkeypatch):
       assert json.load(f)['checkpoint_step'] == tracking.pick(track, rule)['step']
 
 
+def test_a_row_links_its_current_run(tmp_path):
+  """A row's seed link follows the row's configuration: linked again when it changed (a default
+  changed in the config), left alone otherwise."""
+  old, new, link = tmp_path / 'run_old', tmp_path / 'run_new', str(tmp_path / 'row' / 'seed0')
+  for d in (old, new, tmp_path / 'row'):
+    d.mkdir()
+  experiments._link(str(old), link)
+  assert os.path.realpath(link) == str(old)
+  experiments._link(str(new), link)
+  assert os.path.realpath(link) == str(new)
+  experiments._link(str(new), link)
+  assert os.path.realpath(link) == str(new) and sorted(os.listdir(tmp_path / 'row')) == ['seed0']
+
+
 def test_stopping_rules_hand_values():
   def t(*rows):
     return [dict(step=s, dice=d, flip_agreement=f, confident_ce=c, p_agreement=p)

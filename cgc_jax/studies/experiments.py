@@ -64,8 +64,17 @@ def _apply(config, overrides: dict):
 
 
 def _link(src, dst):
+  """dst -> src (absolute). A link to elsewhere is replaced, atomically: a table row whose
+  configuration changed since (a default changed in the config) then names its new run."""
+  src = os.path.abspath(src)
   if not os.path.lexists(dst):
-    os.symlink(os.path.abspath(src), dst)
+    os.symlink(src, dst)
+  elif os.path.islink(dst) and os.readlink(dst) != src:
+    tmp = f'{dst}.relink'
+    if os.path.lexists(tmp):
+      os.remove(tmp)
+    os.symlink(src, tmp)
+    os.replace(tmp, dst)
 
 
 def p_workdir(config, base: str, source: str, p_overrides=None) -> str:

@@ -128,7 +128,8 @@ TABLES = {
         # P's side, instead of a value just past the threshold
         Row('the mixture\'s edge at the network\'s confidence (eval.border_side = reflect)',
             {'eval.border_side': 'reflect'}),
-        Row('no soft-Dice term (train.dice_weight = 0)', {'train.dice_weight': 0.0}),
+        # the soft-Dice term beside the cross-entropy: the default until 2026-12-08
+        Row('the soft-Dice term (train.dice_weight = 1)', {'train.dice_weight': 1.0}),
     ],
     # cases whose P never trained the network that segments them: cross-fitting at k folds
     'transfer': [
