@@ -58,12 +58,8 @@ def abstract_crop_cut(config, mesh, num_channels: int, canvas_shape, num_cases: 
   keys = input_pipeline.batch_keys(config.train)
   lead = (num_cases,) + tuple(canvas_shape)
   rep, data = distributed.replicated(mesh), distributed.data_sharding(mesh)
-  arrays = {'image': jax.ShapeDtypeStruct(lead + (num_channels,), image_dtype, sharding=rep),
-            'p': jax.ShapeDtypeStruct(lead, np.uint8, sharding=rep),
-            'brain': jax.ShapeDtypeStruct(lead, np.uint8, sharding=rep)}
-  for k in ('posterior', 'label_weight'):
-    if k in keys:
-      arrays[k] = jax.ShapeDtypeStruct(lead, np.float32, sharding=rep)
+  arrays = {k: jax.ShapeDtypeStruct(lead + tail, dt, sharding=rep) for k, (dt, tail) in
+            device_crops.canvas_fields(keys, num_channels, image_dtype).items()}
   b = config.train.batch_size
   draws = {k: jax.ShapeDtypeStruct((b,) + tail(num_channels), dt, sharding=data)
            for k, (dt, tail) in device_crops.DRAW_FIELDS.items()}

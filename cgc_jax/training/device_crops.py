@@ -53,13 +53,25 @@ def canvas(shapes: list, crop) -> tuple:
   return tuple(int(v) for v in (offsets + np.maximum(s, c)).max(0)), offsets
 
 
+def canvas_fields(keys, num_channels: int, image_dtype, voxel_weights: bool = True) -> dict:
+  """The canvases a batch with `keys` (batch_keys) needs: {name: (dtype, trailing shape)}; the
+  image in `image_dtype` (the prepared shards'), label_weight only with `voxel_weights` (some
+  case has voxel weights; without them the cut writes the case weight alone)."""
+  out = {'image': (np.dtype(image_dtype), (num_channels,)), 'p': (np.dtype(np.uint8), ()),
+         'brain': (np.dtype(np.uint8), ())}
+  if 'posterior' in keys:
+    out['posterior'] = (np.dtype(np.float32), ())
+  if 'label_weight' in keys and voxel_weights:
+    out['label_weight'] = (np.dtype(np.float32), ())
+  return out
+
+
 def canvas_bytes(shapes: list, crop, num_channels: int, image_itemsize: int, keys) -> int:
   """Bytes of the canvases of cases `shapes` for a batch with `keys` (label_weight counted as a
   voxel canvas: an upper bound)."""
   n = len(shapes) * int(np.prod(canvas(shapes, crop)[0]))
-  per_voxel = num_channels * image_itemsize + 2 + 4 * sum(k in keys for k in ('posterior',
-                                                                              'label_weight'))
-  return n * per_voxel
+  fields = canvas_fields(keys, num_channels, np.dtype(f'f{image_itemsize}'))
+  return n * sum(dt.itemsize * int(np.prod(tail)) for dt, tail in fields.values())
 
 
 def choose(sampler: input_pipeline.CropSampler, devices=None) -> tuple:
@@ -171,15 +183,12 @@ class DeviceCrops:
                  'cut there', len(cases), self.shape, self.nbytes / 1e9, time.time() - t0)
 
   def _canvases(self, cases) -> dict:
-    n, c = len(cases), self.sampler.num_channels
-    lead = (n,) + self.shape
-    dtype = cases[0][0].dtype  # the prepared shards' (float16 or float32)
-    out = {'image': np.zeros(lead + (c,), dtype), 'p': np.zeros(lead, np.uint8),
-           'brain': np.zeros(lead, np.uint8)}
-    if 'posterior' in self.keys:
-      out['posterior'] = np.zeros(lead, np.float32)
-    if any(case[5] is not None for case in cases):
-      out['label_weight'] = np.ones(lead, np.float32)
+    lead = (len(cases),) + self.shape
+    fields = canvas_fields(self.keys, self.sampler.num_channels, cases[0][0].dtype,
+                           any(case[5] is not None for case in cases))
+    # 0 outside the cases; voxel weights 1 there, as on the host
+    out = {k: (np.ones if k == 'label_weight' else np.zeros)(lead + tail, dt)
+           for k, (dt, tail) in fields.items()}
     for i, (image, p, brain, _, post, weight) in enumerate(cases):
       at = tuple(slice(o, o + s) for o, s in zip(self.offsets[i], image.shape[:3]))
       out['image'][(i,) + at] = image
